@@ -1,0 +1,283 @@
+//! The contract between the `vmm` and the guest payload.
+//!
+//! Both sides compile from this one file, so they cannot drift apart: the I/O ports, the guest's
+//! exit statuses, the guest-virtual address layout, the `BootInfo` block the VMM hands to the guest
+//! and the per-vCPU page through which the guest talks to the VMM.
+//!
+//! Everything here is plain `#[repr(C)]` data with explicit padding and sizes checked at compile
+//! time. The guest is untrusted: the VMM copies every field out of guest memory and validates it.
+
+#![no_std]
+
+/// Size of a small page.
+pub const PAGE_SIZE: u64 = 0x1000;
+/// Size of a large (2 MiB) page.
+pub const HUGE_PAGE_SIZE: u64 = 0x20_0000;
+
+/// I/O ports. A port-I/O exit costs 6-18 us on the target host: batch through the per-vCPU page.
+///
+/// The VMM opens exactly this range in every vCPU's TSS I/O permission bitmap; any other port
+/// raises #GP in the guest.
+pub mod port {
+    /// `out8`: one console byte (for the exception path, where the buffer may be unusable).
+    pub const CONSOLE_PUTC: u16 = 0x400;
+    /// `out32 len`: `len` bytes from [`super::CpuPage::console`] go to the console.
+    pub const CONSOLE_WRITE: u16 = 0x401;
+    /// `out32 status`: the guest is done; the VMM exits with `status & 0xff`.
+    pub const EXIT: u16 = 0x402;
+    /// `out32 0`: the VMM stores the vCPU's CR2 (unreadable at CPL3) in
+    /// [`super::CpuPage::trap_cr2`].
+    pub const TRAP_INFO: u16 = 0x403;
+    /// `out32 n`: process `n` memory calls from the vCPU's request ring.
+    pub const MEMCALL: u16 = 0x404;
+    /// `out32 x`: does nothing; a raw exit for measuring exit cost.
+    pub const NOP: u16 = 0x405;
+    /// `out32 n`: install exception handlers: [`super::CpuPage::args`]`[v]` is the handler of
+    /// vector `v` for `v < n` (0 = none). Handlers must lie in executable image pages. The VMM
+    /// writes the status ([`super::status`]) to `args[0]`.
+    pub const SET_IDT: u16 = 0x406;
+    /// First port the guest may use.
+    pub const FIRST: u16 = 0x400;
+    /// Last port the guest may use.
+    pub const LAST: u16 = 0x40f;
+}
+
+/// Exit statuses the guest reports through [`port::EXIT`]. The `vmm` process exits with the same
+/// number; the VMM's own failures use codes from 64 up, so the two never collide.
+pub mod exit {
+    /// The scenario ran and verified.
+    pub const SUCCESS: u32 = 0;
+    /// The scenario's verification failed.
+    pub const VERIFY_FAILED: u32 = 1;
+    /// An unexpected CPU exception.
+    pub const EXCEPTION: u32 = 2;
+    /// The guest panicked.
+    pub const PANIC: u32 = 3;
+    /// Bad `--guest-args` or an unknown scenario.
+    pub const BAD_ARGS: u32 = 4;
+    /// A memory call failed where the scenario did not expect it.
+    pub const MEMCALL_FAILED: u32 = 5;
+    /// Statuses below this are the guest's; the VMM's own exit codes start here.
+    pub const GUEST_MAX: u32 = 63;
+}
+
+/// Guest-virtual address layout. The VMM builds the page tables; the guest never changes them.
+///
+/// ```text
+/// 0x0000_0000_0000_0000  unmapped (null guard)
+/// 0x0000_0000_0010_0000  BootInfo, read-only                      BOOT_INFO_VA
+/// 0x0000_0000_0018_0000  GDT, IDT, TSSs: supervisor-only           SYSTEM_VA
+/// 0x0000_0000_0040_0000  per-vCPU areas, CPU_AREA_STRIDE each      CPU_AREA_VA
+/// 0x0000_0000_0200_0000  guest image (ELF segments)                IMAGE_VA_START..IMAGE_VA_END
+/// 0x0000_0000_4000_0000  per-vCPU stacks, STACK_STRIDE each        STACK_VA
+/// 0x0000_0010_0000_0000  heap mapped with 4 KiB pages              HEAP_VA_START..HEAP_VA_END
+/// 0x0000_0400_0000_0000  heap mapped with 2 MiB pages              HUGE_HEAP_VA_START..HUGE_HEAP_VA_END
+/// ```
+///
+/// The two heaps never share a page-directory entry: a PDE is either always a 2 MiB leaf or
+/// always points to a page table, which keeps shadow-paging hosts from caching a stale walk.
+pub mod layout {
+    use super::{HUGE_PAGE_SIZE, PAGE_SIZE};
+
+    /// The [`super::BootInfo`] block.
+    pub const BOOT_INFO_VA: u64 = 0x10_0000;
+    /// GDT page, IDT page, then the TSS pages. Not accessible from CPL3.
+    pub const SYSTEM_VA: u64 = 0x18_0000;
+    /// Size of the system area.
+    pub const SYSTEM_SIZE: u64 = 0x8_0000;
+    /// Per-vCPU areas: vCPU `i`'s starts at `CPU_AREA_VA + i * CPU_AREA_STRIDE`.
+    pub const CPU_AREA_VA: u64 = 0x40_0000;
+    /// Distance between two vCPUs' areas.
+    pub const CPU_AREA_STRIDE: u64 = 0x1_0000;
+    /// Pages mapped in each vCPU area (the rest of the stride is unmapped).
+    pub const CPU_AREA_PAGES: u64 = 8;
+    /// Lowest address a guest image segment may occupy.
+    pub const IMAGE_VA_START: u64 = 0x200_0000;
+    /// End of the image window.
+    pub const IMAGE_VA_END: u64 = 0x4000_0000;
+    /// Per-vCPU stack slots: vCPU `i`'s is `STACK_VA + i * STACK_STRIDE`.
+    pub const STACK_VA: u64 = 0x4000_0000;
+    /// Distance between two vCPUs' stack slots.
+    pub const STACK_STRIDE: u64 = 0x10_0000;
+    /// Offset, inside a slot, of the bottom of the exception (IST) stack; one guard page below it.
+    pub const EXC_STACK_OFFSET: u64 = PAGE_SIZE;
+    /// Size of the exception stack used for double faults.
+    pub const EXC_STACK_SIZE: u64 = 4 * PAGE_SIZE;
+    /// Size of the main stack. It ends at the top of the slot; the page below it is unmapped.
+    pub const STACK_SIZE: u64 = 256 * 1024;
+    /// Heap for 4 KiB-page mappings.
+    pub const HEAP_VA_START: u64 = 0x10_0000_0000;
+    /// End of the 4 KiB-page heap.
+    pub const HEAP_VA_END: u64 = 0x400_0000_0000;
+    /// Heap for 2 MiB-page mappings.
+    pub const HUGE_HEAP_VA_START: u64 = HEAP_VA_END;
+    /// End of the 2 MiB-page heap.
+    pub const HUGE_HEAP_VA_END: u64 = 0x800_0000_0000;
+
+    /// Guest-virtual address of vCPU `cpu`'s area.
+    pub const fn cpu_area(cpu: u32) -> u64 {
+        CPU_AREA_VA + cpu as u64 * CPU_AREA_STRIDE
+    }
+
+    /// Top of vCPU `cpu`'s main stack (exclusive).
+    pub const fn stack_top(cpu: u32) -> u64 {
+        STACK_VA + (cpu as u64 + 1) * STACK_STRIDE
+    }
+
+    /// Top of vCPU `cpu`'s exception stack (exclusive).
+    pub const fn exc_stack_top(cpu: u32) -> u64 {
+        STACK_VA + cpu as u64 * STACK_STRIDE + EXC_STACK_OFFSET + EXC_STACK_SIZE
+    }
+
+    const _: () = assert!(BOOT_INFO_VA + PAGE_SIZE <= SYSTEM_VA);
+    const _: () = assert!(SYSTEM_VA + SYSTEM_SIZE <= CPU_AREA_VA);
+    const _: () = assert!(CPU_AREA_VA + super::MAX_VCPUS as u64 * CPU_AREA_STRIDE <= IMAGE_VA_START);
+    const _: () = assert!(CPU_AREA_PAGES * PAGE_SIZE <= CPU_AREA_STRIDE);
+    const _: () = assert!(IMAGE_VA_END <= STACK_VA);
+    const _: () = assert!(STACK_VA + super::MAX_VCPUS as u64 * STACK_STRIDE <= HEAP_VA_START);
+    const _: () = assert!(EXC_STACK_OFFSET + EXC_STACK_SIZE + PAGE_SIZE + STACK_SIZE <= STACK_STRIDE);
+    const _: () = assert!(HUGE_HEAP_VA_START.is_multiple_of(512 * HUGE_PAGE_SIZE));
+}
+
+/// Most NUMA nodes a guest can have.
+pub const MAX_NODES: usize = 8;
+/// Most vCPUs a guest can have (KVM may allow fewer).
+pub const MAX_VCPUS: usize = 256;
+/// Most guest-physical ranges per node (the MMIO hole below 4 GiB can split a node in two).
+pub const MAX_RANGES_PER_NODE: usize = 2;
+/// Longest `--guest-args` string, in bytes.
+pub const MAX_GUEST_ARGS: usize = 1024;
+
+/// `BootInfo::magic`.
+pub const BOOT_MAGIC: u64 = u64::from_le_bytes(*b"MMVMBOOT");
+/// `BootInfo::version`; bumped on any layout change.
+pub const BOOT_VERSION: u32 = 1;
+
+/// A guest-physical range.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MemRange {
+    /// First byte.
+    pub start: u64,
+    /// Length in bytes.
+    pub len: u64,
+}
+
+/// One NUMA node as the guest sees it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NodeInfo {
+    /// Node id (dense from 0).
+    pub id: u32,
+    /// Valid entries in `ranges`.
+    pub nr_ranges: u32,
+    /// Guest-physical ranges of this node's RAM, ascending.
+    pub ranges: [MemRange; MAX_RANGES_PER_NODE],
+    /// Bit `i` of `cpus[i / 64]` is set when vCPU `i` belongs to this node.
+    pub cpus: [u64; MAX_VCPUS / 64],
+    /// Total RAM of the node, in bytes.
+    pub mem_bytes: u64,
+}
+
+/// Handed to the guest at [`layout::BOOT_INFO_VA`] (read-only) and in `rsi` at entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct BootInfo {
+    /// [`BOOT_MAGIC`].
+    pub magic: u64,
+    /// [`BOOT_VERSION`].
+    pub version: u32,
+    /// Number of vCPUs.
+    pub nr_vcpus: u32,
+    /// Number of NUMA nodes.
+    pub nr_nodes: u32,
+    /// Length of `args` in bytes.
+    pub args_len: u32,
+    /// Guest RAM, in bytes.
+    pub mem_bytes: u64,
+    /// Seed for the guest's pseudo-random choices (from `--guest-args seed=`, else from the VMM).
+    pub seed: u64,
+    /// Guest TSC frequency in kHz (0 if unknown): for turning `rdtsc` deltas into time.
+    pub tsc_khz: u64,
+    /// Guest-virtual range of the loaded image.
+    pub image: MemRange,
+    /// The nodes, `nr_nodes` valid.
+    pub nodes: [NodeInfo; MAX_NODES],
+    /// `distance[a][b]`: ACPI SLIT-style distance from node `a` to `b` (10 = local).
+    pub distance: [[u8; MAX_NODES]; MAX_NODES],
+    /// Node of each vCPU.
+    pub cpu_node: [u8; MAX_VCPUS],
+    /// `--guest-args`, UTF-8, `args_len` bytes valid.
+    pub args: [u8; MAX_GUEST_ARGS],
+}
+
+// No padding anywhere (sum of the fields): the VMM writes it as plain bytes.
+const _: () = assert!(
+    core::mem::size_of::<BootInfo>()
+        == 8 + 4 * 4
+            + 8 * 3
+            + 16
+            + MAX_NODES * core::mem::size_of::<NodeInfo>()
+            + MAX_NODES * MAX_NODES
+            + MAX_VCPUS
+            + MAX_GUEST_ARGS
+);
+const _: () = assert!(core::mem::size_of::<NodeInfo>() == 8 + 16 * MAX_RANGES_PER_NODE + 8 * (MAX_VCPUS / 64) + 8);
+const _: () = assert!(core::mem::size_of::<BootInfo>() as u64 <= PAGE_SIZE);
+
+/// Bytes of console buffer in each [`CpuPage`].
+pub const CONSOLE_BUF: usize = 2048;
+
+/// Page 0 of each vCPU's area (at [`layout::cpu_area`]); the vCPU's GS base points here.
+///
+/// The guest writes it; the VMM reads it only when the guest rings a port, and copies and
+/// validates what it reads.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct CpuPage {
+    /// This page's own guest-virtual address, so that `gs:[0]` finds it.
+    pub self_va: u64,
+    /// The vCPU id.
+    pub cpu_id: u32,
+    /// The vCPU's NUMA node.
+    pub node: u32,
+    /// CR2 of the last exception, written by the VMM on [`port::TRAP_INFO`].
+    pub trap_cr2: u64,
+    /// Reserved, zero.
+    pub reserved: [u64; 5],
+    /// Arguments and results of simple port calls ([`port::SET_IDT`]).
+    pub args: [u64; 32],
+    /// Console bytes for [`port::CONSOLE_WRITE`].
+    pub console: [u8; CONSOLE_BUF],
+}
+
+/// Offset of [`CpuPage::trap_cr2`] (the VMM writes it).
+pub const CPU_PAGE_TRAP_CR2: u64 = core::mem::offset_of!(CpuPage, trap_cr2) as u64;
+/// Offset of [`CpuPage::args`].
+pub const CPU_PAGE_ARGS: u64 = core::mem::offset_of!(CpuPage, args) as u64;
+/// Offset of [`CpuPage::console`] (the VMM reads it).
+pub const CPU_PAGE_CONSOLE: u64 = core::mem::offset_of!(CpuPage, console) as u64;
+
+// No padding anywhere: the VMM reads these as plain bytes.
+const _: () = assert!(core::mem::size_of::<CpuPage>() == 8 + 4 + 4 + 8 + 40 + 256 + CONSOLE_BUF);
+const _: () = assert!(core::mem::size_of::<CpuPage>() as u64 <= PAGE_SIZE);
+
+/// Status codes the VMM returns for calls.
+pub mod status {
+    /// Done.
+    pub const OK: u64 = 0;
+    /// An argument is invalid.
+    pub const EINVAL: u64 = 1;
+    /// Not enough memory.
+    pub const ENOMEM: u64 = 2;
+    /// An address is not mapped (or not owned by the caller).
+    pub const EFAULT: u64 = 3;
+    /// The object is already free (double free).
+    pub const EALREADY: u64 = 4;
+    /// Unknown operation.
+    pub const ENOSYS: u64 = 5;
+}
+
+/// Prefix of a console line that carries a machine-readable result. The VMM stores the rest of
+/// the line (`key=value` pairs) in the stats JSON instead of printing it as plain output.
+pub const RESULT_PREFIX: &str = "@result ";
