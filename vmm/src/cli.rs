@@ -1,0 +1,66 @@
+//! The command line. The syntax is a contract (tests and users rely on it); the strings are
+//! parsed and validated by `config`, so every mistake gets one precise message.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{ConfigError, VmConfig, VmConfigBuilder, parse_memory_arg};
+
+#[derive(Debug, Parser)]
+#[command(name = "vmm", version, about = "A KVM microVM memory manager")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Boot a guest and run it to completion; exits with the guest's status.
+    Run(RunArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Guest ELF image [default: the built default guest in images/]
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+    /// Guest RAM: size=SIZE with a K/M/G/T suffix [default: size=512M]
+    #[arg(long, value_name = "size=SIZE")]
+    pub memory: Option<String>,
+    /// Number of vCPUs [default: 1, or the CPUs listed in --numa]
+    #[arg(long, value_name = "N")]
+    pub cpus: Option<u32>,
+    /// A NUMA node: node=ID,size=SIZE,cpus=LIST[,host-node=N][,host-policy=preferred|bind]
+    #[arg(long, value_name = "SPEC")]
+    pub numa: Vec<String>,
+    /// Distance between two nodes, A:B=D (symmetric; default 10 local, 20 remote)
+    #[arg(long = "numa-distance", value_name = "A:B=D")]
+    pub numa_distance: Vec<String>,
+    /// Arguments for the guest, "key=value ..." [default: "scenario=boot"]
+    #[arg(long = "guest-args", value_name = "ARGS")]
+    pub guest_args: Option<String>,
+    /// Write the stats as JSON to PATH at exit
+    #[arg(long = "stats-file", value_name = "PATH")]
+    pub stats_file: Option<PathBuf>,
+    /// Print a stats table at exit, and log more
+    #[arg(short, long)]
+    pub verbose: bool,
+}
+
+impl RunArgs {
+    /// Parses and validates the arguments into a configuration.
+    pub fn into_config(self, default_kernel: PathBuf) -> Result<VmConfig, ConfigError> {
+        let builder = VmConfigBuilder {
+            kernel: self.kernel,
+            memory: self.memory.as_deref().map(parse_memory_arg).transpose()?,
+            cpus: self.cpus,
+            numa: self.numa.iter().map(|s| s.parse()).collect::<Result<_, _>>()?,
+            distances: self.numa_distance.iter().map(|s| s.parse()).collect::<Result<_, _>>()?,
+            guest_args: self.guest_args,
+            stats_file: self.stats_file,
+            verbose: self.verbose,
+        };
+        builder.validate(default_kernel)
+    }
+}
