@@ -1,0 +1,13 @@
+//! Guest-physical memory: the frames, who owns them, and how the guest sees them.
+
+pub mod addr;
+pub mod bitmap;
+pub mod buddy;
+pub mod manager;
+pub mod memslots;
+pub mod page_state;
+pub mod pagetable;
+pub mod populate;
+pub mod ram;
+pub mod uffd;
+pub mod zeroed;

@@ -1,0 +1,378 @@
+//! x86-64 4-level page tables that the VMM builds in guest memory.
+//!
+//! The guest runs at CPL3 and never sees these pages: table frames are not mapped into its
+//! address space. Entries are read and written with atomic operations because the CPU (or KVM's
+//! shadow MMU) sets the accessed and dirty bits concurrently; a plain read-modify-write could lose
+//! a dirty bit, and a lost dirty bit would lose guest data once swap arrives.
+//!
+//! Invariants the memory manager relies on (see `protocol::layout`):
+//! - Intermediate entries are always `PRESENT | WRITABLE | USER`; leaves carry the permissions.
+//! - Once a page-directory entry points to a page table it never becomes a 2 MiB leaf, and a
+//!   2 MiB leaf slot never gets a page table. Table pages are never freed or repurposed. Together
+//!   these keep shadow-paging hosts (which cache walks by table frame) from using a stale walk.
+//! - Changing or clearing a present leaf is not enough on its own: the caller must then drop
+//!   the host mapping of the old frame (`memory::Mm` does) so that every cached translation goes.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bitflags::bitflags;
+use vm_memory::{GuestAddress, GuestMemoryBackend, VolatileMemory};
+
+use super::addr::{Gfn, Gva, HUGE_PAGE_SIZE, PAGE_SIZE};
+use super::ram::GuestMemoryMmap;
+
+bitflags! {
+    /// Page-table entry bits (Intel SDM vol. 3, 4.5).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct PteFlags: u64 {
+        /// The entry maps something.
+        const PRESENT = 1 << 0;
+        /// Writes allowed.
+        const WRITABLE = 1 << 1;
+        /// CPL3 accesses allowed.
+        const USER = 1 << 2;
+        /// Write-through caching.
+        const WRITE_THROUGH = 1 << 3;
+        /// Caching disabled.
+        const NO_CACHE = 1 << 4;
+        /// Set by the CPU on any access.
+        const ACCESSED = 1 << 5;
+        /// Set by the CPU on a write (leaves only).
+        const DIRTY = 1 << 6;
+        /// In a PDE or PDPTE: the entry maps a 2 MiB or 1 GiB page.
+        const HUGE = 1 << 7;
+        /// Not flushed on CR3 switches.
+        const GLOBAL = 1 << 8;
+        /// Instruction fetches not allowed (needs EFER.NXE).
+        const NO_EXECUTE = 1 << 63;
+    }
+}
+
+/// Physical-address bits of an entry (bits 12..51).
+const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
+/// Flags of every non-leaf entry.
+const TABLE_FLAGS: PteFlags = PteFlags::PRESENT.union(PteFlags::WRITABLE).union(PteFlags::USER);
+/// Bits the CPU sets on its own; preserved or reported, never chosen by the VMM.
+const HW_BITS: PteFlags = PteFlags::ACCESSED.union(PteFlags::DIRTY);
+
+/// A page-table entry.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Pte(pub u64);
+
+impl Pte {
+    /// An entry mapping `gfn` with `flags`.
+    pub fn new(gfn: Gfn, flags: PteFlags) -> Pte {
+        Pte((gfn.gpa().0 & ADDR_MASK) | flags.bits())
+    }
+
+    /// The flags (unknown bits dropped).
+    pub fn flags(self) -> PteFlags {
+        PteFlags::from_bits_truncate(self.0)
+    }
+
+    /// The frame the entry points to.
+    pub fn gfn(self) -> Gfn {
+        Gfn::containing(GuestAddress(self.0 & ADDR_MASK))
+    }
+
+    /// Whether the entry is present.
+    pub fn is_present(self) -> bool {
+        self.flags().contains(PteFlags::PRESENT)
+    }
+}
+
+impl std::fmt::Debug for Pte {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Pte({:#x}, {:?})", self.0 & ADDR_MASK, self.flags())
+    }
+}
+
+/// An index into a 512-entry table; always `< 512`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PtIndex(u16);
+
+impl PtIndex {
+    /// The index for `level` (4 = PML4 .. 1 = PT) of `va`.
+    pub fn of(va: Gva, level: u8) -> PtIndex {
+        debug_assert!((1..=4).contains(&level));
+        // Masked to 9 bits, so it fits.
+        #[allow(clippy::cast_possible_truncation)]
+        PtIndex(((va.0 >> (12 + 9 * (u32::from(level) - 1))) & 0x1ff) as u16)
+    }
+
+    /// Byte offset of the entry within its table.
+    pub fn offset(self) -> u64 {
+        u64::from(self.0) * 8
+    }
+}
+
+/// Leaf size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum PageSize {
+    Size4K,
+    Size2M,
+}
+
+impl PageSize {
+    /// Bytes mapped by one leaf.
+    pub fn bytes(self) -> u64 {
+        match self {
+            PageSize::Size4K => PAGE_SIZE,
+            PageSize::Size2M => HUGE_PAGE_SIZE,
+        }
+    }
+
+    /// Level of the leaf entry (1 = PT, 2 = PD).
+    fn leaf_level(self) -> u8 {
+        match self {
+            PageSize::Size4K => 1,
+            PageSize::Size2M => 2,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PtError {
+    #[error("{va} is not canonical or not aligned to a {size:?} page")]
+    BadAddress { va: Gva, size: PageSize },
+    #[error("{va} is already mapped")]
+    AlreadyMapped { va: Gva },
+    #[error("{va} is not mapped")]
+    NotMapped { va: Gva },
+    #[error("{va}: a {size:?} mapping conflicts with the table structure there")]
+    Conflict { va: Gva, size: PageSize },
+    #[error("no memory for a page-table page")]
+    NoTableMemory,
+    #[error("page-table entry at {gpa:#x} is not in guest RAM")]
+    Access { gpa: u64 },
+}
+
+/// Source of zeroed, resident frames for new table pages.
+pub trait TableAlloc {
+    /// A frame whose contents are zero and which the VMM may write right away.
+    fn alloc_table(&mut self) -> Option<Gfn>;
+}
+
+impl<F: FnMut() -> Option<Gfn>> TableAlloc for F {
+    fn alloc_table(&mut self) -> Option<Gfn> {
+        self()
+    }
+}
+
+/// A guest address space: the root table and a count of table pages.
+#[derive(Debug)]
+pub struct PageTables {
+    root: Gfn,
+    tables: u64,
+}
+
+impl PageTables {
+    /// Takes a zeroed frame as the PML4.
+    pub fn new(root: Gfn) -> Self {
+        PageTables { root, tables: 1 }
+    }
+
+    /// The PML4 frame (for CR3).
+    pub fn root(&self) -> Gfn {
+        self.root
+    }
+
+    /// Table pages in use, including the root.
+    pub fn table_pages(&self) -> u64 {
+        self.tables
+    }
+
+    /// Maps `va` to `gfn` with `flags | PRESENT`. Fails if anything is mapped there.
+    pub fn map(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        alloc: &mut dyn TableAlloc,
+        va: Gva,
+        gfn: Gfn,
+        size: PageSize,
+        flags: PteFlags,
+    ) -> Result<(), PtError> {
+        check_va(va, size)?;
+        let slot = self.leaf_slot(mem, Some(alloc), va, size)?.ok_or(PtError::NoTableMemory)?;
+        let mut leaf = flags | PteFlags::PRESENT;
+        leaf.set(PteFlags::HUGE, size == PageSize::Size2M);
+        let new = Pte::new(gfn, leaf).0;
+        with_entry(mem, slot, |e| {
+            e.compare_exchange(0, new, Ordering::AcqRel, Ordering::Acquire)
+                .map(|_| ())
+                .map_err(|_| PtError::AlreadyMapped { va })
+        })?
+    }
+
+    /// Clears the leaf for `va`; returns the old entry (with the CPU's accessed/dirty bits).
+    pub fn unmap(&mut self, mem: &GuestMemoryMmap, va: Gva, size: PageSize) -> Result<Pte, PtError> {
+        check_va(va, size)?;
+        let slot = self.leaf_slot(mem, None, va, size)?.ok_or(PtError::NotMapped { va })?;
+        let old = with_entry(mem, slot, |e| Pte(e.swap(0, Ordering::AcqRel)))?;
+        if !old.is_present() {
+            return Err(PtError::NotMapped { va });
+        }
+        Ok(old)
+    }
+
+    /// Replaces the permission bits of the leaf for `va`, keeping its frame and the CPU's
+    /// accessed/dirty bits; returns the old entry.
+    pub fn protect(&mut self, mem: &GuestMemoryMmap, va: Gva, size: PageSize, flags: PteFlags) -> Result<Pte, PtError> {
+        check_va(va, size)?;
+        let slot = self.leaf_slot(mem, None, va, size)?.ok_or(PtError::NotMapped { va })?;
+        with_entry(mem, slot, |e| {
+            let mut cur = e.load(Ordering::Acquire);
+            loop {
+                let old = Pte(cur);
+                if !old.is_present() {
+                    return Err(PtError::NotMapped { va });
+                }
+                let mut f = (flags - HW_BITS) | PteFlags::PRESENT | (old.flags() & HW_BITS);
+                f.set(PteFlags::HUGE, size == PageSize::Size2M);
+                let new = Pte::new(old.gfn(), f).0;
+                match e.compare_exchange(cur, new, Ordering::AcqRel, Ordering::Acquire) {
+                    Ok(_) => return Ok(old),
+                    Err(now) => cur = now,
+                }
+            }
+        })?
+    }
+
+    /// Walks the tables for `va`: the leaf entry and its size, if one is present.
+    pub fn translate(&self, mem: &GuestMemoryMmap, va: Gva) -> Option<(Pte, PageSize)> {
+        let mut table = self.root;
+        for level in (1..=4u8).rev() {
+            let slot = table.gpa().0 + PtIndex::of(va, level).offset();
+            let e = Pte(with_entry(mem, slot, |e| e.load(Ordering::Acquire)).ok()?);
+            if !e.is_present() {
+                return None;
+            }
+            if level == 2 && e.flags().contains(PteFlags::HUGE) {
+                return Some((e, PageSize::Size2M));
+            }
+            if level == 1 {
+                return Some((e, PageSize::Size4K));
+            }
+            table = e.gfn();
+        }
+        None
+    }
+
+    /// The guest-physical address of the leaf slot for `va`, creating missing tables when
+    /// `alloc` is given. `Ok(None)`: a table is missing and none may be created.
+    fn leaf_slot(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        mut alloc: Option<&mut dyn TableAlloc>,
+        va: Gva,
+        size: PageSize,
+    ) -> Result<Option<u64>, PtError> {
+        let mut table = self.root;
+        for level in (size.leaf_level() + 1..=4).rev() {
+            let slot = table.gpa().0 + PtIndex::of(va, level).offset();
+            let e = Pte(with_entry(mem, slot, |e| e.load(Ordering::Acquire))?);
+            if e.is_present() {
+                if e.flags().contains(PteFlags::HUGE) {
+                    return Err(PtError::Conflict { va, size });
+                }
+                table = e.gfn();
+                continue;
+            }
+            let Some(a) = alloc.as_deref_mut() else { return Ok(None) };
+            let new_table = a.alloc_table().ok_or(PtError::NoTableMemory)?;
+            let entry = Pte::new(new_table, TABLE_FLAGS).0;
+            // Only the memory manager writes tables (under its lock), so this cannot race.
+            with_entry(mem, slot, |e| e.store(entry, Ordering::Release))?;
+            self.tables += 1;
+            table = new_table;
+        }
+        let slot = table.gpa().0 + PtIndex::of(va, size.leaf_level()).offset();
+        if size == PageSize::Size4K {
+            return Ok(Some(slot));
+        }
+        // A 2 MiB leaf must not replace a page-table pointer.
+        let e = Pte(with_entry(mem, slot, |e| e.load(Ordering::Acquire))?);
+        if e.is_present() && !e.flags().contains(PteFlags::HUGE) {
+            return Err(PtError::Conflict { va, size });
+        }
+        Ok(Some(slot))
+    }
+}
+
+fn check_va(va: Gva, size: PageSize) -> Result<(), PtError> {
+    let canonical = va.0 < (1 << 47);
+    if !canonical || !va.is_aligned(size.bytes()) {
+        return Err(PtError::BadAddress { va, size });
+    }
+    Ok(())
+}
+
+/// Runs `f` on the 8-byte entry at guest-physical `gpa`, accessed atomically.
+fn with_entry<R>(mem: &GuestMemoryMmap, gpa: u64, f: impl FnOnce(&AtomicU64) -> R) -> Result<R, PtError> {
+    let slice = mem.get_slice(GuestAddress(gpa), 8).map_err(|_| PtError::Access { gpa })?;
+    let atomic = slice.get_atomic_ref::<AtomicU64>(0).map_err(|_| PtError::Access { gpa })?;
+    Ok(f(atomic))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn setup() -> (GuestMemoryMmap, PageTables, impl FnMut() -> Option<Gfn>) {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
+        let mut next = 1u64;
+        let alloc = move || {
+            next += 1;
+            Some(Gfn(next))
+        };
+        (mem, PageTables::new(Gfn(1)), alloc)
+    }
+
+    #[test]
+    fn map_translate_unmap() {
+        let (mem, mut pt, mut alloc) = setup();
+        let va = Gva(0x10_0000_3000);
+        let rw = PteFlags::WRITABLE | PteFlags::USER | PteFlags::NO_EXECUTE;
+        pt.map(&mem, &mut alloc, va, Gfn(0x1234), PageSize::Size4K, rw).unwrap();
+        assert_eq!(pt.table_pages(), 4);
+        let (e, size) = pt.translate(&mem, va).unwrap();
+        assert_eq!((e.gfn(), size), (Gfn(0x1234), PageSize::Size4K));
+        assert_eq!(e.flags(), rw | PteFlags::PRESENT);
+        assert_eq!(pt.map(&mem, &mut alloc, va, Gfn(1), PageSize::Size4K, rw), Err(PtError::AlreadyMapped { va }));
+        let old = pt.protect(&mem, va, PageSize::Size4K, PteFlags::USER).unwrap();
+        assert_eq!(old.flags(), rw | PteFlags::PRESENT);
+        assert!(!pt.translate(&mem, va).unwrap().0.flags().contains(PteFlags::WRITABLE));
+        assert_eq!(pt.unmap(&mem, va, PageSize::Size4K).unwrap().gfn(), Gfn(0x1234));
+        assert!(pt.translate(&mem, va).is_none());
+        assert_eq!(pt.unmap(&mem, va, PageSize::Size4K), Err(PtError::NotMapped { va }));
+    }
+
+    #[test]
+    fn huge_and_conflicts() {
+        let (mem, mut pt, mut alloc) = setup();
+        let va = Gva(0x400_0000_0000);
+        pt.map(&mem, &mut alloc, va, Gfn(0x200), PageSize::Size2M, PteFlags::USER).unwrap();
+        let (e, size) = pt.translate(&mem, Gva(va.0 + 0x1234)).unwrap();
+        assert_eq!((e.gfn(), size), (Gfn(0x200), PageSize::Size2M));
+        assert!(matches!(
+            pt.map(&mem, &mut alloc, Gva(va.0 + 0x1000), Gfn(5), PageSize::Size4K, PteFlags::USER),
+            Err(PtError::Conflict { .. })
+        ));
+        // A 4K table under a PDE forbids a later 2M leaf there.
+        let small = Gva(0x10_0000_0000);
+        pt.map(&mem, &mut alloc, small, Gfn(9), PageSize::Size4K, PteFlags::USER).unwrap();
+        pt.unmap(&mem, small, PageSize::Size4K).unwrap();
+        assert!(matches!(
+            pt.map(&mem, &mut alloc, small, Gfn(0x400), PageSize::Size2M, PteFlags::USER),
+            Err(PtError::Conflict { .. })
+        ));
+        assert!(matches!(
+            pt.map(&mem, &mut alloc, Gva(0x1001), Gfn(1), PageSize::Size4K, PteFlags::USER),
+            Err(PtError::BadAddress { .. })
+        ));
+        assert!(matches!(
+            pt.map(&mem, &mut alloc, Gva(1 << 47), Gfn(1), PageSize::Size4K, PteFlags::USER),
+            Err(PtError::BadAddress { .. })
+        ));
+    }
+}

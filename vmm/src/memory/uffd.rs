@@ -1,0 +1,272 @@
+//! userfaultfd: the kernel API, hand-bound with vmm-sys-util's ioctl macros (the `userfaultfd`
+//! crate needs bindgen and libclang). Each ioctl number is checked against the kernel's value at
+//! compile time. Errno values become meaningful variants: the page already exists, the mapping is
+//! changing (retry), the address space is gone.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+
+use vmm_sys_util::ioctl::{_IOC_READ, _IOC_WRITE, ioctl_expr, ioctl_with_mut_ref, ioctl_with_ref};
+use vmm_sys_util::{ioctl_ior_nr, ioctl_iowr_nr};
+
+const UFFDIO: u32 = 0xAA;
+const UFFD_API: u64 = 0xAA;
+
+/// `struct uffdio_api`.
+#[repr(C)]
+#[derive(Debug, Default)]
+struct UffdioApi {
+    api: u64,
+    features: u64,
+    ioctls: u64,
+}
+
+/// `struct uffdio_range`.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+struct UffdioRange {
+    start: u64,
+    len: u64,
+}
+
+/// `struct uffdio_register`.
+#[repr(C)]
+#[derive(Debug, Default)]
+struct UffdioRegister {
+    range: UffdioRange,
+    mode: u64,
+    ioctls: u64,
+}
+
+/// `struct uffdio_copy`.
+#[repr(C)]
+#[derive(Debug, Default)]
+struct UffdioCopy {
+    dst: u64,
+    src: u64,
+    len: u64,
+    mode: u64,
+    copy: i64,
+}
+
+/// `struct uffdio_zeropage`.
+#[repr(C)]
+#[derive(Debug, Default)]
+struct UffdioZeropage {
+    range: UffdioRange,
+    mode: u64,
+    zeropage: i64,
+}
+
+ioctl_iowr_nr!(UFFDIO_API, UFFDIO, 0x3F, UffdioApi);
+ioctl_iowr_nr!(UFFDIO_REGISTER, UFFDIO, 0x00, UffdioRegister);
+ioctl_ior_nr!(UFFDIO_WAKE, UFFDIO, 0x02, UffdioRange);
+ioctl_iowr_nr!(UFFDIO_COPY, UFFDIO, 0x03, UffdioCopy);
+ioctl_iowr_nr!(UFFDIO_ZEROPAGE, UFFDIO, 0x04, UffdioZeropage);
+
+/// `size_of::<T>()` as the ioctl size field (the structs are a few dozen bytes).
+#[allow(clippy::cast_possible_truncation)]
+const fn sz<T>() -> u32 {
+    size_of::<T>() as u32
+}
+
+// The numbers from <linux/userfaultfd.h> on x86-64, checked at compile time.
+const RW: u32 = _IOC_READ | _IOC_WRITE;
+const _: () = assert!(ioctl_expr(RW, UFFDIO, 0x3F, sz::<UffdioApi>()) == 0xc018_aa3f);
+const _: () = assert!(ioctl_expr(RW, UFFDIO, 0x00, sz::<UffdioRegister>()) == 0xc020_aa00);
+const _: () = assert!(ioctl_expr(_IOC_READ, UFFDIO, 0x02, sz::<UffdioRange>()) == 0x8010_aa02);
+const _: () = assert!(ioctl_expr(RW, UFFDIO, 0x03, sz::<UffdioCopy>()) == 0xc028_aa03);
+const _: () = assert!(ioctl_expr(RW, UFFDIO, 0x04, sz::<UffdioZeropage>()) == 0xc020_aa04);
+const _: () = assert!(size_of::<UffdMsg>() == 32);
+
+const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
+const UFFDIO_COPY_MODE_DONTWAKE: u64 = 1;
+/// `UFFD_FEATURE_THREAD_ID`: fault messages carry the faulting thread id.
+const UFFD_FEATURE_THREAD_ID: u64 = 1 << 8;
+/// `UFFD_EVENT_PAGEFAULT`.
+pub const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
+/// `UFFD_PAGEFAULT_FLAG_WRITE`.
+pub const UFFD_PAGEFAULT_FLAG_WRITE: u64 = 1;
+/// Bit of `UFFDIO_COPY` in `uffdio_register.ioctls`.
+const UFFDIO_COPY_BIT: u64 = 1 << 0x03;
+
+/// `struct uffd_msg` (only the page-fault arm is used).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct UffdMsg {
+    pub event: u8,
+    reserved1: u8,
+    reserved2: u16,
+    reserved3: u32,
+    /// `arg.pagefault.flags`.
+    pub flags: u64,
+    /// `arg.pagefault.address`.
+    pub address: u64,
+    /// `arg.pagefault.feat.ptid` (and padding).
+    pub ptid: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UffdError {
+    #[error("userfaultfd is not available (needs root or vm.unprivileged_userfaultfd=1)")]
+    Create(#[source] io::Error),
+    #[error("userfaultfd API handshake failed")]
+    Api(#[source] io::Error),
+    #[error("cannot register {len:#x} bytes at {addr:#x} with userfaultfd")]
+    Register {
+        addr: u64,
+        len: u64,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the registered range does not support UFFDIO_COPY")]
+    NoCopy,
+    /// Some target pages were already present; `copied` bytes before the first one were filled.
+    #[error("page at {addr:#x} already exists ({copied} bytes copied before it)")]
+    Exists { addr: u64, copied: u64 },
+    /// The mapping changed under the copy (e.g. a concurrent `MADV_DONTNEED`); retry.
+    #[error("mapping changed during the copy at {addr:#x} ({copied} bytes copied); retry")]
+    Again { addr: u64, copied: u64 },
+    #[error("the guest address space is gone")]
+    Gone,
+    #[error("userfaultfd ioctl failed at {addr:#x}")]
+    Ioctl {
+        addr: u64,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot read userfaultfd events")]
+    Read(#[source] io::Error),
+}
+
+/// A userfaultfd.
+#[derive(Debug)]
+pub struct Uffd {
+    file: File,
+}
+
+impl Uffd {
+    /// Opens a userfaultfd (blocking reads, close-on-exec) that also reports faults taken inside
+    /// the kernel, which is where KVM's faults on guest memory come from.
+    pub fn new() -> Result<Uffd, UffdError> {
+        // SAFETY: the userfaultfd syscall takes only flags and returns a new fd or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC) };
+        if fd < 0 {
+            return Err(UffdError::Create(io::Error::last_os_error()));
+        }
+        let fd = RawFd::try_from(fd).map_err(|_| UffdError::Create(io::Error::from_raw_os_error(libc::EBADF)))?;
+        // SAFETY: fd is a fresh descriptor that nothing else owns.
+        let file = unsafe { File::from_raw_fd(fd) };
+        let uffd = Uffd { file };
+        let mut api = UffdioApi { api: UFFD_API, features: UFFD_FEATURE_THREAD_ID, ioctls: 0 };
+        // SAFETY: UFFDIO_API reads and writes exactly one UffdioApi, which outlives the call.
+        let rc = unsafe { ioctl_with_mut_ref(&uffd.file, UFFDIO_API(), &mut api) };
+        if rc != 0 {
+            return Err(UffdError::Api(io::Error::last_os_error()));
+        }
+        Ok(uffd)
+    }
+
+    /// Registers `[addr, addr + len)` for missing-page faults.
+    ///
+    /// # Safety
+    /// The range must be a private anonymous mapping owned by the caller that stays mapped
+    /// while this userfaultfd is used on it: from now on threads touching missing pages there
+    /// block until [`copy`](Self::copy) or [`wake`](Self::wake) serves them, and `copy` writes
+    /// into it.
+    pub unsafe fn register(&self, addr: u64, len: u64) -> Result<(), UffdError> {
+        let mut reg =
+            UffdioRegister { range: UffdioRange { start: addr, len }, mode: UFFDIO_REGISTER_MODE_MISSING, ioctls: 0 };
+        // SAFETY: UFFDIO_REGISTER reads and writes one UffdioRegister; the range contract is
+        // this function's.
+        let rc = unsafe { ioctl_with_mut_ref(&self.file, UFFDIO_REGISTER(), &mut reg) };
+        if rc != 0 {
+            return Err(UffdError::Register { addr, len, source: io::Error::last_os_error() });
+        }
+        if reg.ioctls & UFFDIO_COPY_BIT == 0 {
+            return Err(UffdError::NoCopy);
+        }
+        Ok(())
+    }
+
+    /// Atomically fills the missing pages `[dst, dst + len)` with the bytes at `src` and wakes
+    /// the threads waiting on them (unless `wake` is false). Returns the bytes copied.
+    ///
+    /// # Safety
+    /// `src` must be valid for reads of `len` bytes; `dst` must be in a registered range.
+    pub unsafe fn copy(&self, dst: u64, src: *const u8, len: u64, wake: bool) -> Result<u64, UffdError> {
+        let mut c =
+            UffdioCopy { dst, src: src as u64, len, mode: if wake { 0 } else { UFFDIO_COPY_MODE_DONTWAKE }, copy: 0 };
+        // SAFETY: UFFDIO_COPY reads and writes one UffdioCopy; it reads len bytes from src and
+        // writes only missing pages of the registered destination (this function's contract).
+        let rc = unsafe { ioctl_with_mut_ref(&self.file, UFFDIO_COPY(), &mut c) };
+        if rc == 0 {
+            return Ok(c.copy.unsigned_abs());
+        }
+        let err = io::Error::last_os_error();
+        let copied = u64::try_from(c.copy).unwrap_or(0);
+        Err(match err.raw_os_error() {
+            Some(libc::EEXIST) => UffdError::Exists { addr: dst + copied, copied },
+            Some(libc::EAGAIN) => UffdError::Again { addr: dst + copied, copied },
+            Some(libc::ESRCH) | Some(libc::ENOENT) => UffdError::Gone,
+            _ => UffdError::Ioctl { addr: dst, source: err },
+        })
+    }
+
+    /// Maps the shared zero page at the missing pages `[dst, dst + len)` (reads are free; the
+    /// first write then takes a copy-on-write fault in the kernel). Returns the bytes mapped.
+    pub fn zeropage(&self, dst: u64, len: u64, wake: bool) -> Result<u64, UffdError> {
+        let mut z = UffdioZeropage {
+            range: UffdioRange { start: dst, len },
+            mode: if wake { 0 } else { UFFDIO_COPY_MODE_DONTWAKE },
+            zeropage: 0,
+        };
+        // SAFETY: UFFDIO_ZEROPAGE reads and writes one UffdioZeropage and only maps zero pages
+        // into missing pages of a registered range; it cannot alter memory Rust owns.
+        let rc = unsafe { ioctl_with_mut_ref(&self.file, UFFDIO_ZEROPAGE(), &mut z) };
+        if rc == 0 {
+            return Ok(z.zeropage.unsigned_abs());
+        }
+        let err = io::Error::last_os_error();
+        let done = u64::try_from(z.zeropage).unwrap_or(0);
+        Err(match err.raw_os_error() {
+            Some(libc::EEXIST) => UffdError::Exists { addr: dst + done, copied: done },
+            Some(libc::EAGAIN) => UffdError::Again { addr: dst + done, copied: done },
+            Some(libc::ESRCH) | Some(libc::ENOENT) => UffdError::Gone,
+            _ => UffdError::Ioctl { addr: dst, source: err },
+        })
+    }
+
+    /// Wakes threads waiting on `[addr, addr + len)` without filling anything: they retry the
+    /// access (and fault again if the page is still missing).
+    pub fn wake(&self, addr: u64, len: u64) -> Result<(), UffdError> {
+        let r = UffdioRange { start: addr, len };
+        // SAFETY: UFFDIO_WAKE reads one UffdioRange and only wakes waiters.
+        let rc = unsafe { ioctl_with_ref(&self.file, UFFDIO_WAKE(), &r) };
+        if rc != 0 {
+            return Err(UffdError::Ioctl { addr, source: io::Error::last_os_error() });
+        }
+        Ok(())
+    }
+
+    /// Blocks until at least one event arrives; fills `buf` and returns how many.
+    pub fn read_events(&self, buf: &mut [UffdMsg]) -> Result<usize, UffdError> {
+        loop {
+            // SAFETY: buf is valid for writes of its full size in bytes; read writes at most that.
+            let n = unsafe { libc::read(self.file.as_raw_fd(), buf.as_mut_ptr().cast(), std::mem::size_of_val(buf)) };
+            if n >= 0 {
+                return Ok(n.unsigned_abs() / size_of::<UffdMsg>());
+            }
+            let err = io::Error::last_os_error();
+            if err.kind() != io::ErrorKind::Interrupted {
+                return Err(UffdError::Read(err));
+            }
+        }
+    }
+
+    /// The descriptor, for `poll`.
+    pub fn as_raw_fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+}
