@@ -1,0 +1,52 @@
+//! A KVM microVM memory manager: the VMM owns every guest-physical frame (per-node buddy
+//! allocators), builds the guest's x86-64 page tables, and backs guest memory on demand.
+//!
+//! The guest runs at CPL3 with the VMM as its kernel; `protocol` is the contract between them.
+
+pub mod boot;
+pub mod cli;
+pub mod config;
+pub mod layout;
+pub mod memory;
+pub mod metrics;
+pub mod signals;
+pub mod stats;
+pub mod vcpu;
+pub mod vm;
+
+/// Process exit codes of `vmm`. A guest's own status (0-63) is passed through unchanged; the
+/// VMM's failures use these (sysexits-style) codes, so the two never collide.
+pub mod exit_code {
+    /// Bad command line or configuration, or a configuration this host cannot run.
+    pub const USAGE: u8 = 64;
+    /// The guest image is missing or invalid.
+    pub const BAD_IMAGE: u8 = 65;
+    /// KVM (or another host facility) is unavailable.
+    pub const UNAVAILABLE: u8 = 69;
+    /// An internal VMM failure.
+    pub const SOFTWARE: u8 = 70;
+    /// The guest crashed (triple fault).
+    pub const GUEST_CRASH: u8 = 71;
+    /// KVM failed or exited unexpectedly.
+    pub const KVM: u8 = 72;
+    /// The guest touched memory it was never given, or the fault handler failed.
+    pub const GUEST_MEMORY: u8 = 73;
+    /// Writing the stats file failed.
+    pub const IO: u8 = 74;
+}
+
+/// An error and its sources on one line, joined by ": ".
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(src) = cur {
+        let msg = src.to_string();
+        // thiserror's `transparent` repeats the inner message; skip exact repeats.
+        if !s.ends_with(&msg) {
+            s.push_str(": ");
+            s.push_str(&msg);
+        }
+        cur = src.source();
+    }
+    s
+}
