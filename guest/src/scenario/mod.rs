@@ -1,0 +1,61 @@
+//! Scenarios: each runs on every vCPU, checks its own results, and reports a `@result` line.
+
+mod boot;
+
+use core::sync::atomic::{AtomicU32, Ordering};
+
+use protocol::{BootInfo, exit};
+
+use crate::args::Args;
+use crate::sync::Barrier;
+use crate::{arch, bootinfo, println};
+
+/// What every scenario gets.
+pub struct Ctx {
+    pub cpu: u32,
+    pub cpus: u32,
+    pub bi: &'static BootInfo,
+    pub args: Args<'static>,
+}
+
+impl Ctx {
+    /// Waits for every vCPU.
+    pub fn barrier(&self) {
+        static B: Barrier = Barrier::new();
+        B.wait(self.cpus);
+    }
+
+    /// The seed for this vCPU's random choices.
+    pub fn seed(&self) -> u64 {
+        self.bi.seed ^ (u64::from(self.cpu) << 56)
+    }
+}
+
+/// The first failure status any vCPU reported (0 = none).
+static STATUS: AtomicU32 = AtomicU32::new(0);
+
+/// Records a failure; the VM exits with the first one once every vCPU is done.
+pub fn fail(status: u32) {
+    let _ = STATUS.compare_exchange(0, status, Ordering::AcqRel, Ordering::Acquire);
+}
+
+pub fn run(cpu: u32, bi: &'static BootInfo) -> ! {
+    let ctx = Ctx { cpu, cpus: bi.nr_vcpus, bi, args: Args(bootinfo::args(bi)) };
+    let name = ctx.args.get("scenario").unwrap_or("boot");
+    match name {
+        "boot" => boot::run(&ctx),
+        _ => {
+            if cpu == 0 {
+                println!("guest: unknown scenario `{name}`");
+            }
+            fail(exit::BAD_ARGS);
+        }
+    }
+    ctx.barrier();
+    if cpu == 0 {
+        arch::exit(STATUS.load(Ordering::Acquire));
+    }
+    loop {
+        arch::pause();
+    }
+}
