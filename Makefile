@@ -1,0 +1,36 @@
+# One command to set up and run, one to test. `.ci/run` calls `make lint test`.
+CARGO ?= cargo
+
+.PHONY: all setup guest run test lint bench clean
+
+all: run
+
+# Toolchain pieces this project needs beyond stable Rust.
+setup:
+	rustup target add x86_64-unknown-none
+	rustup component add rustfmt clippy
+
+# The default guest image (images/out/guest.elf).
+guest: setup
+	./images/build.sh
+
+# Boot the default stress guest with the embedded default configuration.
+run: guest
+	$(CARGO) run --release -p vmm -- run
+
+test: guest
+	$(CARGO) test --workspace
+
+lint: setup
+	$(CARGO) fmt --all --check
+	cd guest && $(CARGO) fmt --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	cd guest && $(CARGO) clippy --release -- -D warnings
+
+bench: guest
+	$(CARGO) bench -p vmm
+
+clean:
+	$(CARGO) clean
+	cd guest && $(CARGO) clean
+	rm -rf images/out

@@ -1,0 +1,113 @@
+//! Boot tests: real KVM, the real guest, checked through the guest's own output and the stats.
+
+mod common;
+
+use common::{run, scratch};
+
+#[test]
+fn boots_with_one_and_two_vcpus() {
+    for cpus in ["1", "2"] {
+        let r = run(&["--cpus", cpus]);
+        r.assert_ok();
+        let boot = r.result("scenario", "boot").expect("boot result line");
+        assert_eq!(boot["vcpus"].as_u64().unwrap().to_string(), cpus);
+        for c in 0..cpus.parse::<u32>().unwrap() {
+            assert!(r.stdout.contains(&format!("cpu {c} (node 0) is up")), "{}", r.stdout);
+        }
+        if cpus == "2" {
+            assert!(r.stdout.lines().all(|l| l.starts_with("[cpu")), "untagged output: {}", r.stdout);
+        }
+    }
+}
+
+#[test]
+fn boots_with_256m_2g_and_64g() {
+    for size in ["256M", "2G", "64G"] {
+        let r = run(&["--memory", &format!("size={size}"), "--cpus", "2"]);
+        r.assert_ok();
+        let stats = r.stats.as_ref().expect("stats");
+        let bytes: u64 = match size {
+            "256M" => 256 << 20,
+            "2G" => 2 << 30,
+            _ => 64 << 30,
+        };
+        assert_eq!(stats["config"]["memory"].as_u64(), Some(bytes));
+        let total: u64 =
+            stats["memory"]["nodes"].as_array().unwrap().iter().map(|n| n["frames_total"].as_u64().unwrap()).sum();
+        assert_eq!(total * 4096, bytes, "every frame is managed");
+        if size == "64G" {
+            let hwm = stats["host"]["vm_hwm_kib"].as_u64().unwrap();
+            assert!(hwm < 64 * 1024, "64G boot peaked at {hwm} KiB of VMM RSS");
+            // The hole splits the RAM above 3 GiB.
+            let layout = r.result("kind", "layout").expect("layout line");
+            assert_eq!(layout["ranges"], "0x0+0xc0000000,0x100000000+0xf40000000");
+        }
+        // The metadata budget: at most 1 MiB per GiB of guest memory.
+        assert!(stats["memory"]["metadata_bytes_per_gib"].as_u64().unwrap() <= 1 << 20);
+    }
+}
+
+#[test]
+fn two_node_layout_is_reported_back_exactly() {
+    let r = run(&[
+        "--memory",
+        "size=768M",
+        "--cpus",
+        "3",
+        "--numa",
+        "node=0,size=256M,cpus=0:2",
+        "--numa",
+        "node=1,size=512M,cpus=1,host-node=0,host-policy=bind",
+        "--numa-distance",
+        "0:1=35",
+    ]);
+    r.assert_ok();
+    let layouts: Vec<_> = r.results().into_iter().filter(|x| x["kind"] == "layout").collect();
+    assert_eq!(layouts.len(), 2);
+    assert_eq!(layouts[0]["node"], 0);
+    assert_eq!(layouts[0]["mem"], 256u64 << 20);
+    assert_eq!(layouts[0]["ranges"], "0x0+0x10000000");
+    assert_eq!(layouts[0]["cpus"], "0,2");
+    assert_eq!(layouts[0]["distance"], "10,35");
+    assert_eq!(layouts[1]["node"], 1);
+    assert_eq!(layouts[1]["mem"], 512u64 << 20);
+    assert_eq!(layouts[1]["ranges"], "0x10000000+0x20000000");
+    assert_eq!(layouts[1]["cpus"], 1);
+    assert_eq!(layouts[1]["distance"], "35,10");
+    assert!(r.stdout.contains("cpu 2 (node 0) is up"));
+    assert!(r.stdout.contains("cpu 1 (node 1) is up"));
+}
+
+#[test]
+fn node_straddling_the_hole_has_two_ranges() {
+    let r = run(&["--numa", "node=0,size=2G,cpus=0", "--numa", "node=1,size=2G"]);
+    r.assert_ok();
+    let node1 = r.results().into_iter().find(|x| x["kind"] == "layout" && x["node"] == 1).unwrap();
+    assert_eq!(node1["ranges"], "0x80000000+0x40000000,0x100000000+0x40000000");
+    assert_eq!(node1["cpus"], "");
+}
+
+#[test]
+fn stats_file_is_json_with_the_documented_sections() {
+    let path = scratch("explicit-stats.json");
+    let r = run(&["--stats-file", path.to_str().unwrap(), "--guest-args", "scenario=boot seed=7"]);
+    r.assert_ok();
+    let text = std::fs::read_to_string(&path).expect("stats file exists");
+    let s: serde_json::Value = serde_json::from_str(&text).expect("stats file parses");
+    for key in ["version", "exit", "config", "timing_us", "host", "memory", "exits", "guest"] {
+        assert!(!s[key].is_null(), "missing {key}");
+    }
+    assert_eq!(s["exit"]["code"], 0);
+    assert_eq!(s["exit"]["guest_status"], 0);
+    assert_eq!(s["config"]["seed"], 7);
+    assert!(s["timing_us"]["first_exit"].as_u64().unwrap() <= s["timing_us"]["total"].as_u64().unwrap());
+    let _ = std::fs::remove_file(path);
+}
+
+#[test]
+fn guest_exit_status_is_the_vmm_exit_code() {
+    // An unknown scenario makes the guest exit with BAD_ARGS.
+    let r = run(&["--guest-args", "scenario=nonesuch"]);
+    assert_eq!(r.code, i32::try_from(protocol::exit::BAD_ARGS).unwrap(), "{}", r.stdout);
+    assert!(r.stdout.contains("unknown scenario"));
+}
