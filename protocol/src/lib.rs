@@ -28,7 +28,9 @@ pub mod port {
     /// `out32 0`: the VMM stores the vCPU's CR2 (unreadable at CPL3) in
     /// [`super::CpuPage::trap_cr2`].
     pub const TRAP_INFO: u16 = 0x403;
-    /// `out32 n`: process `n` memory calls from the vCPU's request ring.
+    /// `out32 n`: process the first `n` [`super::memcall::MemCall`]s of the vCPU's request area
+    /// (`n <= memcall::MAX_BATCH`), in order. Each gets its `status` and `ret`; the VMM stores
+    /// how many it processed in [`super::CpuPage::memcall_done`].
     pub const MEMCALL: u16 = 0x404;
     /// `out32 x`: does nothing; a raw exit for measuring exit cost.
     pub const NOP: u16 = 0x405;
@@ -36,6 +38,11 @@ pub mod port {
     /// vector `v` for `v < n` (0 = none). Handlers must lie in executable image pages. The VMM
     /// writes the status ([`super::status`]) to `args[0]`.
     pub const SET_IDT: u16 = 0x406;
+    /// `out32 0`: the guest's #PF handler asks the VMM to back the page at
+    /// [`super::CpuPage::fault_addr`] in a MAP_LAZY region (the memcall FAULT, on its own channel
+    /// so it cannot clobber a batch the faulting code was building). The VMM writes the status
+    /// to [`super::CpuPage::fault_status`].
+    pub const LAZY_FAULT: u16 = 0x407;
     /// First port the guest may use.
     pub const FIRST: u16 = 0x400;
     /// Last port the guest may use.
@@ -243,8 +250,14 @@ pub struct CpuPage {
     pub node: u32,
     /// CR2 of the last exception, written by the VMM on [`port::TRAP_INFO`].
     pub trap_cr2: u64,
+    /// Number of memory calls the VMM processed for the last [`port::MEMCALL`].
+    pub memcall_done: u64,
+    /// Address for [`port::LAZY_FAULT`].
+    pub fault_addr: u64,
+    /// Status of the last [`port::LAZY_FAULT`].
+    pub fault_status: u64,
     /// Reserved, zero.
-    pub reserved: [u64; 5],
+    pub reserved: [u64; 2],
     /// Arguments and results of simple port calls ([`port::SET_IDT`]).
     pub args: [u64; 32],
     /// Console bytes for [`port::CONSOLE_WRITE`].
@@ -253,6 +266,12 @@ pub struct CpuPage {
 
 /// Offset of [`CpuPage::trap_cr2`] (the VMM writes it).
 pub const CPU_PAGE_TRAP_CR2: u64 = core::mem::offset_of!(CpuPage, trap_cr2) as u64;
+/// Offset of [`CpuPage::memcall_done`].
+pub const CPU_PAGE_MEMCALL_DONE: u64 = core::mem::offset_of!(CpuPage, memcall_done) as u64;
+/// Offset of [`CpuPage::fault_addr`].
+pub const CPU_PAGE_FAULT_ADDR: u64 = core::mem::offset_of!(CpuPage, fault_addr) as u64;
+/// Offset of [`CpuPage::fault_status`].
+pub const CPU_PAGE_FAULT_STATUS: u64 = core::mem::offset_of!(CpuPage, fault_status) as u64;
 /// Offset of [`CpuPage::args`].
 pub const CPU_PAGE_ARGS: u64 = core::mem::offset_of!(CpuPage, args) as u64;
 /// Offset of [`CpuPage::console`] (the VMM reads it).
@@ -277,6 +296,137 @@ pub mod status {
     /// Unknown operation.
     pub const ENOSYS: u64 = 5;
 }
+
+/// Memory calls: the guest asks the VMM for memory, which it owns.
+///
+/// A vCPU writes up to [`memcall::MAX_BATCH`] [`memcall::MemCall`]s into its request area (page 1
+/// and 2 of its CPU area, [`memcall::AREA_OFFSET`]) and rings [`port::MEMCALL`] once: one exit
+/// for the whole batch. The VMM copies each call out of guest memory, validates every field, and
+/// writes back `status` (a [`status`] code) and `ret`.
+///
+/// Addresses are guest-virtual. All memory the VMM hands out is zeroed and is backed by host
+/// memory only when first touched (unless [`memcall::flags::POPULATE`]).
+pub mod memcall {
+    /// Offset of the request area within the vCPU's CPU area.
+    pub const AREA_OFFSET: u64 = super::PAGE_SIZE;
+    /// Most calls per doorbell.
+    pub const MAX_BATCH: usize = 128;
+
+    /// One call. `args` and `ret` depend on `op`.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct MemCall {
+        /// An [`op`] code.
+        pub op: u32,
+        /// [`flags`] for ALLOC and MAP_LAZY, [`prot`] bits for PROTECT.
+        pub flags: u32,
+        pub args: [u64; 4],
+        /// Written by the VMM: a `status` code.
+        pub status: u64,
+        /// Written by the VMM.
+        pub ret: [u64; 2],
+    }
+
+    const _: () = assert!(core::mem::size_of::<MemCall>() == 64);
+    const _: () = assert!(AREA_OFFSET + (MAX_BATCH * 64) as u64 <= 3 * super::PAGE_SIZE);
+
+    /// Operations.
+    pub mod op {
+        /// Does nothing (status OK): measures the batch path itself.
+        pub const NOP: u32 = 0;
+        /// `args = [size, policy, node, 0]` -> `ret = [address, mapped bytes]`.
+        pub const ALLOC: u32 = 1;
+        /// `args = [address, 0, 0, 0]`: frees an ALLOC or MAP_LAZY region (its start address).
+        pub const FREE: u32 = 2;
+        /// `args = [size, policy, node, 0]` -> `ret = [address, size]`: reserves a region whose
+        /// frames are allocated only when touched (the guest's #PF handler sends FAULT).
+        pub const MAP_LAZY: u32 = 3;
+        /// `args = [address, 0, 0, 0]`: backs the page at `address` in a MAP_LAZY region (with
+        /// fault-around) -> `ret = [pages mapped, 0]`.
+        pub const FAULT: u32 = 4;
+        /// `args = [address, size, 0, 0]`, `flags` = [`super::prot`] bits: changes the access
+        /// of whole pages inside one region. `prot::NONE` unmaps them but keeps their contents.
+        pub const PROTECT: u32 = 5;
+        /// `args = [address, 0, 0, 0]` -> `ret = [new address, 0]`: moves a region to a new
+        /// address (like `mremap`); the old address faults afterwards, the data follows.
+        pub const MOVE: u32 = 6;
+        /// `args = [node or ALL_NODES, 0, 0, 0]`: writes a [`super::MemStats`] into the
+        /// calling vCPU's `CpuPage::args`.
+        pub const STATS: u32 = 7;
+        /// `args = [address, 0, 0, 0]` -> `ret = [guest-physical address, node]` of the page.
+        pub const TRANSLATE: u32 = 8;
+    }
+
+    /// NUMA policy of ALLOC and MAP_LAZY (`args[1]`), with the node in `args[2]`.
+    pub mod policy {
+        /// The calling vCPU's node, falling back to the others by distance.
+        pub const LOCAL: u64 = 0;
+        /// Only `node`; ENOMEM when it is full.
+        pub const BIND: u64 = 1;
+        /// `node` first, then the others by distance from it.
+        pub const PREFERRED: u64 = 2;
+        /// Round-robin over all nodes, page by page (or block by block for contiguous memory).
+        pub const INTERLEAVE: u64 = 3;
+    }
+
+    /// ALLOC / MAP_LAZY flags.
+    pub mod flags {
+        /// The memory reads as zero. Always true (freed frames lose their contents); accepted
+        /// so callers can say what they rely on.
+        pub const ZERO: u32 = 1 << 0;
+        /// Physically contiguous, like the kernel's `alloc_pages`.
+        pub const CONTIGUOUS: u32 = 1 << 1;
+        /// Only below 4 GiB guest-physical (like `GFP_DMA32`).
+        pub const DMA32: u32 = 1 << 2;
+        /// Prefer 2 MiB pages (size rounded up to 2 MiB); falls back to 4 KiB pages.
+        pub const HUGE: u32 = 1 << 3;
+        /// Back the memory with host memory now instead of on first touch.
+        pub const POPULATE: u32 = 1 << 4;
+        /// Map executable (default: no-execute).
+        pub const EXEC: u32 = 1 << 5;
+        /// Every defined flag.
+        pub const ALL: u32 = ZERO | CONTIGUOUS | DMA32 | HUGE | POPULATE | EXEC;
+    }
+
+    /// PROTECT access bits.
+    pub mod prot {
+        /// No access: pages unmapped, contents kept.
+        pub const NONE: u32 = 0;
+        pub const READ: u32 = 1 << 0;
+        pub const WRITE: u32 = 1 << 1;
+        pub const EXEC: u32 = 1 << 2;
+        pub const ALL: u32 = READ | WRITE | EXEC;
+    }
+
+    /// STATS for every node.
+    pub const ALL_NODES: u64 = u64::MAX;
+}
+
+/// What STATS writes into `CpuPage::args` (all counts in 4 KiB frames unless named otherwise).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MemStats {
+    pub total_frames: u64,
+    pub free_frames: u64,
+    pub allocated_frames: u64,
+    pub resident_frames: u64,
+    /// Second-level (userfaultfd) faults served so far that installed memory.
+    pub uffd_faults: u64,
+    /// Frames those faults installed.
+    pub uffd_pages: u64,
+    /// The VMM process's resident set, in KiB.
+    pub host_rss_kib: u64,
+    /// Fault-around window in bytes.
+    pub fault_around: u64,
+    /// Page-table pages in use.
+    pub page_table_pages: u64,
+    /// Memory calls served so far (all vCPUs).
+    pub memcalls: u64,
+    /// Doorbell exits so far (all vCPUs).
+    pub doorbells: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<MemStats>() <= 32 * 8);
 
 /// Prefix of a console line that carries a machine-readable result. The VMM stores the rest of
 /// the line (`key=value` pairs) in the stats JSON instead of printing it as plain output.

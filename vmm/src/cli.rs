@@ -25,8 +25,8 @@ pub struct RunArgs {
     /// Guest ELF image [default: the built default guest in images/]
     #[arg(long, value_name = "PATH")]
     pub kernel: Option<PathBuf>,
-    /// Guest RAM: size=SIZE with a K/M/G/T suffix [default: size=512M]
-    #[arg(long, value_name = "size=SIZE")]
+    /// Guest RAM: size=SIZE[,fault-around=SIZE][,backing=uffd|demand] [default: size=512M,fault-around=64K,backing=uffd]
+    #[arg(long, value_name = "size=SIZE,...")]
     pub memory: Option<String>,
     /// Number of vCPUs [default: 1, or the CPUs listed in --numa]
     #[arg(long, value_name = "N")]
@@ -53,7 +53,7 @@ impl RunArgs {
     pub fn into_config(self, default_kernel: PathBuf) -> Result<VmConfig, ConfigError> {
         let builder = VmConfigBuilder {
             kernel: self.kernel,
-            memory: self.memory.as_deref().map(parse_memory_arg).transpose()?,
+            memory: self.memory.as_deref().map(parse_memory_arg).transpose()?.unwrap_or_default(),
             cpus: self.cpus,
             numa: self.numa.iter().map(|s| s.parse()).collect::<Result<_, _>>()?,
             distances: self.numa_distance.iter().map(|s| s.parse()).collect::<Result<_, _>>()?,

@@ -16,6 +16,10 @@ const _: () = assert!(MAX_VCPUS <= MAX_CPUS_ANY_HOST as usize);
 pub const DEFAULT_MEMORY: u64 = 512 << 20;
 /// Default vCPU count.
 pub const DEFAULT_CPUS: u32 = 1;
+/// Default fault-around window: frames installed per second-level fault.
+pub const DEFAULT_FAULT_AROUND: u64 = 64 << 10;
+/// Largest fault-around window (one UFFDIO_COPY from the 2 MiB zero buffer).
+pub const MAX_FAULT_AROUND: u64 = 2 << 20;
 /// Default guest arguments: the stress scenario the default guest runs.
 pub const DEFAULT_GUEST_ARGS: &str = "scenario=boot";
 /// No x86 KVM build allows more vCPUs than this (`KVM_MAX_VCPUS` is at most 4096); the host's
@@ -257,23 +261,57 @@ impl FromStr for DistanceSpec {
     }
 }
 
-/// The `--memory` argument: `size=SIZE`.
-pub fn parse_memory_arg(spec: &str) -> Result<u64, ConfigError> {
+/// How guest RAM gets host memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backing {
+    /// Second-level faults go to the VMM through userfaultfd (the default).
+    Uffd,
+    /// Kernel demand paging, no userfaultfd: for comparison only (translation invalidations
+    /// then use an mprotect toggle, racy with concurrent writers).
+    Demand,
+}
+
+/// The `--memory` argument: `size=SIZE[,fault-around=SIZE][,backing=uffd|demand]`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MemoryArg {
+    pub size: Option<u64>,
+    pub fault_around: Option<u64>,
+    pub backing: Option<Backing>,
+}
+
+/// Parses `--memory`.
+pub fn parse_memory_arg(spec: &str) -> Result<MemoryArg, ConfigError> {
     let bad = |reason: String| ConfigError::InvalidMemory { spec: spec.to_string(), reason };
-    let mut size = None;
+    let mut m = MemoryArg::default();
     for kv in spec.split(',') {
-        match kv.split_once('=') {
-            Some(("size", v)) => {
-                let s = v.parse::<ByteSize>().map_err(|e| bad(e.to_string()))?;
-                if size.replace(s.0).is_some() {
-                    return Err(bad("`size` is given twice".into()));
+        let Some((k, v)) = kv.split_once('=') else {
+            return Err(bad(format!("`{kv}` is not key=value (expected size=SIZE)")));
+        };
+        let dup = match k {
+            "size" => m.size.replace(v.parse::<ByteSize>().map_err(|e| bad(e.to_string()))?.0).is_some(),
+            "fault-around" => {
+                let fa = v.parse::<ByteSize>().map_err(|e| bad(e.to_string()))?.0;
+                if !fa.is_power_of_two() || !(PAGE_SIZE..=MAX_FAULT_AROUND).contains(&fa) {
+                    return Err(bad(format!("fault-around {v} is not a power of two from 4K to 2M")));
                 }
+                m.fault_around.replace(fa).is_some()
             }
-            Some((k, _)) => return Err(bad(format!("unknown key `{k}`"))),
-            None => return Err(bad(format!("`{kv}` is not key=value (expected size=SIZE)"))),
+            "backing" => {
+                let b = match v {
+                    "uffd" => Backing::Uffd,
+                    "demand" => Backing::Demand,
+                    _ => return Err(bad(format!("backing `{v}` is not `uffd` or `demand`"))),
+                };
+                m.backing.replace(b).is_some()
+            }
+            _ => return Err(bad(format!("unknown key `{k}`"))),
+        };
+        if dup {
+            return Err(bad(format!("`{k}` is given twice")));
         }
     }
-    size.ok_or_else(|| bad("`size=SIZE` is missing".into()))
+    Ok(m)
 }
 
 /// A validated NUMA node.
@@ -313,6 +351,10 @@ pub struct VmConfig {
     pub kernel: PathBuf,
     /// Guest RAM in bytes (sum of the node sizes).
     pub memory: u64,
+    /// Bytes installed per second-level fault.
+    pub fault_around: u64,
+    /// How guest RAM gets host memory.
+    pub backing: Backing,
     /// vCPU count.
     pub cpus: u32,
     pub numa: NumaConfig,
@@ -330,7 +372,7 @@ pub struct VmConfig {
 #[derive(Clone, Debug, Default)]
 pub struct VmConfigBuilder {
     pub kernel: Option<PathBuf>,
-    pub memory: Option<u64>,
+    pub memory: MemoryArg,
     pub cpus: Option<u32>,
     pub numa: Vec<NumaNodeSpec>,
     pub distances: Vec<DistanceSpec>,
@@ -363,12 +405,12 @@ impl VmConfigBuilder {
                 return Err(ConfigError::TooManyCpus(c));
             }
         }
-        if let Some(m) = self.memory {
+        if let Some(m) = self.memory.size {
             check_size_alignment(m)?;
         }
 
         let (memory, cpus, numa) = if self.numa.is_empty() {
-            let memory = self.memory.unwrap_or(DEFAULT_MEMORY);
+            let memory = self.memory.size.unwrap_or(DEFAULT_MEMORY);
             let cpus = self.cpus.unwrap_or(DEFAULT_CPUS);
             let node = NumaNode { id: 0, size: memory, cpus: (0..cpus).collect(), host: None };
             let numa = NumaConfig { nodes: vec![node], distance: vec![vec![LOCAL_DISTANCE]] };
@@ -380,12 +422,14 @@ impl VmConfigBuilder {
             }
             (memory, cpus, numa)
         } else {
-            validate_numa(self.numa, &self.distances, self.memory, self.cpus)?
+            validate_numa(self.numa, &self.distances, self.memory.size, self.cpus)?
         };
 
         Ok(VmConfig {
             kernel: self.kernel.unwrap_or(default_kernel),
             memory,
+            fault_around: self.memory.fault_around.unwrap_or(DEFAULT_FAULT_AROUND),
+            backing: self.memory.backing.unwrap_or(Backing::Uffd),
             cpus,
             numa,
             guest_args,
@@ -534,7 +578,7 @@ mod tests {
 
     fn build(numa: &[&str], dist: &[&str], memory: Option<&str>, cpus: Option<u32>) -> Result<VmConfig, ConfigError> {
         let b = VmConfigBuilder {
-            memory: memory.map(|m| parse_memory_arg(m).unwrap()),
+            memory: memory.map(|m| parse_memory_arg(m).unwrap()).unwrap_or_default(),
             cpus,
             numa: numa.iter().map(|s| s.parse().unwrap()).collect(),
             distances: dist.iter().map(|s| s.parse().unwrap()).collect(),
@@ -627,6 +671,12 @@ mod tests {
         assert!(matches!(build(&[], &[], Some("size=4097"), None), Err(ConfigError::UnalignedMemory(4097))));
         assert_eq!(build(&[], &[], None, Some(0)).unwrap_err(), ConfigError::ZeroCpus);
         assert!(parse_memory_arg("512M").is_err());
+        let m = parse_memory_arg("size=1G,fault-around=2M,backing=demand").unwrap();
+        assert_eq!(m, MemoryArg { size: Some(1 << 30), fault_around: Some(2 << 20), backing: Some(Backing::Demand) });
+        assert!(parse_memory_arg("fault-around=3K").is_err());
+        assert!(parse_memory_arg("fault-around=4M").is_err());
+        assert!(parse_memory_arg("backing=swap").is_err());
+        assert!(parse_memory_arg("size=1G,size=2G").is_err());
         let long = VmConfigBuilder { guest_args: Some("x".repeat(MAX_GUEST_ARGS + 1)), ..Default::default() };
         assert!(matches!(long.validate("k".into()), Err(ConfigError::GuestArgsTooLong(_))));
         let seeded = VmConfigBuilder { guest_args: Some("scenario=x seed=42".into()), ..Default::default() };

@@ -12,7 +12,9 @@ pub mod metrics;
 pub mod signals;
 pub mod stats;
 pub mod vcpu;
+pub mod memcall;
 pub mod vm;
+pub mod wire;
 
 /// Process exit codes of `vmm`. A guest's own status (0-63) is passed through unchanged; the
 /// VMM's failures use these (sysexits-style) codes, so the two never collide.

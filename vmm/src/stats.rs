@@ -11,7 +11,9 @@ use crate::boot::GuestBoot;
 use crate::boot::image::LoadedImage;
 use crate::config::VmConfig;
 use crate::layout::RamRange;
-use crate::memory::manager::NodeStats;
+use crate::memcall::MemCallReport;
+use crate::memory::fault::FaultReport;
+use crate::memory::manager::{MmCounters, NodeStats};
 use crate::vcpu::micros;
 use crate::vm::{Ending, VmShared};
 
@@ -28,6 +30,9 @@ pub struct Stats {
     pub host: HostInfo,
     pub memory: MemoryInfo,
     pub exits: ExitCounts,
+    /// Second-level (userfaultfd) faults; `null` with `backing=demand`.
+    pub faults: Option<FaultReport>,
+    pub memcalls: MemCallReport,
     pub guest: GuestInfo,
 }
 
@@ -82,7 +87,14 @@ pub struct HostInfo {
 
 #[derive(Debug, Serialize)]
 pub struct MemoryInfo {
+    pub backing: crate::config::Backing,
     pub nodes: Vec<NodeStats>,
+    /// Live guest regions.
+    pub regions: usize,
+    pub counters: MmCounters,
+    /// KVM memslots registered so far, and the guest RAM they cover.
+    pub memslots: u32,
+    pub memslot_bytes: u64,
     /// Host bytes reserved for allocator and page-state metadata.
     pub metadata_bytes: u64,
     /// `metadata_bytes` per GiB of guest RAM.
@@ -158,7 +170,19 @@ pub fn collect(
         },
         host: HostInfo { vm_hwm_kib: hwm, vm_rss_kib: rss },
         memory: MemoryInfo {
-            nodes: mm.node_stats(),
+            backing: cfg.backing,
+            nodes: mm
+                .node_stats()
+                .into_iter()
+                .map(|mut n| {
+                    n.frames_faulted = shared.fault_stats.faulted_per_node[n.node as usize].get();
+                    n
+                })
+                .collect(),
+            regions: mm.region_count(),
+            counters: mm.counters().clone(),
+            memslots: mm.memslots().map_or(0, |s| s.count()),
+            memslot_bytes: mm.memslots().map_or(0, |s| s.registered_bytes()),
             metadata_bytes: metadata,
             metadata_bytes_per_gib: metadata / (cfg.memory.div_ceil(1 << 30)).max(1),
             page_table_pages: mm.page_tables().table_pages(),
@@ -171,6 +195,8 @@ pub fn collect(
             nop: c.nop.get(),
             bad_port: c.bad_port.get(),
         },
+        faults: (cfg.backing == crate::config::Backing::Uffd).then(|| shared.fault_stats.report(shared.fault_window)),
+        memcalls: shared.memcalls.report(),
         guest: GuestInfo { results: shared.results().iter().map(|l| parse_result(l)).collect() },
     }
 }

@@ -261,6 +261,16 @@ impl Vcpu {
                 let _ = self.shared.ram.mem().write_obj(cr2, gpa);
             }
             port::SET_IDT => self.set_idt(v),
+            port::MEMCALL => {
+                if let Err(e) = crate::memcall::doorbell(&self.shared, &self.boot, v) {
+                    return Some(VmEvent::VcpuFailed { cpu: self.boot.id, error: Box::new(e) });
+                }
+            }
+            port::LAZY_FAULT => {
+                if let Err(e) = crate::memcall::lazy_fault(&self.shared, &self.boot) {
+                    return Some(VmEvent::VcpuFailed { cpu: self.boot.id, error: Box::new(e) });
+                }
+            }
             port::NOP => c.nop.inc(),
             _ => c.bad_port.inc_logged(|| log::warn!("vCPU {}: write to port {p:#x}", self.boot.id)),
         }

@@ -14,7 +14,11 @@ use crate::config::VmConfig;
 use crate::exit_code;
 use crate::layout::{self, RamRange};
 use crate::memory::manager::{MemoryError, MemoryManager};
-use crate::memory::populate::Populate;
+use crate::config::Backing;
+use crate::memcall::MemCallCounters;
+use crate::memory::fault::{FaultError, FaultHandler, FaultStats};
+use crate::memory::populate::{Populate, ZeroSource};
+use crate::memory::uffd::{Uffd, UffdError};
 use crate::memory::ram::{GuestRam, RamError};
 use crate::metrics::Counter;
 use crate::stats::{self, Stats};
@@ -46,6 +50,10 @@ pub enum VmError {
     Vcpu(#[from] VcpuError),
     #[error("cannot start a thread")]
     Thread(#[source] std::io::Error),
+    #[error("cannot set up userfaultfd on guest RAM")]
+    Uffd(#[source] UffdError),
+    #[error("cannot map the userfaultfd zero buffer")]
+    ZeroBuffer(#[source] std::io::Error),
     #[error("cannot write the stats file {path}")]
     StatsFile {
         path: std::path::PathBuf,
@@ -58,7 +66,7 @@ impl VmError {
     /// The process exit code for this error.
     pub fn exit_code(&self) -> u8 {
         match self {
-            VmError::KvmOpen(_) => exit_code::UNAVAILABLE,
+            VmError::KvmOpen(_) | VmError::Uffd(UffdError::Create(_)) => exit_code::UNAVAILABLE,
             VmError::TooManyVcpus { .. }
             | VmError::VmmVcpuLimit(_)
             | VmError::MemoryTooLarge { .. }
@@ -84,6 +92,8 @@ pub enum VmEvent {
     VcpuFailed { cpu: u32, error: Box<VmError> },
     /// SIGUSR1: dump stats while running.
     DumpStats,
+    /// A fault handler thread failed.
+    FaultFailed(FaultError),
 }
 
 impl From<VcpuError> for Box<VmError> {
@@ -110,6 +120,10 @@ pub struct VmShared {
     pub timing: Timing,
     pub exec_ranges: Vec<(u64, u64)>,
     pub idt_gpa: GuestAddress,
+    pub memcalls: MemCallCounters,
+    pub fault_stats: Arc<FaultStats>,
+    /// Fault-around window in frames.
+    pub fault_window: u64,
     nr_vcpus: u32,
     events: Mutex<Sender<VmEvent>>,
     /// `@result` lines from the guest, in order.
@@ -184,6 +198,7 @@ pub struct Vm {
     boot: GuestBoot,
     ranges: Vec<RamRange>,
     events: Receiver<VmEvent>,
+    faults: Option<Arc<FaultHandler>>,
 }
 
 impl std::fmt::Debug for Vm {
@@ -232,8 +247,36 @@ impl Vm {
         }
         let tsc_khz = fds[0].get_tsc_khz().unwrap_or(0);
         // The manager owns the VM fd from here: it registers memslots as frames come into use.
-        let mut mm = MemoryManager::new(Arc::clone(&ram), cfg.numa.nodes.len(), Populate::Direct, Some(vm_fd))?;
+        let mut mm =
+            MemoryManager::new(Arc::clone(&ram), &cfg.numa.distance, Populate::Direct, Some(vm_fd), cfg.fault_around)?;
         let boot = boot::build(&mut mm, &cfg, image, tsc_khz)?;
+        // Boot wrote what it needed with plain stores; from here on, untouched memory faults to
+        // the VMM.
+        let fault_window = cfg.fault_around / protocol::PAGE_SIZE;
+        let fault_stats = Arc::new(FaultStats::new(cfg.numa.nodes.len()));
+        let faults = match cfg.backing {
+            Backing::Demand => None,
+            Backing::Uffd => {
+                let uffd = Arc::new(Uffd::new().map_err(VmError::Uffd)?);
+                for (hva, len, _) in ram.host_ranges() {
+                    // SAFETY: each range is one of our guest RAM mappings, which live as long
+                    // as the process (VmShared keeps the GuestRam); faults there are served by
+                    // the handler threads started in `run`.
+                    unsafe { uffd.register(hva, len, true) }.map_err(VmError::Uffd)?;
+                }
+                let zero = Arc::new(ZeroSource::new().map_err(VmError::ZeroBuffer)?);
+                mm.set_populate(Populate::Uffd { uffd: Arc::clone(&uffd), zero: Arc::clone(&zero) });
+                let states = Arc::clone(mm.states());
+                Some(Arc::new(FaultHandler::new(
+                    uffd,
+                    zero,
+                    Arc::clone(&ram),
+                    states,
+                    fault_window,
+                    Arc::clone(&fault_stats),
+                )))
+            }
+        };
         let (tx, rx) = channel();
         let shared = Arc::new(VmShared {
             ram,
@@ -242,6 +285,9 @@ impl Vm {
             timing: Timing::new(start),
             exec_ranges: boot.exec_ranges.clone(),
             idt_gpa: boot.idt_gpa,
+            memcalls: MemCallCounters::default(),
+            fault_stats,
+            fault_window,
             nr_vcpus: cfg.cpus,
             events: Mutex::new(tx),
             results: Mutex::new(Vec::new()),
@@ -251,12 +297,17 @@ impl Vm {
             vcpu::configure(&fd, &cpuid, &boot, cb)?;
             vcpus.push(Vcpu::new(*cb, fd, Arc::clone(&shared)));
         }
-        Ok(Vm { cfg, _kvm: kvm, shared, vcpus, boot, ranges, events: rx })
+        Ok(Vm { cfg, _kvm: kvm, shared, vcpus, boot, ranges, events: rx, faults })
     }
 
     /// Runs the guest to its end. Returns how it ended and the final stats.
     pub fn run(mut self) -> Result<(Ending, Stats), VmError> {
         let signals = crate::signals::forward_sigusr1(Arc::clone(&self.shared));
+        if let Some(f) = self.faults.take() {
+            let shared = Arc::clone(&self.shared);
+            let threads = (self.cfg.cpus as usize).clamp(1, 4);
+            f.spawn(threads, Arc::new(move |e| shared.send(VmEvent::FaultFailed(e)))).map_err(VmError::Thread)?;
+        }
         for v in self.vcpus.drain(..) {
             let name = format!("vcpu{}", v.boot.id);
             std::thread::Builder::new().name(name).spawn(move || v.run()).map_err(VmError::Thread)?;
@@ -277,6 +328,10 @@ impl Vm {
                 }
                 VmEvent::KvmFailed { cpu, reason, regs } => {
                     break Ending::Fatal { code: exit_code::KVM, message: format!("{reason} on vCPU {cpu}: {regs}") };
+                }
+                VmEvent::FaultFailed(e) => {
+                    let code = if e.is_guest_error() { exit_code::GUEST_MEMORY } else { exit_code::SOFTWARE };
+                    break Ending::Fatal { code, message: format!("fault handler: {}", crate::error_chain(&e)) };
                 }
                 VmEvent::VcpuFailed { cpu, error } => {
                     break Ending::Fatal {

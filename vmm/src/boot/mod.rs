@@ -7,7 +7,9 @@ pub mod tables;
 
 use std::path::Path;
 
-use vm_memory::{ByteValued, GuestAddress};
+use vm_memory::GuestAddress;
+
+use crate::wire::Wire;
 
 use protocol::layout::{
     BOOT_INFO_VA, CPU_AREA_PAGES, EXC_STACK_OFFSET, EXC_STACK_SIZE, STACK_SIZE, STACK_STRIDE, STACK_VA, SYSTEM_SIZE,
@@ -31,15 +33,6 @@ pub enum BootError {
     #[error("the system tables for {0} vCPUs do not fit in the system area")]
     SystemArea(u32),
 }
-
-/// Plain-data wrapper that lets protocol structs be written with vm-memory.
-#[repr(transparent)]
-#[derive(Clone, Copy)]
-struct Wire<T>(T);
-
-// SAFETY: BootInfo is repr(C) plain data (integers and arrays of integers) with no padding
-// (protocol asserts its size equals the sum of its fields); every bit pattern is valid.
-unsafe impl ByteValued for Wire<BootInfo> {}
 
 /// Where one vCPU's boot state lives.
 #[derive(Clone, Copy, Debug)]

@@ -17,11 +17,18 @@ use vm_memory::{Bytes, GuestAddress};
 
 use crate::layout::RamRange;
 
-use super::addr::{Gfn, Gva, NodeId, PAGE_SIZE};
+use std::collections::{BTreeMap, HashMap};
+
+use protocol::layout::{HEAP_VA_END, HEAP_VA_START, HUGE_HEAP_VA_END, HUGE_HEAP_VA_START};
+
+use super::addr::{Gfn, Gva, HUGE_PAGE_SIZE, NodeId, PAGE_SIZE};
+use super::policy::Fallback;
+use super::regions::Region;
+use super::vaspace::VaZone;
 use super::buddy::{BuddyAllocator, BuddyError, BuddyInfo};
 use super::memslots::Memslots;
 use super::page_state::{FrameState, PageStates};
-use super::pagetable::{PageSize, PageTables, PtError, PteFlags};
+use super::pagetable::{PageSize, PageTables, Pte, PtError, PteFlags};
 use super::populate::{Populate, PopulateError};
 use super::ram::GuestRam;
 
@@ -65,6 +72,13 @@ pub enum MemoryError {
         #[source]
         source: vm_memory::GuestMemoryError,
     },
+    #[error("cannot read {len} bytes at {gpa:#x}")]
+    Read {
+        gpa: u64,
+        len: usize,
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
     #[error("cannot back frame {gfn}")]
     Populate {
         gfn: Gfn,
@@ -79,6 +93,9 @@ pub enum MemoryError {
         source: std::io::Error,
     },
 }
+
+/// Most frames one lazy-region fault maps.
+const LAZY_WINDOW_MAX: u64 = 16;
 
 /// One NUMA node's frames.
 #[derive(Debug)]
@@ -96,24 +113,26 @@ pub struct NodeStats {
     pub frames_free: u64,
     pub frames_allocated: u64,
     pub frames_resident: u64,
+    /// Frames ever installed by second-level faults.
+    pub frames_faulted: u64,
     pub buddyinfo: BuddyInfo,
 }
 
 /// Frames and their backing: the part of the manager that page-table updates need while the
 /// tables themselves are borrowed.
 #[derive(Debug)]
-struct FramePool {
-    ram: Arc<GuestRam>,
-    states: Arc<PageStates>,
-    nodes: Vec<NodeMem>,
-    populate: Populate,
+pub(super) struct FramePool {
+    pub(super) ram: Arc<GuestRam>,
+    pub(super) states: Arc<PageStates>,
+    pub(super) nodes: Vec<NodeMem>,
+    pub(super) populate: Populate,
     /// KVM memslots, registered as frames are first handed out (`None` without a VM: tests).
-    slots: Option<Memslots>,
+    pub(super) slots: Option<Memslots>,
 }
 
 impl FramePool {
     /// Takes `pages` contiguous frames from `node` and makes them guest-visible `Allocated`.
-    fn alloc(&mut self, node: NodeId, pages: u64, below: Option<Gfn>) -> Result<Gfn, MemoryError> {
+    pub(super) fn alloc(&mut self, node: NodeId, pages: u64, below: Option<Gfn>) -> Result<Gfn, MemoryError> {
         let n = self.nodes.get_mut(node.0 as usize).ok_or(MemoryError::NoNode(node))?;
         let res = match below {
             Some(limit) => n.buddy.alloc_exact_below(pages, limit),
@@ -131,7 +150,7 @@ impl FramePool {
     }
 
     /// A zeroed, resident frame for a page table, from node 0 (tables are few and shared).
-    fn alloc_table(&mut self) -> Option<Gfn> {
+    pub(super) fn alloc_table(&mut self) -> Option<Gfn> {
         let gfn = self.alloc(NodeId(0), 1, None).ok()?;
         if self.populate.zero_fill(&self.ram, &self.states, gfn).is_err() {
             let _ = self.free(gfn, 1);
@@ -141,7 +160,7 @@ impl FramePool {
     }
 
     /// Returns a run to its node after dropping its host backing. Nothing changes on error.
-    fn free(&mut self, gfn: Gfn, pages: u64) -> Result<(), MemoryError> {
+    pub(super) fn free(&mut self, gfn: Gfn, pages: u64) -> Result<(), MemoryError> {
         let bad = |source| MemoryError::Free { gfn, pages, source };
         let node = self.states.node(gfn).ok_or(bad(BuddyError::OutOfRange { gfn }))?;
         self.nodes[node].buddy.check_exact(gfn, pages).map_err(bad)?;
@@ -158,14 +177,50 @@ impl FramePool {
 
 #[derive(Debug)]
 pub struct MemoryManager {
-    pool: FramePool,
-    pt: PageTables,
+    pub(super) pool: FramePool,
+    pub(super) pt: PageTables,
+    /// Present leaves in each leaf table; a table whose count drops to zero loses its host
+    /// backing (it stays in place: tables are never repointed).
+    pub(super) leaves: HashMap<Gfn, u32>,
+    /// Guest regions (allocations and lazy regions) by start address.
+    pub(super) regions: BTreeMap<u64, Region>,
+    pub(super) va_small: VaZone,
+    pub(super) va_huge: VaZone,
+    pub(super) fallback: Fallback,
+    /// Interleave position.
+    pub(super) rotor: u64,
+    /// Frames unmapped by this batch's frees, discarded and returned at [`Self::flush`].
+    pub(super) pending_free: Vec<(Gfn, u64)>,
+    /// Frames a lazy-region fault maps at once.
+    pub(super) lazy_window: u64,
+    pub(super) counters: MmCounters,
+}
+
+/// Memory-manager event counts.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct MmCounters {
+    pub regions_created: u64,
+    pub regions_freed: u64,
+    pub huge_fallbacks: u64,
+    pub lazy_faults: u64,
+    pub lazy_pages: u64,
+    pub tables_discarded: u64,
+    pub discard_calls: u64,
+    pub discarded_pages: u64,
+    pub invalidations: u64,
 }
 
 impl MemoryManager {
     /// Puts all of `ram` into per-node buddy allocators and allocates the root page table.
     /// With `vm`, memslots are registered with KVM as frames are first handed out.
-    pub fn new(ram: Arc<GuestRam>, nr_nodes: usize, populate: Populate, vm: Option<VmFd>) -> Result<Self, MemoryError> {
+    pub fn new(
+        ram: Arc<GuestRam>,
+        distance: &[Vec<u8>],
+        populate: Populate,
+        vm: Option<VmFd>,
+        fault_around: u64,
+    ) -> Result<Self, MemoryError> {
+        let nr_nodes = distance.len();
         let ranges = ram.ranges().to_vec();
         let end = Gfn::containing(GuestAddress(crate::layout::ram_end(&ranges)));
         let frame_ranges = ranges
@@ -192,7 +247,19 @@ impl MemoryManager {
             pages: 1,
             source: BuddyError::OutOfMemory { order: 0 },
         })?;
-        Ok(MemoryManager { pool, pt: PageTables::new(root) })
+        Ok(MemoryManager {
+            pool,
+            pt: PageTables::new(root),
+            leaves: HashMap::new(),
+            regions: BTreeMap::new(),
+            va_small: VaZone::new(HEAP_VA_START, HEAP_VA_END, PAGE_SIZE),
+            va_huge: VaZone::new(HUGE_HEAP_VA_START, HUGE_HEAP_VA_END, HUGE_PAGE_SIZE),
+            fallback: Fallback::new(distance),
+            rotor: 0,
+            pending_free: Vec::new(),
+            lazy_window: (fault_around / PAGE_SIZE).clamp(1, LAZY_WINDOW_MAX),
+            counters: MmCounters::default(),
+        })
     }
 
     /// Guest RAM.
@@ -271,12 +338,46 @@ impl MemoryManager {
         Ok(())
     }
 
-    /// Maps one leaf.
+    /// Maps one leaf (counted in its table; a discarded table gets backing again first).
     pub fn map_one(&mut self, va: Gva, gfn: Gfn, size: PageSize, flags: PteFlags) -> Result<(), MemoryError> {
-        let MemoryManager { pool, pt } = self;
-        let mem = pool.ram.clone();
+        let mem = Arc::clone(&self.pool.ram);
+        if let Some(t) = self.pt.leaf_table(mem.mem(), va, size) {
+            self.make_resident(t)?;
+        }
+        let MemoryManager { pool, pt, .. } = self;
         let mut alloc = || pool.alloc_table();
-        pt.map(mem.mem(), &mut alloc, va, gfn, size, flags).map_err(|source| MemoryError::PageTable { va, source })
+        pt.map(mem.mem(), &mut alloc, va, gfn, size, flags).map_err(|source| MemoryError::PageTable { va, source })?;
+        let t = self.pt.leaf_table(mem.mem(), va, size).expect("the leaf was just mapped");
+        *self.leaves.entry(t).or_default() += 1;
+        Ok(())
+    }
+
+    /// Changes the permissions of the leaf at `va`; returns the old entry (`None`: not mapped).
+    pub(super) fn protect_one(&mut self, va: Gva, size: PageSize, flags: PteFlags) -> Result<Option<Pte>, MemoryError> {
+        let mem = Arc::clone(&self.pool.ram);
+        let Some(t) = self.pt.leaf_table(mem.mem(), va, size) else { return Ok(None) };
+        if self.pool.states.get(t) != FrameState::Resident {
+            return Ok(None);
+        }
+        match self.pt.protect(mem.mem(), va, size, flags) {
+            Ok(old) => Ok(Some(old)),
+            Err(PtError::NotMapped { .. }) => Ok(None),
+            Err(source) => Err(MemoryError::PageTable { va, source }),
+        }
+    }
+
+    /// An empty leaf table keeps its place (its parent entry never changes) but not its
+    /// host memory: it reads as zeroes again when next touched.
+    pub(super) fn discard_empty_table(&mut self, t: Gfn) -> Result<(), MemoryError> {
+        if self.pool.states.set_range(t, 1, FrameState::Allocated) > 0 {
+            self.pool.ram.discard(t.gpa(), PAGE_SIZE).map_err(|source| MemoryError::Discard {
+                gfn: t,
+                pages: 1,
+                source,
+            })?;
+            self.counters.tables_discarded += 1;
+        }
+        Ok(())
     }
 
     /// Per-node counts.
@@ -290,6 +391,7 @@ impl MemoryManager {
                 frames_free: n.buddy.free_pages(),
                 frames_allocated: n.buddy.managed_pages() - n.buddy.free_pages(),
                 frames_resident: self.pool.states.resident(n.id.0 as usize),
+                frames_faulted: 0,
                 buddyinfo: n.buddy.buddyinfo(),
             })
             .collect()

@@ -64,6 +64,11 @@ impl PageStates {
         self.node(gfn).is_some()
     }
 
+    /// The RAM range `[first, end)` containing `gfn`.
+    pub fn range_of(&self, gfn: Gfn) -> Option<(Gfn, Gfn)> {
+        self.node_of.iter().find(|(s, e, _)| *s <= gfn && gfn < *e).map(|r| (r.0, r.1))
+    }
+
     /// Node of a RAM frame.
     pub fn node(&self, gfn: Gfn) -> Option<usize> {
         self.node_of.iter().find(|(s, e, _)| *s <= gfn && gfn < *e).map(|r| r.2)

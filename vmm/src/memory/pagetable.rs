@@ -238,6 +238,21 @@ impl PageTables {
         })?
     }
 
+    /// The table holding `va`'s leaf entry of `size`, if the tables above it exist. Only reads
+    /// the levels above the leaf table.
+    pub fn leaf_table(&self, mem: &GuestMemoryMmap, va: Gva, size: PageSize) -> Option<Gfn> {
+        let mut table = self.root;
+        for level in (size.leaf_level() + 1..=4).rev() {
+            let slot = table.gpa().0 + PtIndex::of(va, level).offset();
+            let e = Pte(with_entry(mem, slot, |e| e.load(Ordering::Acquire)).ok()?);
+            if !e.is_present() || e.flags().contains(PteFlags::HUGE) {
+                return None;
+            }
+            table = e.gfn();
+        }
+        Some(table)
+    }
+
     /// Walks the tables for `va`: the leaf entry and its size, if one is present.
     pub fn translate(&self, mem: &GuestMemoryMmap, va: Gva) -> Option<(Pte, PageSize)> {
         let mut table = self.root;
@@ -258,15 +273,16 @@ impl PageTables {
         None
     }
 
-    /// The guest-physical address of the leaf slot for `va`, creating missing tables when
-    /// `alloc` is given. `Ok(None)`: a table is missing and none may be created.
-    fn leaf_slot(
+    /// The table holding `va`'s leaf of `size`, creating missing tables when `alloc` is given.
+    /// `Ok(None)`: a table is missing and none may be created.
+    pub fn walk_to_leaf_table(
         &mut self,
         mem: &GuestMemoryMmap,
         mut alloc: Option<&mut dyn TableAlloc>,
         va: Gva,
         size: PageSize,
-    ) -> Result<Option<u64>, PtError> {
+    ) -> Result<Option<Gfn>, PtError> {
+        check_va(va, size)?;
         let mut table = self.root;
         for level in (size.leaf_level() + 1..=4).rev() {
             let slot = table.gpa().0 + PtIndex::of(va, level).offset();
@@ -286,7 +302,20 @@ impl PageTables {
             self.tables += 1;
             table = new_table;
         }
-        let slot = table.gpa().0 + PtIndex::of(va, size.leaf_level()).offset();
+        Ok(Some(table))
+    }
+
+    /// The guest-physical address of the leaf slot for `va`, creating missing tables when
+    /// `alloc` is given. `Ok(None)`: a table is missing and none may be created.
+    fn leaf_slot(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        alloc: Option<&mut dyn TableAlloc>,
+        va: Gva,
+        size: PageSize,
+    ) -> Result<Option<u64>, PtError> {
+        let Some(table) = self.walk_to_leaf_table(mem, alloc, va, size)? else { return Ok(None) };
+        let slot = leaf_slot(table, va, size);
         if size == PageSize::Size4K {
             return Ok(Some(slot));
         }
@@ -297,6 +326,52 @@ impl PageTables {
         }
         Ok(Some(slot))
     }
+}
+
+/// The leaf entry for `(gfn, flags)` of `size` (present; HUGE for 2 MiB).
+pub fn leaf_pte(gfn: Gfn, size: PageSize, flags: PteFlags) -> Pte {
+    let mut f = (flags - HW_BITS) | PteFlags::PRESENT;
+    f.set(PteFlags::HUGE, size == PageSize::Size2M);
+    Pte::new(gfn, f)
+}
+
+/// Guest-physical address of `va`'s entry in its leaf table `table`.
+pub fn leaf_slot(table: Gfn, va: Gva, size: PageSize) -> u64 {
+    table.gpa().0 + PtIndex::of(va, size.leaf_level()).offset()
+}
+
+/// Bytes of address space one leaf table covers for leaves of `size`.
+pub fn table_span(size: PageSize) -> u64 {
+    size.bytes() * 512
+}
+
+/// Installs `new` at `slot` if the slot is empty; `false` if something is there.
+pub fn install_entry(mem: &GuestMemoryMmap, slot: u64, new: Pte) -> Result<bool, PtError> {
+    with_entry(mem, slot, |e| e.compare_exchange(0, new.0, Ordering::AcqRel, Ordering::Acquire).is_ok())
+}
+
+/// Clears the entry at `slot`; returns the old one (with the CPU's accessed/dirty bits).
+pub fn clear_entry(mem: &GuestMemoryMmap, slot: u64) -> Result<Pte, PtError> {
+    with_entry(mem, slot, |e| Pte(e.swap(0, Ordering::AcqRel)))
+}
+
+/// Replaces the permission bits of the present entry at `slot`, keeping its frame and the CPU's
+/// accessed/dirty bits; returns the old entry, or `None` if it was not present.
+pub fn reprotect_entry(mem: &GuestMemoryMmap, slot: u64, size: PageSize, flags: PteFlags) -> Result<Option<Pte>, PtError> {
+    with_entry(mem, slot, |e| {
+        let mut cur = e.load(Ordering::Acquire);
+        loop {
+            let old = Pte(cur);
+            if !old.is_present() {
+                return None;
+            }
+            let new = leaf_pte(old.gfn(), size, flags).0 | (old.flags() & HW_BITS).bits();
+            match e.compare_exchange(cur, new, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return Some(old),
+                Err(now) => cur = now,
+            }
+        }
+    })
 }
 
 fn check_va(va: Gva, size: PageSize) -> Result<(), PtError> {

@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use super::addr::{Gfn, HUGE_PAGE_SIZE, PAGE_SIZE};
+use super::addr::{Gfn, HUGE_PAGE_SIZE, PAGE_SIZE, to_usize};
 use super::page_state::{FrameState, PageStates};
 use super::ram::GuestRam;
 use super::uffd::{Uffd, UffdError};
@@ -19,11 +19,17 @@ pub enum PopulateError {
     NotAllocated(Gfn),
     #[error("frame {0} is not guest RAM")]
     NotRam(Gfn),
-    #[error("userfaultfd copy into frame {gfn} failed")]
+    #[error("userfaultfd operation on frame {gfn} failed")]
     Copy {
         gfn: Gfn,
         #[source]
         source: UffdError,
+    },
+    #[error("cannot change the host protection of frame {gfn}")]
+    Protect {
+        gfn: Gfn,
+        #[source]
+        source: std::io::Error,
     },
 }
 
@@ -99,40 +105,71 @@ impl Populate {
                 FrameState::Free => return Err(PopulateError::NotAllocated(gfn)),
                 FrameState::Populating => std::hint::spin_loop(),
                 FrameState::Allocated => {
-                    if !states.transition(gfn, FrameState::Allocated, FrameState::Populating) {
-                        continue;
+                    if self.claim_and_fill(ram, states, gfn, 1)? == 1 {
+                        return Ok(());
                     }
-                    let res = self.fill(ram, gfn, 1);
-                    let ok = res.is_ok();
-                    states.transition(
-                        gfn,
-                        FrameState::Populating,
-                        if ok { FrameState::Resident } else { FrameState::Allocated },
-                    );
-                    return res.map(|_| ());
                 }
             }
         }
     }
 
+    /// Claims every `Allocated` frame of `[gfn, gfn + pages)` (`Allocated -> Populating`),
+    /// installs zero-filled backing for the claimed runs, and marks them `Resident`. Frames in
+    /// other states are left alone. Returns how many frames it installed.
+    pub fn claim_and_fill(&self, ram: &GuestRam, states: &PageStates, gfn: Gfn, pages: u64) -> Result<u64, PopulateError> {
+        let mut installed = 0;
+        let mut i = 0;
+        while i < pages {
+            // The next run of frames this thread manages to claim.
+            let start = i;
+            while i < pages && states.transition(gfn.plus(i), FrameState::Allocated, FrameState::Populating) {
+                i += 1;
+            }
+            if i > start {
+                let run = gfn.plus(start);
+                let n = i - start;
+                let res = self.fill(ram, run, n);
+                let to = if res.is_ok() { FrameState::Resident } else { FrameState::Allocated };
+                for j in 0..n {
+                    states.transition(run.plus(j), FrameState::Populating, to);
+                }
+                installed += res?;
+            }
+            i += 1;
+        }
+        Ok(installed)
+    }
+
     /// Installs zero-filled backing for `pages` frames from `gfn`, which the caller has moved to
-    /// `Populating`. Returns how many frames it installed (frames that turned out to be present
-    /// already count as done).
+    /// `Populating`. Frames that turn out to be present already count as done.
     pub fn fill(&self, ram: &GuestRam, gfn: Gfn, pages: u64) -> Result<u64, PopulateError> {
+        let hva = ram.host_addr(gfn.gpa()).ok_or(PopulateError::NotRam(gfn))? as u64;
+        if !ram.is_ram(gfn.gpa(), pages * PAGE_SIZE) {
+            return Err(PopulateError::NotRam(gfn));
+        }
         match self {
-            Populate::Direct => Ok(pages),
+            Populate::Direct => {
+                // Touch each page so the kernel backs it now: `Resident` must mean present.
+                for i in 0..pages {
+                    let p = (hva + i * PAGE_SIZE) as *mut u8;
+                    // SAFETY: p is inside guest RAM (checked above); the frame is `Populating`,
+                    // owned by this caller, and zero, so writing a zero changes nothing but
+                    // makes the kernel allocate the page.
+                    unsafe { std::ptr::write_volatile(p, 0) };
+                }
+                Ok(pages)
+            }
             Populate::Uffd { uffd, zero } => {
                 let len = pages * PAGE_SIZE;
-                debug_assert!(len <= zero.size());
-                let hva = ram.host_addr(gfn.gpa()).ok_or(PopulateError::NotRam(gfn))? as u64;
                 let mut done = 0;
                 while done < len {
-                    // SAFETY: zero.ptr() is valid for zero.len() >= len bytes of reads; the
+                    let chunk = (len - done).min(zero.size());
+                    // SAFETY: zero.ptr() is valid for zero.size() >= chunk bytes of reads; the
                     // destination lies in guest RAM, registered with this uffd.
-                    match unsafe { uffd.copy(hva + done, zero.ptr(), len - done, true) } {
+                    match unsafe { uffd.copy(hva + done, zero.ptr(), chunk, true) } {
                         Ok(n) => done += n,
-                        // Someone (the kernel, for an access before registration) already
-                        // backed this page: skip it.
+                        // Already present (populated by the kernel before registration, or a
+                        // concurrent path): skip that page.
                         Err(UffdError::Exists { copied, .. }) => {
                             done += copied + PAGE_SIZE;
                             let _ = uffd.wake(hva + done - PAGE_SIZE, PAGE_SIZE);
@@ -144,5 +181,42 @@ impl Populate {
                 Ok(pages)
             }
         }
+    }
+
+    /// Drops every cached translation of the frames in `runs` while keeping their contents:
+    /// after a present leaf pointing at them changed, no vCPU may keep using the old one.
+    /// Write-protecting a page fires the kernel's MMU notifier, which makes KVM drop its
+    /// translations; a write in the short window takes a WP fault that the fault handler
+    /// resolves. (Without userfaultfd an mprotect toggle does the same, with a window in which a
+    /// concurrent guest write fails: that mode is for measurements only.)
+    pub fn invalidate(&self, ram: &GuestRam, runs: &[(Gfn, u64)]) -> Result<(), PopulateError> {
+        for &(gfn, pages) in runs {
+            let hva = ram.host_addr(gfn.gpa()).ok_or(PopulateError::NotRam(gfn))? as u64;
+            let len = pages * PAGE_SIZE;
+            match self {
+                Populate::Uffd { uffd, .. } => {
+                    let wp = |on| uffd.writeprotect(hva, len, on).map_err(|source| PopulateError::Copy { gfn, source });
+                    wp(true)?;
+                    wp(false)?;
+                }
+                Populate::Direct => {
+                    for prot in [libc::PROT_READ, libc::PROT_READ | libc::PROT_WRITE] {
+                        // SAFETY: [hva, hva+len) is guest RAM we own (host_addr and the run
+                        // come from the allocator); changing its protection and restoring it
+                        // does not invalidate any Rust reference.
+                        let rc = unsafe { libc::mprotect(hva as *mut libc::c_void, to_usize(len), prot) };
+                        if rc != 0 {
+                            return Err(PopulateError::Protect { gfn, source: std::io::Error::last_os_error() });
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether missing pages fault to the VMM.
+    pub fn is_uffd(&self) -> bool {
+        matches!(self, Populate::Uffd { .. })
     }
 }

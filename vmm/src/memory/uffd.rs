@@ -59,11 +59,20 @@ struct UffdioZeropage {
     zeropage: i64,
 }
 
+/// `struct uffdio_writeprotect`.
+#[repr(C)]
+#[derive(Debug, Default)]
+struct UffdioWriteprotect {
+    range: UffdioRange,
+    mode: u64,
+}
+
 ioctl_iowr_nr!(UFFDIO_API, UFFDIO, 0x3F, UffdioApi);
 ioctl_iowr_nr!(UFFDIO_REGISTER, UFFDIO, 0x00, UffdioRegister);
 ioctl_ior_nr!(UFFDIO_WAKE, UFFDIO, 0x02, UffdioRange);
 ioctl_iowr_nr!(UFFDIO_COPY, UFFDIO, 0x03, UffdioCopy);
 ioctl_iowr_nr!(UFFDIO_ZEROPAGE, UFFDIO, 0x04, UffdioZeropage);
+ioctl_iowr_nr!(UFFDIO_WRITEPROTECT, UFFDIO, 0x06, UffdioWriteprotect);
 
 /// `size_of::<T>()` as the ioctl size field (the structs are a few dozen bytes).
 #[allow(clippy::cast_possible_truncation)]
@@ -78,9 +87,12 @@ const _: () = assert!(ioctl_expr(RW, UFFDIO, 0x00, sz::<UffdioRegister>()) == 0x
 const _: () = assert!(ioctl_expr(_IOC_READ, UFFDIO, 0x02, sz::<UffdioRange>()) == 0x8010_aa02);
 const _: () = assert!(ioctl_expr(RW, UFFDIO, 0x03, sz::<UffdioCopy>()) == 0xc028_aa03);
 const _: () = assert!(ioctl_expr(RW, UFFDIO, 0x04, sz::<UffdioZeropage>()) == 0xc020_aa04);
+const _: () = assert!(ioctl_expr(RW, UFFDIO, 0x06, sz::<UffdioWriteprotect>()) == 0xc018_aa06);
 const _: () = assert!(size_of::<UffdMsg>() == 32);
 
 const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
+const UFFDIO_REGISTER_MODE_WP: u64 = 2;
+const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1;
 const UFFDIO_COPY_MODE_DONTWAKE: u64 = 1;
 /// `UFFD_FEATURE_THREAD_ID`: fault messages carry the faulting thread id.
 const UFFD_FEATURE_THREAD_ID: u64 = 1 << 8;
@@ -88,6 +100,10 @@ const UFFD_FEATURE_THREAD_ID: u64 = 1 << 8;
 pub const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
 /// `UFFD_PAGEFAULT_FLAG_WRITE`.
 pub const UFFD_PAGEFAULT_FLAG_WRITE: u64 = 1;
+/// `UFFD_PAGEFAULT_FLAG_WP`: a write hit a write-protected page.
+pub const UFFD_PAGEFAULT_FLAG_WP: u64 = 2;
+/// Bit of `UFFDIO_WRITEPROTECT` in `uffdio_register.ioctls`.
+const UFFDIO_WRITEPROTECT_BIT: u64 = 1 << 0x06;
 /// Bit of `UFFDIO_COPY` in `uffdio_register.ioctls`.
 const UFFDIO_COPY_BIT: u64 = 1 << 0x03;
 
@@ -120,7 +136,7 @@ pub enum UffdError {
         #[source]
         source: io::Error,
     },
-    #[error("the registered range does not support UFFDIO_COPY")]
+    #[error("the registered range does not support UFFDIO_COPY and UFFDIO_WRITEPROTECT")]
     NoCopy,
     /// Some target pages were already present; `copied` bytes before the first one were filled.
     #[error("page at {addr:#x} already exists ({copied} bytes copied before it)")]
@@ -168,26 +184,52 @@ impl Uffd {
         Ok(uffd)
     }
 
-    /// Registers `[addr, addr + len)` for missing-page faults.
+    /// Registers `[addr, addr + len)` for missing-page faults and, with `wp`, write-protect
+    /// faults too.
     ///
     /// # Safety
     /// The range must be a private anonymous mapping owned by the caller that stays mapped
     /// while this userfaultfd is used on it: from now on threads touching missing pages there
     /// block until [`copy`](Self::copy) or [`wake`](Self::wake) serves them, and `copy` writes
     /// into it.
-    pub unsafe fn register(&self, addr: u64, len: u64) -> Result<(), UffdError> {
-        let mut reg =
-            UffdioRegister { range: UffdioRange { start: addr, len }, mode: UFFDIO_REGISTER_MODE_MISSING, ioctls: 0 };
+    pub unsafe fn register(&self, addr: u64, len: u64, wp: bool) -> Result<(), UffdError> {
+        let mode = UFFDIO_REGISTER_MODE_MISSING | if wp { UFFDIO_REGISTER_MODE_WP } else { 0 };
+        let mut reg = UffdioRegister { range: UffdioRange { start: addr, len }, mode, ioctls: 0 };
         // SAFETY: UFFDIO_REGISTER reads and writes one UffdioRegister; the range contract is
         // this function's.
         let rc = unsafe { ioctl_with_mut_ref(&self.file, UFFDIO_REGISTER(), &mut reg) };
         if rc != 0 {
             return Err(UffdError::Register { addr, len, source: io::Error::last_os_error() });
         }
-        if reg.ioctls & UFFDIO_COPY_BIT == 0 {
+        if reg.ioctls & UFFDIO_COPY_BIT == 0 || (wp && reg.ioctls & UFFDIO_WRITEPROTECT_BIT == 0) {
             return Err(UffdError::NoCopy);
         }
         Ok(())
+    }
+
+    /// Write-protects (`protect`) or unprotects the present pages of `[addr, addr + len)` in a
+    /// range registered with `wp`. Protecting drops every KVM translation of those pages (the
+    /// kernel's MMU notifier fires); a write meanwhile takes a WP fault instead of failing.
+    /// Unprotecting wakes threads waiting on a WP fault there.
+    pub fn writeprotect(&self, addr: u64, len: u64, protect: bool) -> Result<(), UffdError> {
+        let w = UffdioWriteprotect {
+            range: UffdioRange { start: addr, len },
+            mode: if protect { UFFDIO_WRITEPROTECT_MODE_WP } else { 0 },
+        };
+        loop {
+            // SAFETY: UFFDIO_WRITEPROTECT reads one UffdioWriteprotect and only changes the
+            // write permission of pages in a registered range; no memory Rust owns changes.
+            let rc = unsafe { ioctl_with_ref(&self.file, UFFDIO_WRITEPROTECT(), &w) };
+            if rc == 0 {
+                return Ok(());
+            }
+            let err = io::Error::last_os_error();
+            match err.raw_os_error() {
+                Some(libc::EAGAIN) => continue,
+                Some(libc::ESRCH) | Some(libc::ENOENT) => return Err(UffdError::Gone),
+                _ => return Err(UffdError::Ioctl { addr, source: err }),
+            }
+        }
     }
 
     /// Atomically fills the missing pages `[dst, dst + len)` with the bytes at `src` and wakes

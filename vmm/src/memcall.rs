@@ -1,0 +1,234 @@
+//! Memory calls: a batch of requests per doorbell exit, each copied out of guest memory,
+//! validated, and dispatched to the memory manager. Bad requests get a status code; only a
+//! host-side failure stops the VM.
+
+use std::time::Instant;
+
+use vm_memory::{Bytes, GuestAddress};
+
+use protocol::memcall::{ALL_NODES, AREA_OFFSET, MAX_BATCH, MemCall, op, policy};
+use protocol::{CPU_PAGE_ARGS, CPU_PAGE_FAULT_ADDR, CPU_PAGE_FAULT_STATUS, CPU_PAGE_MEMCALL_DONE, MemStats, status};
+
+use crate::boot::CpuBoot;
+use crate::memory::addr::NodeId;
+use crate::memory::manager::{MemoryError, MemoryManager};
+use crate::memory::policy::Policy;
+use crate::memory::regions::RegionError;
+use crate::metrics::{Counter, Histogram, LatencySummary};
+use crate::vm::{VmError, VmShared};
+use crate::wire::Wire;
+
+/// Operation names, indexed by op code.
+pub const OP_NAMES: [&str; 9] = ["nop", "alloc", "free", "map_lazy", "fault", "protect", "move", "stats", "translate"];
+
+/// Per-operation counts.
+#[derive(Debug, Default)]
+pub struct MemCallCounters {
+    pub doorbells: Counter,
+    pub calls: Counter,
+    /// Doorbells with more than MAX_BATCH calls (none processed).
+    pub bad_batches: Counter,
+    pub unknown_ops: Counter,
+    pub by_op: [Counter; 9],
+    pub errors_by_op: [Counter; 9],
+    /// LAZY_FAULT port calls.
+    pub lazy_fault_calls: Counter,
+    /// Time the VMM spends per doorbell (copy in, dispatch, flush, copy out).
+    pub doorbell_latency: Histogram,
+}
+
+/// Serializable snapshot.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MemCallReport {
+    pub doorbells: u64,
+    pub calls: u64,
+    pub calls_per_doorbell: f64,
+    pub bad_batches: u64,
+    pub unknown_ops: u64,
+    pub lazy_fault_calls: u64,
+    pub ops: std::collections::BTreeMap<String, OpReport>,
+    pub doorbell_latency: LatencySummary,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct OpReport {
+    pub calls: u64,
+    pub errors: u64,
+}
+
+impl MemCallCounters {
+    pub fn report(&self) -> MemCallReport {
+        let doorbells = self.doorbells.get();
+        let calls = self.calls.get();
+        #[allow(clippy::cast_precision_loss)]
+        let per = if doorbells == 0 { 0.0 } else { calls as f64 / doorbells as f64 };
+        MemCallReport {
+            doorbells,
+            calls,
+            calls_per_doorbell: (per * 100.0).round() / 100.0,
+            bad_batches: self.bad_batches.get(),
+            unknown_ops: self.unknown_ops.get(),
+            lazy_fault_calls: self.lazy_fault_calls.get(),
+            ops: OP_NAMES
+                .iter()
+                .enumerate()
+                .map(|(i, n)| {
+                    (n.to_string(), OpReport { calls: self.by_op[i].get(), errors: self.errors_by_op[i].get() })
+                })
+                .collect(),
+            doorbell_latency: self.doorbell_latency.summary(),
+        }
+    }
+}
+
+/// Serves `out MEMCALL, n` from vCPU `cpu`.
+pub fn doorbell(shared: &VmShared, cpu: &CpuBoot, n: u32) -> Result<(), VmError> {
+    let start = Instant::now();
+    let c = &shared.memcalls;
+    c.doorbells.inc();
+    let mem = shared.ram.mem();
+    let done = GuestAddress(cpu.cpu_page_gpa.0 + CPU_PAGE_MEMCALL_DONE);
+    let n = n as usize;
+    if n > MAX_BATCH {
+        c.bad_batches.inc();
+        let _ = mem.write_obj(0u64, done);
+        return Ok(());
+    }
+    // Copy the batch out of guest memory before looking at any of it.
+    let area = GuestAddress(cpu.cpu_page_gpa.0 + AREA_OFFSET);
+    let mut calls = vec![Wire::<MemCall>::default(); n];
+    for (i, call) in calls.iter_mut().enumerate() {
+        *call = mem.read_obj(GuestAddress(area.0 + i as u64 * 64)).map_err(|source| {
+            VmError::Memory(MemoryError::Read { gpa: area.0, len: 64, source })
+        })?;
+    }
+    let mut stats_out = None;
+    {
+        let mut mm = shared.mm();
+        for call in &mut calls {
+            let (st, ret) = dispatch(&mut mm, shared, cpu, &call.0, &mut stats_out)?;
+            call.0.status = st;
+            call.0.ret = ret;
+        }
+        mm.flush()?;
+    }
+    c.calls.add(n as u64);
+    for (i, call) in calls.iter().enumerate() {
+        let at = GuestAddress(area.0 + i as u64 * 64);
+        // Only the results: status (offset 40) and ret (48, 56).
+        let results: [u64; 3] = [call.0.status, call.0.ret[0], call.0.ret[1]];
+        for (j, v) in results.iter().enumerate() {
+            let _ = mem.write_obj(*v, GuestAddress(at.0 + 40 + j as u64 * 8));
+        }
+    }
+    if let Some(s) = stats_out {
+        let _ = mem.write_obj(Wire::<MemStats>(s), GuestAddress(cpu.cpu_page_gpa.0 + CPU_PAGE_ARGS));
+    }
+    let _ = mem.write_obj(n as u64, done);
+    c.doorbell_latency.record(u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX));
+    Ok(())
+}
+
+/// Serves `out LAZY_FAULT`: backs the page at `CpuPage::fault_addr` in a lazy region.
+pub fn lazy_fault(shared: &VmShared, cpu: &CpuBoot) -> Result<(), VmError> {
+    shared.memcalls.lazy_fault_calls.inc();
+    let mem = shared.ram.mem();
+    let va: u64 = mem.read_obj(GuestAddress(cpu.cpu_page_gpa.0 + CPU_PAGE_FAULT_ADDR)).unwrap_or(u64::MAX);
+    let st = {
+        let mut mm = shared.mm();
+        match mm.fault_lazy(va) {
+            Ok(_) => status::OK,
+            Err(RegionError::Internal(e)) => return Err(VmError::Memory(e)),
+            Err(e) => e.status(),
+        }
+    };
+    let _ = mem.write_obj(st, GuestAddress(cpu.cpu_page_gpa.0 + CPU_PAGE_FAULT_STATUS));
+    Ok(())
+}
+
+/// Runs one call: `(status, ret)`. `Err` only for host failures that stop the VM.
+fn dispatch(
+    mm: &mut MemoryManager,
+    shared: &VmShared,
+    cpu: &CpuBoot,
+    call: &MemCall,
+    stats_out: &mut Option<MemStats>,
+) -> Result<(u64, [u64; 2]), VmError> {
+    let c = &shared.memcalls;
+    let Some(idx) = usize::try_from(call.op).ok().filter(|&i| i < OP_NAMES.len()) else {
+        c.unknown_ops.inc();
+        return Ok((status::ENOSYS, [0; 2]));
+    };
+    c.by_op[idx].inc();
+    let local = NodeId(cpu.node);
+    let a = call.args;
+    let res: Result<[u64; 2], RegionError> = match call.op {
+        op::NOP => unused(call, 0).map(|()| [0; 2]),
+        op::ALLOC => parse_policy(a[1], a[2])
+            .and_then(|p| mm.alloc_region(a[0], call.flags, p, local))
+            .map(|(va, len)| [va, len]),
+        op::MAP_LAZY => {
+            parse_policy(a[1], a[2]).and_then(|p| mm.map_lazy(a[0], call.flags, p, local)).map(|(va, len)| [va, len])
+        }
+        op::FREE => unused(call, 1).and_then(|()| mm.free_region(a[0])).map(|()| [0; 2]),
+        op::FAULT => unused(call, 1).and_then(|()| mm.fault_lazy(a[0])).map(|n| [n, 0]),
+        op::PROTECT => {
+            if a[2] != 0 || a[3] != 0 {
+                Err(RegionError::Invalid("unused arguments must be zero"))
+            } else {
+                mm.protect_region(a[0], a[1], call.flags).map(|()| [0; 2])
+            }
+        }
+        op::MOVE => unused(call, 1).and_then(|()| mm.move_region(a[0])).map(|va| [va, 0]),
+        op::STATS => unused(call, 1)
+            .and_then(|()| {
+                let node = if a[0] == ALL_NODES {
+                    None
+                } else {
+                    Some(usize::try_from(a[0]).map_err(|_| RegionError::Invalid("no such node"))?)
+                };
+                mm.mem_stats(node)
+            })
+            .map(|mut s| {
+                let f = &shared.fault_stats;
+                s.uffd_faults = f.zero_fill.get();
+                s.uffd_pages = f.pages.get();
+                s.host_rss_kib = crate::stats::host_memory().1;
+                s.fault_around = shared.fault_window * protocol::PAGE_SIZE;
+                s.memcalls = c.calls.get();
+                s.doorbells = c.doorbells.get();
+                *stats_out = Some(s);
+                [0; 2]
+            }),
+        op::TRANSLATE => unused(call, 1).and_then(|()| mm.translate(a[0])).map(|(gpa, node)| [gpa, u64::from(node)]),
+        _ => unreachable!("op index checked above"),
+    };
+    match res {
+        Ok(ret) => Ok((status::OK, ret)),
+        Err(RegionError::Internal(e)) => Err(VmError::Memory(e)),
+        Err(e) => {
+            c.errors_by_op[idx].inc();
+            Ok((e.status(), [0; 2]))
+        }
+    }
+}
+
+/// Checks that flags and the arguments from `used` on are zero.
+fn unused(call: &MemCall, used: usize) -> Result<(), RegionError> {
+    if call.flags != 0 || call.args[used..].iter().any(|&x| x != 0) {
+        return Err(RegionError::Invalid("unused arguments must be zero"));
+    }
+    Ok(())
+}
+
+fn parse_policy(p: u64, node: u64) -> Result<Policy, RegionError> {
+    let node_id = || u32::try_from(node).map(NodeId).map_err(|_| RegionError::Invalid("no such node"));
+    match p {
+        policy::LOCAL if node == 0 => Ok(Policy::Local),
+        policy::BIND => Ok(Policy::Bind(node_id()?)),
+        policy::PREFERRED => Ok(Policy::Preferred(node_id()?)),
+        policy::INTERLEAVE if node == 0 => Ok(Policy::Interleave),
+        policy::LOCAL | policy::INTERLEAVE => Err(RegionError::Invalid("this policy takes no node")),
+        _ => Err(RegionError::Invalid("unknown policy")),
+    }
+}

@@ -1,0 +1,297 @@
+//! Second-level fault handling: the userspace face of EPT/NPT violations.
+//!
+//! All guest RAM is registered with userfaultfd. When a vCPU (or KVM walking the guest's tables,
+//! or the VMM itself) touches a page with no host backing, the thread blocks and a message
+//! arrives here. Handler threads serve it from the page-state map alone, without the memory
+//! manager's lock:
+//!
+//! - `Allocated` (never written): zero-fill it and its `Allocated` neighbours in the aligned
+//!   fault-around window with one `UFFDIO_COPY` per contiguous run (one 64 KiB copy costs about a
+//!   ninth of sixteen 4 KiB ones here).
+//! - `Populating` / `Resident`: another path is installing it or already did; wake the thread.
+//! - `Free` (never handed out, or freed while a vCPU was touching it): install a zero page and
+//!   drop it again at once. The `MADV_DONTNEED` makes KVM retry its walk of the guest's tables,
+//!   which now lack the mapping, so the guest gets its own #PF. A frame that keeps faulting is a
+//!   translation the VMM cannot explain: the VM stops with an error naming the address.
+//! - Write-protect faults (a write during a translation invalidation) are resolved by lifting
+//!   the protection.
+//!
+//! Any handler failure is reported through the error callback; the VM then stops. A vCPU never
+//! waits on a handler that is gone, because the process exits with it.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use vm_memory::GuestAddress;
+
+use crate::metrics::{Counter, Histogram, LatencySummary};
+use crate::vm::lock;
+
+use super::addr::{Gfn, PAGE_SIZE};
+use super::page_state::{FrameState, PageStates};
+use super::populate::{Populate, PopulateError, ZeroSource};
+use super::ram::GuestRam;
+use super::uffd::{UFFD_EVENT_PAGEFAULT, UFFD_PAGEFAULT_FLAG_WP, Uffd, UffdError, UffdMsg};
+
+/// Faults on the same free frame in a row before the VM is stopped.
+const FREE_FRAME_FAULT_LIMIT: u32 = 3;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FaultError {
+    #[error("guest touched guest-physical address {gpa:#x}, which the VMM never handed out")]
+    NeverHandedOut { gpa: u64 },
+    #[error("fault at host address {addr:#x}, outside guest RAM")]
+    OutsideRam { addr: u64 },
+    #[error("cannot serve the fault at guest-physical {gpa:#x}")]
+    Populate {
+        gpa: u64,
+        #[source]
+        source: PopulateError,
+    },
+    #[error("userfaultfd failed")]
+    Uffd(#[source] UffdError),
+    #[error("cannot drop the zero page installed for a free frame at {gpa:#x}")]
+    Discard {
+        gpa: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("guest-physical page {gpa:#x} should hold guest data but has no host backing")]
+    LostResident { gpa: u64 },
+    #[error("a fault handler thread panicked")]
+    Panicked,
+}
+
+impl FaultError {
+    /// Whether the guest caused it (as opposed to a host failure).
+    pub fn is_guest_error(&self) -> bool {
+        matches!(self, FaultError::NeverHandedOut { .. })
+    }
+}
+
+/// What the handlers did, readable while they run.
+#[derive(Debug, Default)]
+pub struct FaultStats {
+    /// Faults that installed zero-filled memory.
+    pub zero_fill: Counter,
+    /// Frames those faults installed (fault-around included).
+    pub pages: Counter,
+    /// Faults on frames another path was installing or had installed.
+    pub spurious: Counter,
+    /// Faults on free frames (a guest race with a free).
+    pub free_frame: Counter,
+    /// Write-protect faults during translation invalidations.
+    pub write_protect: Counter,
+    /// Time to serve a zero-fill fault, from reading the message to waking the vCPU.
+    pub latency: Histogram,
+    /// Frames ever installed by faults, per node.
+    pub faulted_per_node: Vec<Counter>,
+}
+
+impl FaultStats {
+    pub fn new(nodes: usize) -> Self {
+        FaultStats { faulted_per_node: (0..nodes).map(|_| Counter::default()).collect(), ..Default::default() }
+    }
+}
+
+/// Serializable snapshot of [`FaultStats`].
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FaultReport {
+    pub fault_around_bytes: u64,
+    pub zero_fill: u64,
+    pub pages: u64,
+    pub spurious: u64,
+    pub free_frame: u64,
+    pub write_protect: u64,
+    pub latency: LatencySummary,
+}
+
+impl FaultStats {
+    pub fn report(&self, fault_around_pages: u64) -> FaultReport {
+        FaultReport {
+            fault_around_bytes: fault_around_pages * PAGE_SIZE,
+            zero_fill: self.zero_fill.get(),
+            pages: self.pages.get(),
+            spurious: self.spurious.get(),
+            free_frame: self.free_frame.get(),
+            write_protect: self.write_protect.get(),
+            latency: self.latency.summary(),
+        }
+    }
+}
+
+/// Serves userfaultfd messages for guest RAM.
+#[derive(Debug)]
+pub struct FaultHandler {
+    uffd: Arc<Uffd>,
+    ram: Arc<GuestRam>,
+    states: Arc<PageStates>,
+    populate: Populate,
+    zero: Arc<ZeroSource>,
+    /// Fault-around window in frames (a power of two).
+    window: u64,
+    stats: Arc<FaultStats>,
+    /// Consecutive faults per free frame.
+    free_faults: Mutex<HashMap<Gfn, u32>>,
+}
+
+impl FaultHandler {
+    /// A handler for `ram`, registered with `uffd`, filling `window` frames per fault.
+    pub fn new(
+        uffd: Arc<Uffd>,
+        zero: Arc<ZeroSource>,
+        ram: Arc<GuestRam>,
+        states: Arc<PageStates>,
+        window: u64,
+        stats: Arc<FaultStats>,
+    ) -> Self {
+        assert!(window.is_power_of_two() && window * PAGE_SIZE <= zero.size());
+        let populate = Populate::Uffd { uffd: Arc::clone(&uffd), zero: Arc::clone(&zero) };
+        FaultHandler { uffd, ram, states, populate, zero, window, stats, free_faults: Mutex::new(HashMap::new()) }
+    }
+
+    /// Starts `threads` handler threads. The first error any of them hits (or a panic) goes to
+    /// `on_error`, and that thread stops.
+    pub fn spawn(
+        self: Arc<Self>,
+        threads: usize,
+        on_error: Arc<dyn Fn(FaultError) + Send + Sync>,
+    ) -> std::io::Result<()> {
+        for i in 0..threads {
+            let h = Arc::clone(&self);
+            let report = Arc::clone(&on_error);
+            std::thread::Builder::new().name(format!("uffd{i}")).spawn(move || {
+                let guard = PanicGuard(Arc::clone(&report));
+                if let Err(e) = h.run() {
+                    report(e);
+                }
+                std::mem::forget(guard);
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Reads and serves messages until an error.
+    pub fn run(&self) -> Result<(), FaultError> {
+        let mut msgs = [UffdMsg::default(); 16];
+        loop {
+            let n = self.uffd.read_events(&mut msgs).map_err(FaultError::Uffd)?;
+            for m in &msgs[..n] {
+                if m.event == UFFD_EVENT_PAGEFAULT {
+                    self.serve(m.address, m.flags)?;
+                }
+            }
+        }
+    }
+
+    /// Serves one fault at host address `addr`.
+    pub fn serve(&self, addr: u64, flags: u64) -> Result<(), FaultError> {
+        let start = Instant::now();
+        let page = addr & !(PAGE_SIZE - 1);
+        let gpa = self.ram.gpa_of(page).ok_or(FaultError::OutsideRam { addr })?;
+        if flags & UFFD_PAGEFAULT_FLAG_WP != 0 {
+            self.stats.write_protect.inc();
+            return self.uffd.writeprotect(page, PAGE_SIZE, false).map_err(FaultError::Uffd);
+        }
+        let gfn = Gfn::containing(gpa);
+        match self.states.get(gfn) {
+            FrameState::Allocated => {
+                let installed = self.fill_window(gfn)?;
+                if self.states.get(gfn) != FrameState::Resident {
+                    // Lost the race for the faulting frame itself; make sure its thread wakes.
+                    self.wake(page)?;
+                }
+                self.stats.zero_fill.inc();
+                self.stats.pages.add(installed);
+                self.stats.latency.record(u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX));
+                lock(&self.free_faults).remove(&gfn);
+                Ok(())
+            }
+            FrameState::Populating => {
+                // Its populator wakes every waiter when the copy lands.
+                self.stats.spurious.inc();
+                self.wake(page)
+            }
+            FrameState::Resident => self.resident(gpa, page),
+            FrameState::Free => self.free_frame(gfn, gpa, page),
+        }
+    }
+
+    /// Zero-fills the `Allocated` frames of the aligned window around `gfn` (inside its RAM
+    /// range); returns how many it installed.
+    fn fill_window(&self, gfn: Gfn) -> Result<u64, FaultError> {
+        let (first, end) = self.states.range_of(gfn).ok_or(FaultError::OutsideRam { addr: gfn.gpa().0 })?;
+        let start = Gfn(gfn.0 & !(self.window - 1)).max(first);
+        let stop = Gfn((gfn.0 | (self.window - 1)) + 1).min(end);
+        let installed = self
+            .populate
+            .claim_and_fill(&self.ram, &self.states, start, stop.0 - start.0)
+            .map_err(|source| FaultError::Populate { gpa: gfn.gpa().0, source })?;
+        if let Some(node) = self.states.node(gfn) {
+            self.stats.faulted_per_node[node].add(installed);
+        }
+        Ok(installed)
+    }
+
+    /// A fault on a frame nobody owns: install and drop a zero page so KVM retries its walk;
+    /// stop the VM if it keeps happening.
+    fn free_frame(&self, gfn: Gfn, gpa: GuestAddress, page: u64) -> Result<(), FaultError> {
+        self.stats.free_frame.inc();
+        {
+            let mut seen = lock(&self.free_faults);
+            let n = seen.entry(gfn).or_insert(0);
+            *n += 1;
+            if *n >= FREE_FRAME_FAULT_LIMIT {
+                return Err(FaultError::NeverHandedOut { gpa: gpa.0 });
+            }
+        }
+        // Claim it so the allocator cannot hand it out while the zero page is in place
+        // (`PageStates::set_range` waits out `Populating`).
+        if !self.states.transition(gfn, FrameState::Free, FrameState::Populating) {
+            // Allocated in the meantime: serve it normally.
+            return self.serve(page, 0);
+        }
+        let res = self
+            .populate
+            .fill(&self.ram, gfn, 1)
+            .map(|_| ())
+            .map_err(|source| FaultError::Populate { gpa: gpa.0, source })
+            .and_then(|()| {
+                self.ram.discard(gpa, PAGE_SIZE).map_err(|source| FaultError::Discard { gpa: gpa.0, source })
+            });
+        self.states.transition(gfn, FrameState::Populating, FrameState::Free);
+        res
+    }
+
+    /// A fault on a frame the map says is resident: normally a message that raced with the
+    /// copy that installed it. If the page really is missing, the VMM lost guest data: stop.
+    fn resident(&self, gpa: GuestAddress, page: u64) -> Result<(), FaultError> {
+        // SAFETY: the zero buffer is valid for a page of reads; `page` is guest RAM registered
+        // with this uffd. The copy only succeeds if the page is missing.
+        match unsafe { self.uffd.copy(page, self.zero.ptr(), PAGE_SIZE, true) } {
+            Ok(_) => Err(FaultError::LostResident { gpa: gpa.0 }),
+            Err(UffdError::Exists { .. }) | Err(UffdError::Again { .. }) => {
+                self.stats.spurious.inc();
+                self.wake(page)
+            }
+            Err(e) => Err(FaultError::Uffd(e)),
+        }
+    }
+
+    fn wake(&self, page: u64) -> Result<(), FaultError> {
+        match self.uffd.wake(page, PAGE_SIZE) {
+            Ok(()) | Err(UffdError::Gone) => Ok(()),
+            Err(e) => Err(FaultError::Uffd(e)),
+        }
+    }
+}
+
+/// Reports a panicking handler thread.
+struct PanicGuard(Arc<dyn Fn(FaultError) + Send + Sync>);
+
+impl Drop for PanicGuard {
+    fn drop(&mut self) {
+        (self.0)(FaultError::Panicked);
+    }
+}
