@@ -11,6 +11,7 @@ mod arch;
 mod args;
 mod bootinfo;
 mod console;
+mod mem;
 mod percpu;
 mod rng;
 mod scenario;

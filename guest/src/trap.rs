@@ -160,6 +160,9 @@ crate::percpu! {
     static LAST_FAULT: Fault = Fault { addr: 0, error: 0 };
 }
 
+/// Page faults resolved by backing a lazy region (all vCPUs).
+pub static LAZY_FAULTS: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+
 /// Reads the 8 bytes at `addr`, or reports the page fault.
 pub fn read(addr: u64) -> Result<u64, Fault> {
     // SAFETY: probe_read performs one 8-byte load; a #PF there is caught by the fixup table and
@@ -193,11 +196,18 @@ pub fn install() {
     }
 }
 
-/// CR2 (unreadable at CPL3), fetched through the VMM.
-fn cr2() -> u64 {
-    arch::out32(port::TRAP_INFO, 0);
-    // SAFETY: the VMM stored CR2 in this vCPU's page during the exit.
-    unsafe { core::ptr::read_volatile(&(*arch::cpu_page()).trap_cr2) }
+/// Reports a #PF to the VMM (one exit): it backs the page if the address is in a lazy region.
+/// Returns whether the access can be retried, and CR2 (unreadable at CPL3).
+fn page_fault(error: u64) -> (bool, u64) {
+    arch::out32(port::LAZY_FAULT, error as u32);
+    let page = arch::cpu_page();
+    // SAFETY: the VMM wrote both fields of this vCPU's CpuPage during the exit.
+    unsafe {
+        (
+            core::ptr::read_volatile(&(*page).fault_status) == status::OK,
+            core::ptr::read_volatile(&(*page).trap_cr2),
+        )
+    }
 }
 
 const NAMES: [&str; 32] = [
@@ -236,16 +246,23 @@ const NAMES: [&str; 32] = [
 ];
 
 extern "C" fn trap_handler(f: &mut TrapFrame) {
+    let mut cr2 = 0;
     if f.vector == 14 {
+        let (retry, addr) = page_fault(f.error);
+        if retry {
+            // A lazy region's page now has a frame: run the access again.
+            LAZY_FAULTS.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+            return;
+        }
+        cr2 = addr;
         // SAFETY: reading a static table of four addresses.
         let fixups = unsafe { &fixup_table };
         if let Some(&[_, fixup]) = fixups.iter().find(|e| e[0] == f.rip) {
-            *LAST_FAULT.get_mut() = Fault { addr: cr2(), error: f.error };
+            *LAST_FAULT.get_mut() = Fault { addr: cr2, error: f.error };
             f.rip = fixup;
             return;
         }
     }
-    let cr2 = if f.vector == 14 { cr2() } else { 0 };
     let name = NAMES.get(f.vector as usize).copied().unwrap_or("?");
     let _ = writeln!(
         RawConsole,

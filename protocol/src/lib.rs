@@ -38,10 +38,12 @@ pub mod port {
     /// vector `v` for `v < n` (0 = none). Handlers must lie in executable image pages. The VMM
     /// writes the status ([`super::status`]) to `args[0]`.
     pub const SET_IDT: u16 = 0x406;
-    /// `out32 0`: the guest's #PF handler asks the VMM to back the page at
-    /// [`super::CpuPage::fault_addr`] in a MAP_LAZY region (the memcall FAULT, on its own channel
-    /// so it cannot clobber a batch the faulting code was building). The VMM writes the status
-    /// to [`super::CpuPage::fault_status`].
+    /// `out32 error_code`, from the guest's #PF handler: the VMM reads the vCPU's CR2, stores it in
+    /// [`super::CpuPage::trap_cr2`] and, if it lies in a MAP_LAZY region, backs that page (the
+    /// memcall FAULT, on its own channel so it cannot clobber a batch the faulting code was
+    /// building). Protection faults (error code bit 0) are never lazy faults.
+    /// [`super::CpuPage::fault_status`] gets `status::OK` when the access can be
+    /// retried, `status::EFAULT` when the fault is the guest's own. One exit per #PF.
     pub const LAZY_FAULT: u16 = 0x407;
     /// First port the guest may use.
     pub const FIRST: u16 = 0x400;
@@ -252,12 +254,10 @@ pub struct CpuPage {
     pub trap_cr2: u64,
     /// Number of memory calls the VMM processed for the last [`port::MEMCALL`].
     pub memcall_done: u64,
-    /// Address for [`port::LAZY_FAULT`].
-    pub fault_addr: u64,
     /// Status of the last [`port::LAZY_FAULT`].
     pub fault_status: u64,
     /// Reserved, zero.
-    pub reserved: [u64; 2],
+    pub reserved: [u64; 3],
     /// Arguments and results of simple port calls ([`port::SET_IDT`]).
     pub args: [u64; 32],
     /// Console bytes for [`port::CONSOLE_WRITE`].
@@ -268,8 +268,6 @@ pub struct CpuPage {
 pub const CPU_PAGE_TRAP_CR2: u64 = core::mem::offset_of!(CpuPage, trap_cr2) as u64;
 /// Offset of [`CpuPage::memcall_done`].
 pub const CPU_PAGE_MEMCALL_DONE: u64 = core::mem::offset_of!(CpuPage, memcall_done) as u64;
-/// Offset of [`CpuPage::fault_addr`].
-pub const CPU_PAGE_FAULT_ADDR: u64 = core::mem::offset_of!(CpuPage, fault_addr) as u64;
 /// Offset of [`CpuPage::fault_status`].
 pub const CPU_PAGE_FAULT_STATUS: u64 = core::mem::offset_of!(CpuPage, fault_status) as u64;
 /// Offset of [`CpuPage::args`].
@@ -424,6 +422,8 @@ pub struct MemStats {
     pub memcalls: u64,
     /// Doorbell exits so far (all vCPUs).
     pub doorbells: u64,
+    /// The anonymous part of the VMM's resident set (guest RAM and VMM heap), in KiB.
+    pub host_rss_anon_kib: u64,
 }
 
 const _: () = assert!(core::mem::size_of::<MemStats>() <= 32 * 8);

@@ -272,12 +272,23 @@ pub enum Backing {
     Demand,
 }
 
-/// The `--memory` argument: `size=SIZE[,fault-around=SIZE][,backing=uffd|demand]`.
+/// Whether HUGE allocations get 2 MiB guest leaves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HugeLeaves {
+    /// On where KVM uses two-dimensional paging (EPT/NPT), off under shadow paging.
+    Auto,
+    On,
+    Off,
+}
+
+/// The `--memory` argument: `size=SIZE[,fault-around=SIZE][,backing=uffd|demand][,huge-leaves=auto|on|off]`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct MemoryArg {
     pub size: Option<u64>,
     pub fault_around: Option<u64>,
     pub backing: Option<Backing>,
+    pub huge_leaves: Option<HugeLeaves>,
 }
 
 /// Parses `--memory`.
@@ -296,6 +307,15 @@ pub fn parse_memory_arg(spec: &str) -> Result<MemoryArg, ConfigError> {
                     return Err(bad(format!("fault-around {v} is not a power of two from 4K to 2M")));
                 }
                 m.fault_around.replace(fa).is_some()
+            }
+            "huge-leaves" => {
+                let h = match v {
+                    "auto" => HugeLeaves::Auto,
+                    "on" => HugeLeaves::On,
+                    "off" => HugeLeaves::Off,
+                    _ => return Err(bad(format!("huge-leaves `{v}` is not `auto`, `on` or `off`"))),
+                };
+                m.huge_leaves.replace(h).is_some()
             }
             "backing" => {
                 let b = match v {
@@ -355,6 +375,8 @@ pub struct VmConfig {
     pub fault_around: u64,
     /// How guest RAM gets host memory.
     pub backing: Backing,
+    /// Whether HUGE allocations get 2 MiB guest leaves.
+    pub huge_leaves: HugeLeaves,
     /// vCPU count.
     pub cpus: u32,
     pub numa: NumaConfig,
@@ -430,6 +452,7 @@ impl VmConfigBuilder {
             memory,
             fault_around: self.memory.fault_around.unwrap_or(DEFAULT_FAULT_AROUND),
             backing: self.memory.backing.unwrap_or(Backing::Uffd),
+            huge_leaves: self.memory.huge_leaves.unwrap_or(HugeLeaves::Auto),
             cpus,
             numa,
             guest_args,
@@ -672,7 +695,12 @@ mod tests {
         assert_eq!(build(&[], &[], None, Some(0)).unwrap_err(), ConfigError::ZeroCpus);
         assert!(parse_memory_arg("512M").is_err());
         let m = parse_memory_arg("size=1G,fault-around=2M,backing=demand").unwrap();
-        assert_eq!(m, MemoryArg { size: Some(1 << 30), fault_around: Some(2 << 20), backing: Some(Backing::Demand) });
+        assert_eq!(
+            m,
+            MemoryArg { size: Some(1 << 30), fault_around: Some(2 << 20), backing: Some(Backing::Demand), huge_leaves: None }
+        );
+        assert_eq!(parse_memory_arg("huge-leaves=on").unwrap().huge_leaves, Some(HugeLeaves::On));
+        assert!(parse_memory_arg("huge-leaves=maybe").is_err());
         assert!(parse_memory_arg("fault-around=3K").is_err());
         assert!(parse_memory_arg("fault-around=4M").is_err());
         assert!(parse_memory_arg("backing=swap").is_err());

@@ -7,7 +7,7 @@ use std::time::Instant;
 use vm_memory::{Bytes, GuestAddress};
 
 use protocol::memcall::{ALL_NODES, AREA_OFFSET, MAX_BATCH, MemCall, op, policy};
-use protocol::{CPU_PAGE_ARGS, CPU_PAGE_FAULT_ADDR, CPU_PAGE_FAULT_STATUS, CPU_PAGE_MEMCALL_DONE, MemStats, status};
+use protocol::{CPU_PAGE_ARGS, CPU_PAGE_FAULT_STATUS, CPU_PAGE_MEMCALL_DONE, CPU_PAGE_TRAP_CR2, MemStats, status};
 
 use crate::boot::CpuBoot;
 use crate::memory::addr::NodeId;
@@ -129,12 +129,17 @@ pub fn doorbell(shared: &VmShared, cpu: &CpuBoot, n: u32) -> Result<(), VmError>
     Ok(())
 }
 
-/// Serves `out LAZY_FAULT`: backs the page at `CpuPage::fault_addr` in a lazy region.
-pub fn lazy_fault(shared: &VmShared, cpu: &CpuBoot) -> Result<(), VmError> {
+/// Serves `out LAZY_FAULT` for a #PF at `cr2`: backs the page if it is in a lazy region.
+pub fn lazy_fault(shared: &VmShared, cpu: &CpuBoot, cr2: u64, error_code: u32) -> Result<(), VmError> {
     shared.memcalls.lazy_fault_calls.inc();
     let mem = shared.ram.mem();
-    let va: u64 = mem.read_obj(GuestAddress(cpu.cpu_page_gpa.0 + CPU_PAGE_FAULT_ADDR)).unwrap_or(u64::MAX);
-    let st = {
+    let va = cr2;
+    let _ = mem.write_obj(cr2, GuestAddress(cpu.cpu_page_gpa.0 + CPU_PAGE_TRAP_CR2));
+    // A protection fault (present page) is the guest's own, whatever region it is in.
+    const PF_PRESENT: u32 = 1;
+    let st = if error_code & PF_PRESENT != 0 {
+        status::EFAULT
+    } else {
         let mut mm = shared.mm();
         match mm.fault_lazy(va) {
             Ok(_) => status::OK,
@@ -193,7 +198,9 @@ fn dispatch(
                 let f = &shared.fault_stats;
                 s.uffd_faults = f.zero_fill.get();
                 s.uffd_pages = f.pages.get();
-                s.host_rss_kib = crate::stats::host_memory().1;
+                let (_, rss, anon) = crate::stats::host_memory_all();
+                s.host_rss_kib = rss;
+                s.host_rss_anon_kib = anon;
                 s.fault_around = shared.fault_window * protocol::PAGE_SIZE;
                 s.memcalls = c.calls.get();
                 s.doorbells = c.doorbells.get();

@@ -88,6 +88,8 @@ pub struct HostInfo {
 #[derive(Debug, Serialize)]
 pub struct MemoryInfo {
     pub backing: crate::config::Backing,
+    /// Whether HUGE allocations got 2 MiB guest leaves.
+    pub huge_leaves: bool,
     pub nodes: Vec<NodeStats>,
     /// Live guest regions.
     pub regions: usize,
@@ -171,6 +173,7 @@ pub fn collect(
         host: HostInfo { vm_hwm_kib: hwm, vm_rss_kib: rss },
         memory: MemoryInfo {
             backing: cfg.backing,
+            huge_leaves: mm.huge_leaves(),
             nodes: mm
                 .node_stats()
                 .into_iter()
@@ -223,6 +226,12 @@ pub fn parse_result(line: &str) -> BTreeMap<String, serde_json::Value> {
 
 /// `(VmHWM, VmRSS)` in KiB from /proc/self/status.
 pub fn host_memory() -> (u64, u64) {
+    let m = host_memory_all();
+    (m.0, m.1)
+}
+
+/// `(VmHWM, VmRSS, RssAnon)` in KiB from /proc/self/status.
+pub fn host_memory_all() -> (u64, u64, u64) {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     let field = |name: &str| {
         status
@@ -232,7 +241,7 @@ pub fn host_memory() -> (u64, u64) {
             .and_then(|n| n.parse().ok())
             .unwrap_or(0)
     };
-    (field("VmHWM:"), field("VmRSS:"))
+    (field("VmHWM:"), field("VmRSS:"), field("RssAnon:"))
 }
 
 /// A short human-readable table (for `-v`).

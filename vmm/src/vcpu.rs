@@ -267,7 +267,8 @@ impl Vcpu {
                 }
             }
             port::LAZY_FAULT => {
-                if let Err(e) = crate::memcall::lazy_fault(&self.shared, &self.boot) {
+                let cr2 = self.fd.get_sregs().map(|s| s.cr2).unwrap_or(u64::MAX);
+                if let Err(e) = crate::memcall::lazy_fault(&self.shared, &self.boot, cr2, v) {
                     return Some(VmEvent::VcpuFailed { cpu: self.boot.id, error: Box::new(e) });
                 }
             }

@@ -14,7 +14,7 @@ use crate::config::VmConfig;
 use crate::exit_code;
 use crate::layout::{self, RamRange};
 use crate::memory::manager::{MemoryError, MemoryManager};
-use crate::config::Backing;
+use crate::config::{Backing, HugeLeaves};
 use crate::memcall::MemCallCounters;
 use crate::memory::fault::{FaultError, FaultHandler, FaultStats};
 use crate::memory::populate::{Populate, ZeroSource};
@@ -249,6 +249,11 @@ impl Vm {
         // The manager owns the VM fd from here: it registers memslots as frames come into use.
         let mut mm =
             MemoryManager::new(Arc::clone(&ram), &cfg.numa.distance, Populate::Direct, Some(vm_fd), cfg.fault_around)?;
+        mm.set_huge_leaves(match cfg.huge_leaves {
+            HugeLeaves::On => true,
+            HugeLeaves::Off => false,
+            HugeLeaves::Auto => host_has_tdp(),
+        });
         let boot = boot::build(&mut mm, &cfg, image, tsc_khz)?;
         // Boot wrote what it needed with plain stores; from here on, untouched memory faults to
         // the VMM.
@@ -349,6 +354,12 @@ impl Vm {
     fn stats(&self, ending: Option<&Ending>) -> Stats {
         stats::collect(&self.cfg, &self.shared, &self.boot, &self.ranges, ending)
     }
+}
+
+/// Whether KVM uses two-dimensional paging (Intel EPT or AMD NPT) rather than shadow paging.
+fn host_has_tdp() -> bool {
+    let on = |p: &str| std::fs::read_to_string(p).is_ok_and(|v| matches!(v.trim(), "Y" | "y" | "1"));
+    on("/sys/module/kvm_intel/parameters/ept") || on("/sys/module/kvm_amd/parameters/npt")
 }
 
 /// Guest-physical address width from CPUID leaf 0x8000_0008 (36 if absent).

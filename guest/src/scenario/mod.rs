@@ -1,6 +1,13 @@
 //! Scenarios: each runs on every vCPU, checks its own results, and reports a `@result` line.
 
+mod badcalls;
 mod boot;
+mod lazy;
+mod oom;
+mod pages;
+mod ptstress;
+mod touch;
+pub mod util;
 
 use core::sync::atomic::{AtomicU32, Ordering};
 
@@ -44,6 +51,12 @@ pub fn run(cpu: u32, bi: &'static BootInfo) -> ! {
     let name = ctx.args.get("scenario").unwrap_or("boot");
     match name {
         "boot" => boot::run(&ctx),
+        "pages" => pages::run(&ctx),
+        "oom" => oom::run(&ctx),
+        "touch" => touch::run(&ctx),
+        "lazy" => lazy::run(&ctx),
+        "ptstress" => ptstress::run(&ctx),
+        "badcalls" => badcalls::run(&ctx),
         _ => {
             if cpu == 0 {
                 println!("guest: unknown scenario `{name}`");

@@ -48,6 +48,11 @@ impl BitTree {
         self.levels.iter().map(|l| l.len() as u64 * 8).sum()
     }
 
+    /// Releases all-zero metadata pages (see `ZeroedVec::trim`).
+    pub fn trim(&mut self) -> usize {
+        self.levels.iter_mut().map(ZeroedVec::trim).sum()
+    }
+
     /// Whether bit `i` is set. `i` must be `< len`.
     pub fn test(&self, i: u64) -> bool {
         debug_assert!(i < self.len);

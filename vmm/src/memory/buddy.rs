@@ -190,6 +190,12 @@ impl BuddyAllocator {
         self.heads.len() as u64 + self.free.iter().map(BitTree::metadata_bytes).sum::<u64>()
     }
 
+    /// Releases all-zero metadata pages: after the guest frees a lot, the head bytes and the
+    /// low-order bitmaps are mostly zero again.
+    pub fn trim_metadata(&mut self) -> usize {
+        self.heads.trim() + self.free.iter_mut().map(BitTree::trim).sum::<usize>()
+    }
+
     /// Whether `gfn` lies in this allocator's span.
     pub fn contains(&self, gfn: Gfn) -> bool {
         self.start <= gfn && gfn < self.end

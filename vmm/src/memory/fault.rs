@@ -32,7 +32,7 @@ use super::addr::{Gfn, PAGE_SIZE};
 use super::page_state::{FrameState, PageStates};
 use super::populate::{Populate, PopulateError, ZeroSource};
 use super::ram::GuestRam;
-use super::uffd::{UFFD_EVENT_PAGEFAULT, UFFD_PAGEFAULT_FLAG_WP, Uffd, UffdError, UffdMsg};
+use super::uffd::{UFFD_EVENT_PAGEFAULT, UFFD_PAGEFAULT_FLAG_WP, UFFD_PAGEFAULT_FLAG_WRITE, Uffd, UffdError, UffdMsg};
 
 /// Faults on the same free frame in a row before the VM is stopped.
 const FREE_FRAME_FAULT_LIMIT: u32 = 3;
@@ -83,6 +83,8 @@ pub struct FaultStats {
     pub free_frame: Counter,
     /// Write-protect faults during translation invalidations.
     pub write_protect: Counter,
+    /// Reads of known-zero frames served with the shared zero page.
+    pub zero_page: Counter,
     /// Time to serve a zero-fill fault, from reading the message to waking the vCPU.
     pub latency: Histogram,
     /// Frames ever installed by faults, per node.
@@ -104,6 +106,7 @@ pub struct FaultReport {
     pub spurious: u64,
     pub free_frame: u64,
     pub write_protect: u64,
+    pub zero_page: u64,
     pub latency: LatencySummary,
 }
 
@@ -116,6 +119,7 @@ impl FaultStats {
             spurious: self.spurious.get(),
             free_frame: self.free_frame.get(),
             write_protect: self.write_protect.get(),
+            zero_page: self.zero_page.get(),
             latency: self.latency.summary(),
         }
     }
@@ -214,6 +218,21 @@ impl FaultHandler {
                 self.wake(page)
             }
             FrameState::Resident => self.resident(gpa, page),
+            FrameState::Zero if flags & UFFD_PAGEFAULT_FLAG_WRITE == 0 => {
+                // A read of a known-zero frame (KVM walking an emptied page table): the shared
+                // zero page costs no memory.
+                self.stats.zero_page.inc();
+                match self.uffd.zeropage(page, PAGE_SIZE, true) {
+                    Ok(_) | Err(UffdError::Exists { .. }) | Err(UffdError::Again { .. }) => self.wake(page),
+                    Err(e) => Err(FaultError::Uffd(e)),
+                }
+            }
+            FrameState::Zero => {
+                if self.states.transition(gfn, FrameState::Zero, FrameState::Populating) {
+                    self.populate.unzero(&self.ram, &self.states, gfn).map_err(|source| FaultError::Populate { gpa: gpa.0, source })?;
+                }
+                self.wake(page)
+            }
             FrameState::Free => self.free_frame(gfn, gpa, page),
         }
     }

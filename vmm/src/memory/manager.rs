@@ -149,9 +149,11 @@ impl FramePool {
         Ok(gfn)
     }
 
-    /// A zeroed, resident frame for a page table, from node 0 (tables are few and shared).
+    /// A zeroed, resident frame for a page table: from node 0 (tables are few and shared),
+    /// else from any node.
     pub(super) fn alloc_table(&mut self) -> Option<Gfn> {
-        let gfn = self.alloc(NodeId(0), 1, None).ok()?;
+        let nodes = u32::try_from(self.nodes.len()).expect("few nodes");
+        let gfn = (0..nodes).find_map(|n| self.alloc(NodeId(n), 1, None).ok())?;
         if self.populate.zero_fill(&self.ram, &self.states, gfn).is_err() {
             let _ = self.free(gfn, 1);
             return None;
@@ -193,7 +195,15 @@ pub struct MemoryManager {
     pub(super) pending_free: Vec<(Gfn, u64)>,
     /// Frames a lazy-region fault maps at once.
     pub(super) lazy_window: u64,
+    /// Map HUGE allocations with 2 MiB leaves. Off under shadow paging: there KVM's shadow
+    /// entries are 4 KiB whatever the guest leaf size, and this host's shadow MMU (PVM) keeps
+    /// translations of guest 2 MiB leaves across MMU-notifier invalidations, so a freed or moved
+    /// 2 MiB page stays readable (`scenario=ptstress huge=100` shows it with
+    /// `--memory huge-leaves=on`).
+    pub(super) huge_leaves: bool,
     pub(super) counters: MmCounters,
+    /// Frames freed since the VMM last trimmed its own memory.
+    pub(super) freed_since_trim: u64,
 }
 
 /// Memory-manager event counts.
@@ -205,6 +215,8 @@ pub struct MmCounters {
     pub lazy_faults: u64,
     pub lazy_pages: u64,
     pub tables_discarded: u64,
+    pub trims: u64,
+    pub trimmed_bytes: u64,
     pub discard_calls: u64,
     pub discarded_pages: u64,
     pub invalidations: u64,
@@ -258,7 +270,9 @@ impl MemoryManager {
             rotor: 0,
             pending_free: Vec::new(),
             lazy_window: (fault_around / PAGE_SIZE).clamp(1, LAZY_WINDOW_MAX),
+            huge_leaves: false,
             counters: MmCounters::default(),
+            freed_since_trim: 0,
         })
     }
 
@@ -285,6 +299,16 @@ impl MemoryManager {
     /// Number of nodes.
     pub fn nr_nodes(&self) -> usize {
         self.pool.nodes.len()
+    }
+
+    /// Whether HUGE allocations get 2 MiB leaves.
+    pub fn set_huge_leaves(&mut self, on: bool) {
+        self.huge_leaves = on;
+    }
+
+    /// Whether HUGE allocations get 2 MiB leaves.
+    pub fn huge_leaves(&self) -> bool {
+        self.huge_leaves
     }
 
     /// Replaces how VMM-written frames get their backing (when userfaultfd is switched on).
@@ -367,9 +391,9 @@ impl MemoryManager {
     }
 
     /// An empty leaf table keeps its place (its parent entry never changes) but not its
-    /// host memory: it reads as zeroes again when next touched.
+    /// host memory: KVM's walks through it read the shared zero page (`Zero`).
     pub(super) fn discard_empty_table(&mut self, t: Gfn) -> Result<(), MemoryError> {
-        if self.pool.states.set_range(t, 1, FrameState::Allocated) > 0 {
+        if self.pool.states.set_range(t, 1, FrameState::Zero) > 0 {
             self.pool.ram.discard(t.gpa(), PAGE_SIZE).map_err(|source| MemoryError::Discard {
                 gfn: t,
                 pages: 1,

@@ -5,9 +5,13 @@
 //! ```text
 //!            alloc                 first touch (uffd)               free
 //!   Free ───────────▶ Allocated ─────────────▶ Populating ──▶ Resident ───▶ Free
-//!     ▲                   │     VMM writes it first (populate)      │
-//!     └───────────────────┴──────────────────────── free ───────────┘
+//!     ▲                   │     VMM writes it first (populate)   │  ▲
+//!     └───────────────────┴──────────────────────── free ────────┼──┘
+//!                                                     emptied    ▼  │ written
+//!                                                              Zero ┘
 //! ```
+//! `Zero` is a frame the VMM knows holds only zeroes (an emptied page table): its private
+//! backing was dropped, reads are served with the kernel's shared zero page.
 //! Balloon and swap add their states here (`Ballooned`, `Swapped`) when they arrive.
 
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
@@ -27,6 +31,9 @@ pub enum FrameState {
     Populating = 2,
     /// Handed out and backed by host memory.
     Resident = 3,
+    /// Handed out, all zeroes, with no private backing: reads get the shared zero page, the
+    /// first write a private page.
+    Zero = 4,
 }
 
 impl FrameState {
@@ -35,6 +42,7 @@ impl FrameState {
             1 => FrameState::Allocated,
             2 => FrameState::Populating,
             3 => FrameState::Resident,
+            4 => FrameState::Zero,
             _ => FrameState::Free,
         }
     }
@@ -123,8 +131,8 @@ impl PageStates {
     }
 
     /// Counts frames by state in `[gfn, gfn + n)` (for tests and invariant checks).
-    pub fn census(&self, gfn: Gfn, n: u64) -> [u64; 4] {
-        let mut c = [0; 4];
+    pub fn census(&self, gfn: Gfn, n: u64) -> [u64; 5] {
+        let mut c = [0; 5];
         for i in 0..n {
             c[self.get(gfn.plus(i)) as usize] += 1;
         }
@@ -162,7 +170,7 @@ mod tests {
         assert_eq!(s.resident(1), 1);
         assert_eq!(s.set_range(Gfn(40), 20, FrameState::Free), 1);
         assert_eq!(s.resident(1), 0);
-        assert_eq!(s.census(Gfn(0), 100), [100, 0, 0, 0]);
+        assert_eq!(s.census(Gfn(0), 100), [100, 0, 0, 0, 0]);
         assert_eq!(s.node(Gfn(70)), Some(1));
         assert_eq!(s.get(Gfn(1000)), FrameState::Free);
     }

@@ -109,8 +109,25 @@ impl Populate {
                         return Ok(());
                     }
                 }
+                FrameState::Zero => {
+                    if states.transition(gfn, FrameState::Zero, FrameState::Populating) {
+                        return self.unzero(ram, states, gfn);
+                    }
+                }
             }
         }
+    }
+
+    /// Replaces whatever backs a `Zero` frame the caller moved to `Populating` (nothing, or the
+    /// shared zero page) with a private zero-filled page, and marks it `Resident`.
+    pub fn unzero(&self, ram: &GuestRam, states: &PageStates, gfn: Gfn) -> Result<(), PopulateError> {
+        let res = ram
+            .discard(gfn.gpa(), PAGE_SIZE)
+            .map_err(|source| PopulateError::Protect { gfn, source })
+            .and_then(|()| self.fill(ram, gfn, 1));
+        let to = if res.is_ok() { FrameState::Resident } else { FrameState::Zero };
+        states.transition(gfn, FrameState::Populating, to);
+        res.map(|_| ())
     }
 
     /// Claims every `Allocated` frame of `[gfn, gfn + pages)` (`Allocated -> Populating`),

@@ -23,6 +23,9 @@ use super::page_state::FrameState;
 use super::pagetable::{self, PageSize, Pte, PteFlags};
 use super::policy::Policy;
 
+/// Frames freed between two trims of the VMM's own memory.
+const TRIM_AFTER_FRAMES: u64 = 8192;
+
 /// Frames below this are below 4 GiB guest-physical.
 const DMA32_LIMIT: Gfn = Gfn(1 << 20);
 
@@ -176,7 +179,7 @@ impl MemoryManager {
         let dma32 = fl & flags::DMA32 != 0;
         let p = prot::READ | prot::WRITE | if fl & flags::EXEC != 0 { prot::EXEC } else { 0 };
         if fl & flags::HUGE != 0 && !dma32 {
-            match self.alloc_huge(size, p, policy, local) {
+            match self.alloc_huge(size, p, policy, local, fl & flags::CONTIGUOUS != 0) {
                 Ok(r) => return self.finish_alloc(r, fl),
                 Err(RegionError::NoMemory) => self.counters.huge_fallbacks += 1,
                 Err(e) => return Err(e),
@@ -203,8 +206,14 @@ impl MemoryManager {
         self.finish_alloc(region, fl)
     }
 
-    /// Maps a new region and records it.
+    /// Maps a new region and records it. If its page tables cannot be built, everything is
+    /// given back and the request fails with `NoMemory`.
     fn finish_alloc(&mut self, region: Region, fl: u32) -> Result<(u64, u64), RegionError> {
+        if let Err(e) = self.ensure_tables(region.va, region.len, region.page) {
+            self.give_back(&region.runs)?;
+            self.release_va(region.va, region.len, region.page);
+            return Err(e);
+        }
         let flags = leaf_flags(region.prot_at(0)).expect("allocations start accessible");
         let pages: Vec<(u64, Gfn)> = (0..region.pages()).map(|i| (i, region.frame(i).expect("every page has a frame"))).collect();
         self.map_pages_of(&region, &pages, flags)?;
@@ -224,10 +233,21 @@ impl MemoryManager {
 
     /// 2 MiB pages from order-9 blocks; `NoMemory` if any block is missing (the caller falls
     /// back to 4 KiB pages).
-    fn alloc_huge(&mut self, size: u64, p: u32, policy: Policy, local: NodeId) -> Result<Region, RegionError> {
+    fn alloc_huge(
+        &mut self,
+        size: u64,
+        p: u32,
+        policy: Policy,
+        local: NodeId,
+        contiguous: bool,
+    ) -> Result<Region, RegionError> {
         let blocks = size.div_ceil(HUGE_PAGE_SIZE);
         let mut runs = Vec::with_capacity(usize::try_from(blocks).unwrap_or(0));
-        for _ in 0..blocks {
+        if contiguous {
+            // One run of whole 2 MiB blocks (an exact run is aligned to at least its first block).
+            runs = self.take_frames(blocks * Order::HUGE.pages(), policy, local, false, true)?;
+        }
+        for _ in 0..if contiguous { 0 } else { blocks } {
             let nodes = self.fallback.candidates(policy, local, self.rotor);
             self.rotor += 1;
             let got = nodes.iter().find_map(|&n| self.pool.alloc(n, Order::HUGE.pages(), None).ok());
@@ -239,14 +259,21 @@ impl MemoryManager {
                 }
             }
         }
-        let Some(va) = self.va_huge.alloc(blocks * HUGE_PAGE_SIZE) else {
+        // 2 MiB leaves only where the host can invalidate them (see `huge_leaves`); otherwise
+        // the same 2 MiB blocks are mapped with 4 KiB leaves.
+        let (zone, page) = if self.huge_leaves {
+            (&mut self.va_huge, PageSize::Size2M)
+        } else {
+            (&mut self.va_small, PageSize::Size4K)
+        };
+        let Some(va) = zone.alloc(blocks * HUGE_PAGE_SIZE) else {
             self.give_back(&runs)?;
             return Err(RegionError::NoMemory);
         };
         Ok(Region {
             va,
             len: blocks * HUGE_PAGE_SIZE,
-            page: PageSize::Size2M,
+            page,
             kind: RegionKind::Alloc,
             policy,
             home: local,
@@ -314,10 +341,18 @@ impl MemoryManager {
                 Err(e) => return Err(e),
             };
             let gfn = runs[0].0;
+            let pva = start + p * PAGE_SIZE;
+            if let Err(e) = self.ensure_tables(pva, PAGE_SIZE, PageSize::Size4K) {
+                self.give_back(&runs)?;
+                if p == page {
+                    return Err(e);
+                }
+                continue;
+            }
             let r = self.regions.get_mut(&start).expect("looked up above");
             r.lazy.insert(p, gfn);
             let flags = leaf_flags(r.prot_at(p)).expect("checked accessible");
-            self.map_one(Gva(start + p * PAGE_SIZE), gfn, PageSize::Size4K, flags)?;
+            self.map_one(Gva(pva), gfn, PageSize::Size4K, flags)?;
             mapped += 1;
         }
         self.counters.lazy_faults += 1;
@@ -337,10 +372,7 @@ impl MemoryManager {
         let mut present = Vec::new();
         self.unmap_pages_of(&region, 0, region.pages(), &mut present)?;
         self.pending_free.extend(region.owned_runs());
-        match region.page {
-            PageSize::Size4K => self.va_small.free(region.va, region.len),
-            PageSize::Size2M => self.va_huge.free(region.va, region.len),
-        }
+        self.release_va(region.va, region.len, region.page);
         self.counters.regions_freed += 1;
         Ok(())
     }
@@ -402,6 +434,11 @@ impl MemoryManager {
             self.regions.insert(va, region);
             return Err(RegionError::NoMemory);
         };
+        if let Err(e) = self.ensure_tables(new_va, region.len, region.page) {
+            self.release_va(new_va, region.len, region.page);
+            self.regions.insert(va, region);
+            return Err(e);
+        }
         let mut present = Vec::new();
         self.unmap_pages_of(&region, 0, region.pages(), &mut present)?;
         let old_va = region.va;
@@ -417,10 +454,7 @@ impl MemoryManager {
             self.map_pages_of(&region, &pages, PteFlags::from_bits_truncate(bits))?;
         }
         self.invalidate(present)?;
-        match region.page {
-            PageSize::Size4K => self.va_small.free(old_va, region.len),
-            PageSize::Size2M => self.va_huge.free(old_va, region.len),
-        }
+        self.release_va(old_va, region.len, region.page);
         self.regions.insert(new_va, region);
         Ok(new_va)
     }
@@ -470,8 +504,26 @@ impl MemoryManager {
                 .buddy
                 .free_exact(g, n)
                 .map_err(|source| MemoryError::Free { gfn: g, pages: n, source })?;
+            self.freed_since_trim += n;
+        }
+        if self.freed_since_trim >= TRIM_AFTER_FRAMES {
+            self.trim();
         }
         Ok(())
+    }
+
+    /// Gives the host back the VMM's own memory that guest frees left idle: all-zero allocator
+    /// metadata pages and free heap memory. Runs after large frees.
+    pub fn trim(&mut self) {
+        self.freed_since_trim = 0;
+        let mut released = 0;
+        for n in &mut self.pool.nodes {
+            released += n.buddy.trim_metadata() as u64;
+        }
+        self.counters.trims += 1;
+        self.counters.trimmed_bytes += released;
+        // SAFETY: malloc_trim only returns free heap memory to the kernel.
+        unsafe { libc::malloc_trim(0) };
     }
 
     /// STATS for one node or all.
@@ -623,6 +675,32 @@ impl MemoryManager {
                 self.give_back(&taken)?;
                 Err(e)
             }
+        }
+    }
+
+    /// Builds every page table `[va, va + len)` needs, before anything is mapped, so a request
+    /// that cannot get its tables fails cleanly with `NoMemory`.
+    fn ensure_tables(&mut self, va: u64, len: u64, size: PageSize) -> Result<(), RegionError> {
+        let span = pagetable::table_span(size);
+        let mem = Arc::clone(&self.pool.ram);
+        let mut at = va;
+        while at < va + len {
+            let super::manager::MemoryManager { pool, pt, .. } = self;
+            let mut alloc = || pool.alloc_table();
+            match pt.walk_to_leaf_table(mem.mem(), Some(&mut alloc), Gva(at), size) {
+                Ok(_) => {}
+                Err(pagetable::PtError::NoTableMemory) => return Err(RegionError::NoMemory),
+                Err(source) => return Err(RegionError::Internal(MemoryError::PageTable { va: Gva(at), source })),
+            }
+            at = (at / span + 1) * span;
+        }
+        Ok(())
+    }
+
+    fn release_va(&mut self, va: u64, len: u64, page: PageSize) {
+        match page {
+            PageSize::Size4K => self.va_small.free(va, len),
+            PageSize::Size2M => self.va_huge.free(va, len),
         }
     }
 

@@ -1,0 +1,98 @@
+//! `scenario=badcalls`: every kind of invalid memory call gets its error code back, changes
+//! nothing, and the VMM keeps serving good calls.
+
+use protocol::exit;
+use protocol::memcall::{ALL_NODES, MAX_BATCH, flags, op, policy, prot};
+use protocol::port;
+use protocol::status::{EALREADY, EFAULT, EINVAL, ENOMEM, ENOSYS, OK};
+
+use super::{Ctx, fail};
+use crate::mem::{self, Batch, mk};
+use crate::{arch, println};
+
+pub fn run(ctx: &Ctx) {
+    if ctx.cpu != 0 {
+        return;
+    }
+    let before = mem::stats(ALL_NODES).unwrap_or_default();
+    let (good, _) = mem::alloc(3 * 4096, policy::LOCAL, 0, 0).expect("a good allocation");
+    let (lazy, _) = mem::map_lazy(16 * 4096, policy::LOCAL, 0, 0).expect("a good lazy region");
+    let (freed, _) = mem::alloc(4096, policy::LOCAL, 0, 0).expect("a good allocation");
+    mem::free(freed).expect("a good free");
+    let nodes = u64::from(ctx.bi.nr_nodes);
+    let cases: &[(&str, u32, u32, [u64; 4], u64)] = &[
+        ("unknown op", 99, 0, [0; 4], ENOSYS),
+        ("alloc of zero bytes", op::ALLOC, 0, [0, 0, 0, 0], EINVAL),
+        ("alloc beyond guest RAM", op::ALLOC, 0, [1 << 60, 0, 0, 0], ENOMEM),
+        ("alloc of u64::MAX bytes", op::ALLOC, 0, [u64::MAX, 0, 0, 0], ENOMEM),
+        ("alloc with unknown flags", op::ALLOC, 1 << 20, [4096, 0, 0, 0], EINVAL),
+        ("alloc with unknown policy", op::ALLOC, 0, [4096, 9, 0, 0], EINVAL),
+        ("bind to a missing node", op::ALLOC, 0, [4096, policy::BIND, nodes, 0], EINVAL),
+        ("bind to node u64::MAX", op::ALLOC, 0, [4096, policy::BIND, u64::MAX, 0], EINVAL),
+        ("local with a node", op::ALLOC, 0, [4096, policy::LOCAL, 1, 0], EINVAL),
+        ("lazy with HUGE", op::MAP_LAZY, flags::HUGE, [4096, 0, 0, 0], EINVAL),
+        ("free of nothing", op::FREE, 0, [0x1234_5000, 0, 0, 0], EFAULT),
+        ("free inside a region", op::FREE, 0, [good + 4096, 0, 0, 0], EFAULT),
+        ("double free", op::FREE, 0, [freed, 0, 0, 0], EALREADY),
+        ("free with extra arguments", op::FREE, 0, [good, 1, 0, 0], EINVAL),
+        ("free with flags", op::FREE, 1, [good, 0, 0, 0], EINVAL),
+        ("free of a non-canonical address", op::FREE, 0, [1 << 63, 0, 0, 0], EFAULT),
+        ("protect of nothing", op::PROTECT, prot::READ, [0x1234_5000, 4096, 0, 0], EFAULT),
+        ("protect unaligned", op::PROTECT, prot::READ, [good + 1, 4096, 0, 0], EINVAL),
+        ("protect past the end", op::PROTECT, prot::READ, [good, 8 * 4096, 0, 0], EINVAL),
+        ("protect with length overflow", op::PROTECT, prot::READ, [good, u64::MAX - 4095, 0, 0], EINVAL),
+        ("protect of zero bytes", op::PROTECT, prot::READ, [good, 0, 0, 0], EINVAL),
+        ("protect with unknown bits", op::PROTECT, 0x80, [good, 4096, 0, 0], EINVAL),
+        ("move of nothing", op::MOVE, 0, [0x1234_5000, 0, 0, 0], EFAULT),
+        ("fault outside lazy regions", op::FAULT, 0, [good, 0, 0, 0], EFAULT),
+        ("fault past a lazy region", op::FAULT, 0, [lazy + 16 * 4096, 0, 0, 0], EFAULT),
+        ("translate non-canonical", op::TRANSLATE, 0, [1 << 48, 0, 0, 0], EINVAL),
+        ("translate unmapped", op::TRANSLATE, 0, [0x1234_5000, 0, 0, 0], EFAULT),
+        ("stats of a missing node", op::STATS, 0, [nodes, 0, 0, 0], EINVAL),
+    ];
+    let mut failures = 0;
+    // All in one batch: one exit, each call judged on its own.
+    let mut b = Batch::new();
+    for &(_, o, f, a, _) in cases {
+        b.push(mk(o, f, a));
+    }
+    let done = b.send();
+    if done != cases.len() {
+        println!("guest: badcalls: the VMM processed {done} of {} calls", cases.len());
+        failures += 1;
+    }
+    for (i, &(what, _, _, _, want)) in cases.iter().enumerate() {
+        let got = Batch::result(i).status;
+        if got != want {
+            println!("guest: badcalls: {what}: status {got}, expected {want}");
+            failures += 1;
+        }
+    }
+    // A doorbell for more calls than the area holds is refused as a whole.
+    arch::out32(port::MEMCALL, (MAX_BATCH + 1) as u32);
+    // SAFETY: the VMM wrote memcall_done in this vCPU's CpuPage during the exit.
+    let done = unsafe { core::ptr::read_volatile(&(*arch::cpu_page()).memcall_done) };
+    if done != 0 {
+        println!("guest: badcalls: an oversized batch was processed");
+        failures += 1;
+    }
+    // Nothing changed: the good regions still work and free normally.
+    let r = mem::call(mk(op::NOP, 0, [0; 4]));
+    if r.status != OK {
+        failures += 1;
+    }
+    super::util::write(good, 42);
+    if super::util::read(good) != 42 || mem::free(good).is_err() || mem::free(lazy).is_err() {
+        println!("guest: badcalls: good regions were disturbed");
+        failures += 1;
+    }
+    let after = mem::stats(ALL_NODES).unwrap_or_default();
+    if after.allocated_frames - after.page_table_pages != before.allocated_frames - before.page_table_pages {
+        println!("guest: badcalls: frames leaked");
+        failures += 1;
+    }
+    println!("@result scenario=badcalls cases={} failures={failures}", cases.len());
+    if failures > 0 {
+        fail(exit::VERIFY_FAILED);
+    }
+}

@@ -1,0 +1,58 @@
+//! `scenario=touch size=64M flags=N`: first-touch cost. Allocates `size` bytes, writes one word
+//! per page, and reports the time per page and the second-level faults it took (from the VMM's
+//! STATS before and after).
+
+use protocol::exit;
+use protocol::memcall::{ALL_NODES, flags, policy};
+
+use super::util::{ns, read, write};
+use super::{Ctx, fail};
+use crate::{arch, mem, println};
+
+pub fn run(ctx: &Ctx) {
+    if ctx.cpu != 0 {
+        return;
+    }
+    let size = ctx.args.num("size", 64 << 20).unwrap_or(64 << 20);
+    let fl = u32::try_from(ctx.args.num("flags", u64::from(flags::CONTIGUOUS)).unwrap_or(0)).unwrap_or(0);
+    let rounds = ctx.args.num("rounds", 1).unwrap_or(1).max(1);
+    let mut best = u64::MAX;
+    let mut faults = 0;
+    let mut fault_pages = 0;
+    let mut fault_around = 0;
+    for _ in 0..rounds {
+        let (va, len) = match mem::alloc(size, policy::LOCAL, 0, fl) {
+            Ok(r) => r,
+            Err(e) => {
+                println!("guest: touch: alloc failed: {}", e.name());
+                fail(exit::MEMCALL_FAILED);
+                return;
+            }
+        };
+        let s0 = mem::stats(ALL_NODES).unwrap_or_default();
+        let t0 = arch::rdtsc();
+        for p in 0..len / 4096 {
+            write(va + p * 4096, p + 1);
+        }
+        let t1 = arch::rdtsc();
+        let s1 = mem::stats(ALL_NODES).unwrap_or_default();
+        for p in 0..len / 4096 {
+            if read(va + p * 4096) != p + 1 {
+                println!("guest: touch: page {p} lost its value");
+                fail(exit::VERIFY_FAILED);
+            }
+        }
+        let _ = mem::free(va);
+        let per_page = ns(ctx.bi, t1 - t0) / (len / 4096);
+        if per_page < best {
+            best = per_page;
+        }
+        faults = s1.uffd_faults - s0.uffd_faults;
+        fault_pages = s1.uffd_pages - s0.uffd_pages;
+        fault_around = s1.fault_around;
+    }
+    println!(
+        "@result scenario=touch bytes={size} pages={} faults={faults} fault_pages={fault_pages} fault_around={fault_around} ns_per_page={best}",
+        size.div_ceil(4096)
+    );
+}
