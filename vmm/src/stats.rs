@@ -97,6 +97,8 @@ pub struct MemoryInfo {
     /// KVM memslots registered so far, and the guest RAM they cover.
     pub memslots: u32,
     pub memslot_bytes: u64,
+    /// With `-v` at exit: "ok" or the first broken allocator invariant.
+    pub invariants: Option<String>,
     /// Host bytes reserved for allocator and page-state metadata.
     pub metadata_bytes: u64,
     /// `metadata_bytes` per GiB of guest RAM.
@@ -186,6 +188,8 @@ pub fn collect(
             counters: mm.counters().clone(),
             memslots: mm.memslots().map_or(0, |s| s.count()),
             memslot_bytes: mm.memslots().map_or(0, |s| s.registered_bytes()),
+            invariants: (cfg.verbose && ending.is_some())
+                .then(|| mm.check_invariants().err().unwrap_or_else(|| "ok".to_string())),
             metadata_bytes: metadata,
             metadata_bytes_per_gib: metadata / (cfg.memory.div_ceil(1 << 30)).max(1),
             page_table_pages: mm.page_tables().table_pages(),

@@ -3,9 +3,11 @@
 mod badcalls;
 mod boot;
 mod lazy;
+mod numa;
 mod oom;
 mod pages;
 mod ptstress;
+mod segv;
 mod touch;
 pub mod util;
 
@@ -57,6 +59,8 @@ pub fn run(cpu: u32, bi: &'static BootInfo) -> ! {
         "lazy" => lazy::run(&ctx),
         "ptstress" => ptstress::run(&ctx),
         "badcalls" => badcalls::run(&ctx),
+        "numa" => numa::run(&ctx),
+        "segv" => segv::run(&ctx),
         _ => {
             if cpu == 0 {
                 println!("guest: unknown scenario `{name}`");

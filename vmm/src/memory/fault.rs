@@ -34,8 +34,10 @@ use super::populate::{Populate, PopulateError, ZeroSource};
 use super::ram::GuestRam;
 use super::uffd::{UFFD_EVENT_PAGEFAULT, UFFD_PAGEFAULT_FLAG_WP, UFFD_PAGEFAULT_FLAG_WRITE, Uffd, UffdError, UffdMsg};
 
-/// Faults on the same free frame in a row before the VM is stopped.
+/// Faults on the same free frame in a row before the VM is stopped...
 const FREE_FRAME_FAULT_LIMIT: u32 = 3;
+/// ...each within this long of the previous one. A race with a free causes one.
+const FREE_FRAME_FAULT_WINDOW: std::time::Duration = std::time::Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum FaultError {
@@ -136,8 +138,8 @@ pub struct FaultHandler {
     /// Fault-around window in frames (a power of two).
     window: u64,
     stats: Arc<FaultStats>,
-    /// Consecutive faults per free frame.
-    free_faults: Mutex<HashMap<Gfn, u32>>,
+    /// Recent faults per free frame: count and time of the last one.
+    free_faults: Mutex<HashMap<Gfn, (u32, Instant)>>,
 }
 
 impl FaultHandler {
@@ -201,13 +203,11 @@ impl FaultHandler {
         let gfn = Gfn::containing(gpa);
         match self.states.get(gfn) {
             FrameState::Allocated => {
-                let installed = self.fill_window(gfn)?;
+                self.fill_window(gfn)?;
                 if self.states.get(gfn) != FrameState::Resident {
                     // Lost the race for the faulting frame itself; make sure its thread wakes.
                     self.wake(page)?;
                 }
-                self.stats.zero_fill.inc();
-                self.stats.pages.add(installed);
                 self.stats.latency.record(u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX));
                 lock(&self.free_faults).remove(&gfn);
                 Ok(())
@@ -243,14 +243,21 @@ impl FaultHandler {
         let (first, end) = self.states.range_of(gfn).ok_or(FaultError::OutsideRam { addr: gfn.gpa().0 })?;
         let start = Gfn(gfn.0 & !(self.window - 1)).max(first);
         let stop = Gfn((gfn.0 | (self.window - 1)) + 1).min(end);
-        let installed = self
-            .populate
-            .claim_and_fill(&self.ram, &self.states, start, stop.0 - start.0)
-            .map_err(|source| FaultError::Populate { gpa: gfn.gpa().0, source })?;
-        if let Some(node) = self.states.node(gfn) {
-            self.stats.faulted_per_node[node].add(installed);
-        }
-        Ok(installed)
+        let node = self.states.node(gfn);
+        let mut first = true;
+        // Counted before each copy: the copy wakes the vCPU, which may read the stats at once.
+        let count = |n: u64| {
+            if std::mem::take(&mut first) {
+                self.stats.zero_fill.inc();
+            }
+            self.stats.pages.add(n);
+            if let Some(node) = node {
+                self.stats.faulted_per_node[node].add(n);
+            }
+        };
+        self.populate
+            .claim_and_fill_counted(&self.ram, &self.states, start, stop.0 - start.0, count)
+            .map_err(|source| FaultError::Populate { gpa: gfn.gpa().0, source })
     }
 
     /// A fault on a frame nobody owns: install and drop a zero page so KVM retries its walk;
@@ -258,9 +265,12 @@ impl FaultHandler {
     fn free_frame(&self, gfn: Gfn, gpa: GuestAddress, page: u64) -> Result<(), FaultError> {
         self.stats.free_frame.inc();
         {
+            let now = Instant::now();
             let mut seen = lock(&self.free_faults);
-            let n = seen.entry(gfn).or_insert(0);
+            seen.retain(|_, (_, at)| now.duration_since(*at) < FREE_FRAME_FAULT_WINDOW);
+            let (n, at) = seen.entry(gfn).or_insert((0, now));
             *n += 1;
+            *at = now;
             if *n >= FREE_FRAME_FAULT_LIMIT {
                 return Err(FaultError::NeverHandedOut { gpa: gpa.0 });
             }
@@ -312,5 +322,70 @@ struct PanicGuard(Arc<dyn Fn(FaultError) + Send + Sync>);
 impl Drop for PanicGuard {
     fn drop(&mut self) {
         (self.0)(FaultError::Panicked);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layout::ram_ranges;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    /// Real guest RAM registered with a real userfaultfd, served by real handler threads; the
+    /// "vCPU" is a plain thread touching the memory.
+    #[test]
+    fn serves_allocated_frames_and_stops_on_a_frame_never_handed_out() {
+        let ranges = ram_ranges(&[8 << 20]).unwrap();
+        let ram = Arc::new(GuestRam::new(&ranges, &[None]).unwrap());
+        let states = Arc::new(PageStates::new(Gfn(2048), vec![(Gfn(0), Gfn(2048), 0)], 1).unwrap());
+        let uffd = Arc::new(Uffd::new().unwrap());
+        for (hva, len, _) in ram.host_ranges() {
+            // SAFETY: the mapping lives in `ram` until the end of the test process.
+            unsafe { uffd.register(hva, len, true) }.unwrap();
+        }
+        let zero = Arc::new(ZeroSource::new().unwrap());
+        let stats = Arc::new(FaultStats::new(1));
+        let h = Arc::new(FaultHandler::new(uffd, zero, Arc::clone(&ram), Arc::clone(&states), 16, Arc::clone(&stats)));
+        let (tx, rx) = mpsc::channel();
+        let tx = Mutex::new(tx);
+        h.spawn(1, Arc::new(move |e| { let _ = lock(&tx).send(e); })).unwrap();
+
+        // An allocated frame reads as zero, and its window is installed with it.
+        states.set_range(Gfn(100), 40, FrameState::Allocated);
+        let base = ram.host_addr(GuestAddress(0)).unwrap() as usize;
+        let v = {
+            let p = base + 100 * 4096 + 8;
+            std::thread::spawn(move || {
+                // SAFETY: inside the 8 MiB guest RAM mapping, kept alive by `ram`.
+                unsafe { std::ptr::read_volatile(p as *const u64) }
+            })
+            .join()
+            .unwrap()
+        };
+        assert_eq!(v, 0);
+        assert_eq!(stats.zero_fill.get(), 1);
+        // The aligned 16-frame window [96, 112) minus the four free frames before frame 100.
+        assert_eq!(stats.pages.get(), 12);
+        assert_eq!(states.census(Gfn(96), 16), [4, 0, 0, 12, 0]);
+
+        // A frame nobody was given: the handler reports the guest-physical address (after a
+        // few retries that a real race with a free would not need) instead of hanging.
+        let p = base + 1000 * 4096;
+        std::thread::spawn(move || {
+            // Like a vCPU whose translation still points there, keep touching it.
+            loop {
+                // SAFETY: inside the guest RAM mapping; this thread stays blocked once the
+                // handler stops, and the test process exits around it.
+                unsafe { std::ptr::read_volatile(p as *const u64) };
+            }
+        });
+        let err = rx.recv_timeout(Duration::from_secs(10)).expect("the handler reports instead of hanging");
+        assert!(matches!(err, FaultError::NeverHandedOut { gpa } if gpa == 1000 * 4096), "{err}");
+        assert!(err.is_guest_error());
+        assert_eq!(states.get(Gfn(1000)), FrameState::Free, "nothing stays installed");
+        // The touching thread stays blocked on the fault: keep its memory mapped until the
+        // process exits.
+        std::mem::forget(ram);
     }
 }

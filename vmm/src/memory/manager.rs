@@ -426,8 +426,36 @@ impl MemoryManager {
         self.pool.states.metadata_bytes() + self.pool.nodes.iter().map(|n| n.buddy.metadata_bytes()).sum::<u64>()
     }
 
-    /// Checks every allocator's invariants and that the page-state map agrees with them.
+    /// Checks every allocator's invariants, that the page-state map agrees with them, that
+    /// regions own disjoint, allocated frames mapped where they say, and that every leaf table's
+    /// count matches its present entries.
     pub fn check_invariants(&self) -> Result<(), String> {
+        self.check_frames()?;
+        self.check_regions()?;
+        self.check_leaf_counts()
+    }
+
+    fn check_leaf_counts(&self) -> Result<(), String> {
+        let mem = self.pool.ram.mem();
+        for (&t, &count) in &self.leaves {
+            if self.pool.states.get(t) != FrameState::Resident {
+                return Err(format!("leaf table {t} holds {count} entries but is not resident"));
+            }
+            let mut present = 0;
+            for i in 0..512u64 {
+                let v: u64 = vm_memory::Bytes::read_obj(mem, GuestAddress(t.gpa().0 + i * 8)).map_err(|e| e.to_string())?;
+                if Pte(v).is_present() {
+                    present += 1;
+                }
+            }
+            if present != count {
+                return Err(format!("leaf table {t}: count {count}, {present} present entries"));
+            }
+        }
+        Ok(())
+    }
+
+    fn check_frames(&self) -> Result<(), String> {
         for n in &self.pool.nodes {
             n.buddy.check_invariants().map_err(|e| format!("node {}: {e}", n.id))?;
             let mut free = 0;
@@ -442,6 +470,9 @@ impl MemoryManager {
                     n.buddy.free_pages()
                 ));
             }
+        }
+        if !self.pending_free.is_empty() {
+            return Err(format!("{} runs wait for a flush", self.pending_free.len()));
         }
         Ok(())
     }

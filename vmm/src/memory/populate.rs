@@ -134,6 +134,20 @@ impl Populate {
     /// installs zero-filled backing for the claimed runs, and marks them `Resident`. Frames in
     /// other states are left alone. Returns how many frames it installed.
     pub fn claim_and_fill(&self, ram: &GuestRam, states: &PageStates, gfn: Gfn, pages: u64) -> Result<u64, PopulateError> {
+        self.claim_and_fill_counted(ram, states, gfn, pages, |_| {})
+    }
+
+    /// [`claim_and_fill`](Self::claim_and_fill), calling `claimed(n)` before each run of `n`
+    /// frames is filled: the copy wakes the faulting thread, so whatever it may read must be
+    /// counted first.
+    pub fn claim_and_fill_counted(
+        &self,
+        ram: &GuestRam,
+        states: &PageStates,
+        gfn: Gfn,
+        pages: u64,
+        mut claimed: impl FnMut(u64),
+    ) -> Result<u64, PopulateError> {
         let mut installed = 0;
         let mut i = 0;
         while i < pages {
@@ -145,6 +159,7 @@ impl Populate {
             if i > start {
                 let run = gfn.plus(start);
                 let n = i - start;
+                claimed(n);
                 let res = self.fill(ram, run, n);
                 let to = if res.is_ok() { FrameState::Resident } else { FrameState::Allocated };
                 for j in 0..n {

@@ -545,6 +545,45 @@ impl MemoryManager {
         })
     }
 
+    /// Regions own disjoint frames that are allocated, lie in disjoint address ranges, and
+    /// every accessible page translates to its own frame (others to nothing).
+    pub(super) fn check_regions(&self) -> Result<(), String> {
+        let mut owner: BTreeMap<u64, u64> = BTreeMap::new();
+        let mut end = 0;
+        for (&va, r) in &self.regions {
+            if va < end {
+                return Err(format!("region {va:#x} overlaps the previous one"));
+            }
+            end = va + r.len;
+            for (g, n) in r.owned_runs() {
+                for i in 0..n {
+                    let f = g.plus(i);
+                    if self.pool.states.get(f) == FrameState::Free {
+                        return Err(format!("region {va:#x} owns free frame {f}"));
+                    }
+                    if let Some(other) = owner.insert(f.0, va) {
+                        return Err(format!("frame {f} owned by regions {other:#x} and {va:#x}"));
+                    }
+                }
+            }
+            for i in 0..r.pages() {
+                let mapped = self.pt.translate(self.pool.ram.mem(), r.page_va(i));
+                let want = r.frame(i).filter(|_| r.prot_at(i) != prot::NONE);
+                match (mapped, want) {
+                    (None, None) => {}
+                    (Some((pte, size)), Some(g)) if pte.gfn() == g && size == r.page => {
+                        let w = pte.flags().contains(PteFlags::WRITABLE);
+                        if w != (r.prot_at(i) & prot::WRITE != 0) {
+                            return Err(format!("page {i} of region {va:#x}: writable {w}, prot {:#x}", r.prot_at(i)));
+                        }
+                    }
+                    (m, w) => return Err(format!("page {i} of region {va:#x}: mapped {m:?}, expected frame {w:?}")),
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Live regions.
     pub fn region_count(&self) -> usize {
         self.regions.len()
@@ -812,6 +851,130 @@ fn floor_log2(x: u64) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::layout::ram_ranges;
+    use crate::memory::populate::Populate;
+    use crate::memory::ram::GuestRam;
+    use proptest::prelude::*;
+
+    /// A two-node memory manager over real (unregistered) guest RAM, without KVM.
+    fn manager() -> MemoryManager {
+        let ranges = ram_ranges(&[32 << 20, 32 << 20]).unwrap();
+        let ram = Arc::new(GuestRam::new(&ranges, &[None, None]).unwrap());
+        MemoryManager::new(ram, &[vec![10, 20], vec![20, 10]], Populate::Direct, None, 64 << 10).unwrap()
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Alloc { size: u64, fl: u32, policy: u8, node: u8 },
+        Lazy { size: u64 },
+        Free(usize),
+        Protect { i: usize, first: u64, pages: u64, p: u32 },
+        Move(usize),
+        Fault { i: usize, page: u64 },
+        Wild(u64),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        let fl = prop::sample::select(vec![
+            0,
+            flags::CONTIGUOUS,
+            flags::HUGE,
+            flags::POPULATE,
+            flags::DMA32,
+            flags::HUGE | flags::CONTIGUOUS,
+            1 << 30,
+        ]);
+        prop_oneof![
+            4 => (1u64..6 << 20, fl, 0u8..5, 0u8..3).prop_map(|(size, fl, policy, node)| Op::Alloc { size, fl, policy, node }),
+            1 => (1u64..4 << 20).prop_map(|size| Op::Lazy { size }),
+            3 => any::<usize>().prop_map(Op::Free),
+            2 => (any::<usize>(), 0u64..8, 0u64..8, 0u32..8).prop_map(|(i, first, pages, p)| Op::Protect { i, first, pages, p }),
+            1 => any::<usize>().prop_map(Op::Move),
+            2 => (any::<usize>(), 0u64..1024).prop_map(|(i, page)| Op::Fault { i, page }),
+            1 => any::<u64>().prop_map(Op::Wild),
+        ]
+    }
+
+    fn policy(p: u8, node: u8) -> Policy {
+        match p {
+            0 => Policy::Local,
+            1 => Policy::Bind(NodeId(node.into())),
+            2 => Policy::Preferred(NodeId(node.into())),
+            _ => Policy::Interleave,
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+        #[test]
+        fn invariants_hold_after_every_operation(ops in prop::collection::vec(op(), 1..60)) {
+            let mut mm = manager();
+            let total: u64 = mm.node_stats().iter().map(|n| n.frames_total).sum();
+            let mut live: Vec<u64> = Vec::new();
+            for op in ops {
+                let pick = |i: usize, live: &Vec<u64>| (!live.is_empty()).then(|| live[i % live.len()]);
+                match op {
+                    Op::Alloc { size, fl, policy: p, node } => {
+                        match mm.alloc_region(size, fl, policy(p, node), NodeId(0)) {
+                            Ok((va, len)) => {
+                                prop_assert!(len >= size);
+                                live.push(va);
+                            }
+                            Err(RegionError::Internal(e)) => return Err(TestCaseError::fail(e.to_string())),
+                            Err(_) => {}
+                        }
+                    }
+                    Op::Lazy { size } => {
+                        if let Ok((va, _)) = mm.map_lazy(size, 0, Policy::Local, NodeId(1)) {
+                            live.push(va);
+                        }
+                    }
+                    Op::Free(i) => {
+                        if let Some(va) = pick(i, &live) {
+                            mm.free_region(va).unwrap();
+                            live.retain(|&v| v != va);
+                            // A second free is refused and changes nothing.
+                            prop_assert!(matches!(mm.free_region(va), Err(RegionError::DoubleFree)));
+                        }
+                    }
+                    Op::Protect { i, first, pages, p } => {
+                        if let Some(va) = pick(i, &live) {
+                            let r = mm.protect_region(va + first * 4096, pages * 4096, p);
+                            prop_assert!(!matches!(r, Err(RegionError::Internal(_))), "{r:?}");
+                        }
+                    }
+                    Op::Move(i) => {
+                        if let Some(va) = pick(i, &live) {
+                            let new = mm.move_region(va).unwrap();
+                            live.retain(|&v| v != va);
+                            live.push(new);
+                        }
+                    }
+                    Op::Fault { i, page } => {
+                        if let Some(va) = pick(i, &live) {
+                            let r = mm.fault_lazy(va + page * 4096);
+                            prop_assert!(!matches!(r, Err(RegionError::Internal(_))), "{r:?}");
+                        }
+                    }
+                    Op::Wild(va) => {
+                        if !live.contains(&va) {
+                            prop_assert!(mm.free_region(va).is_err());
+                        }
+                    }
+                }
+                mm.flush().unwrap();
+                mm.check_invariants().map_err(TestCaseError::fail)?;
+            }
+            for va in live {
+                mm.free_region(va).unwrap();
+            }
+            mm.flush().unwrap();
+            mm.check_invariants().map_err(TestCaseError::fail)?;
+            // Everything is back but the page tables.
+            let free: u64 = mm.node_stats().iter().map(|n| n.frames_free).sum();
+            prop_assert_eq!(free + mm.page_tables().table_pages(), total);
+        }
+    }
 
     #[test]
     fn coalesce_merges_adjacent() {
