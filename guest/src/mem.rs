@@ -38,11 +38,6 @@ impl Batch {
         Batch { n: 0 }
     }
 
-    /// Number of calls queued.
-    pub fn len(&self) -> usize {
-        self.n
-    }
-
     /// Queues a call; returns its index. Sends the batch first if it is full.
     pub fn push(&mut self, call: MemCall) -> usize {
         if self.n == MAX_BATCH {

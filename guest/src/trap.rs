@@ -152,7 +152,6 @@ pub struct Fault {
 pub mod pf {
     pub const PRESENT: u64 = 1 << 0;
     pub const WRITE: u64 = 1 << 1;
-    pub const USER: u64 = 1 << 2;
 }
 
 crate::percpu! {
@@ -203,10 +202,7 @@ fn page_fault(error: u64) -> (bool, u64) {
     let page = arch::cpu_page();
     // SAFETY: the VMM wrote both fields of this vCPU's CpuPage during the exit.
     unsafe {
-        (
-            core::ptr::read_volatile(&(*page).fault_status) == status::OK,
-            core::ptr::read_volatile(&(*page).trap_cr2),
-        )
+        (core::ptr::read_volatile(&(*page).fault_status) == status::OK, core::ptr::read_volatile(&(*page).trap_cr2))
     }
 }
 

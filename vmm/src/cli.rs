@@ -25,7 +25,8 @@ pub struct RunArgs {
     /// Guest ELF image [default: the built default guest in images/]
     #[arg(long, value_name = "PATH")]
     pub kernel: Option<PathBuf>,
-    /// Guest RAM: size=SIZE[,fault-around=SIZE][,backing=uffd|demand][,huge-leaves=auto|on|off] [default: size=512M,fault-around=64K,backing=uffd,huge-leaves=auto]
+    /// Guest RAM: size=SIZE[,fault-around=SIZE][,fault-around-max=SIZE][,backing=uffd|demand][,huge-leaves=auto|on|off]
+    /// [default: size=512M,fault-around=64K,fault-around-max=2M,backing=uffd,huge-leaves=auto]
     #[arg(long, value_name = "size=SIZE,...")]
     pub memory: Option<String>,
     /// Number of vCPUs [default: 1, or the CPUs listed in --numa]

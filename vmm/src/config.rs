@@ -18,7 +18,8 @@ pub const DEFAULT_MEMORY: u64 = 512 << 20;
 pub const DEFAULT_CPUS: u32 = 1;
 /// Default fault-around window: frames installed per second-level fault.
 pub const DEFAULT_FAULT_AROUND: u64 = 64 << 10;
-/// Largest fault-around window (one UFFDIO_COPY from the 2 MiB zero buffer).
+/// Largest fault-around window (one UFFDIO_COPY from the 2 MiB zero buffer), and the default
+/// limit a sequential stream's window grows to.
 pub const MAX_FAULT_AROUND: u64 = 2 << 20;
 /// Default guest arguments: the stress scenario the default guest runs.
 pub const DEFAULT_GUEST_ARGS: &str = "scenario=boot";
@@ -282,11 +283,13 @@ pub enum HugeLeaves {
     Off,
 }
 
-/// The `--memory` argument: `size=SIZE[,fault-around=SIZE][,backing=uffd|demand][,huge-leaves=auto|on|off]`.
+/// The `--memory` argument:
+/// `size=SIZE[,fault-around=SIZE][,fault-around-max=SIZE][,backing=uffd|demand][,huge-leaves=auto|on|off]`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct MemoryArg {
     pub size: Option<u64>,
     pub fault_around: Option<u64>,
+    pub fault_around_max: Option<u64>,
     pub backing: Option<Backing>,
     pub huge_leaves: Option<HugeLeaves>,
 }
@@ -301,12 +304,12 @@ pub fn parse_memory_arg(spec: &str) -> Result<MemoryArg, ConfigError> {
         };
         let dup = match k {
             "size" => m.size.replace(v.parse::<ByteSize>().map_err(|e| bad(e.to_string()))?.0).is_some(),
-            "fault-around" => {
+            "fault-around" | "fault-around-max" => {
                 let fa = v.parse::<ByteSize>().map_err(|e| bad(e.to_string()))?.0;
                 if !fa.is_power_of_two() || !(PAGE_SIZE..=MAX_FAULT_AROUND).contains(&fa) {
-                    return Err(bad(format!("fault-around {v} is not a power of two from 4K to 2M")));
+                    return Err(bad(format!("{k} {v} is not a power of two from 4K to 2M")));
                 }
-                m.fault_around.replace(fa).is_some()
+                if k == "fault-around" { m.fault_around.replace(fa) } else { m.fault_around_max.replace(fa) }.is_some()
             }
             "huge-leaves" => {
                 let h = match v {
@@ -371,8 +374,10 @@ pub struct VmConfig {
     pub kernel: PathBuf,
     /// Guest RAM in bytes (sum of the node sizes).
     pub memory: u64,
-    /// Bytes installed per second-level fault.
+    /// Bytes installed per second-level fault (the base window).
     pub fault_around: u64,
+    /// Largest window a sequential stream of faults grows to.
+    pub fault_around_max: u64,
     /// How guest RAM gets host memory.
     pub backing: Backing,
     /// Whether HUGE allocations get 2 MiB guest leaves.
@@ -451,6 +456,17 @@ impl VmConfigBuilder {
             kernel: self.kernel.unwrap_or(default_kernel),
             memory,
             fault_around: self.memory.fault_around.unwrap_or(DEFAULT_FAULT_AROUND),
+            fault_around_max: {
+                let base = self.memory.fault_around.unwrap_or(DEFAULT_FAULT_AROUND);
+                let max = self.memory.fault_around_max.unwrap_or(MAX_FAULT_AROUND.max(base));
+                if max < base {
+                    return Err(ConfigError::InvalidMemory {
+                        spec: format!("fault-around-max={}", ByteSize(max)),
+                        reason: format!("below fault-around={}", ByteSize(base)),
+                    });
+                }
+                max
+            },
             backing: self.memory.backing.unwrap_or(Backing::Uffd),
             huge_leaves: self.memory.huge_leaves.unwrap_or(HugeLeaves::Auto),
             cpus,
@@ -697,8 +713,19 @@ mod tests {
         let m = parse_memory_arg("size=1G,fault-around=2M,backing=demand").unwrap();
         assert_eq!(
             m,
-            MemoryArg { size: Some(1 << 30), fault_around: Some(2 << 20), backing: Some(Backing::Demand), huge_leaves: None }
+            MemoryArg {
+                size: Some(1 << 30),
+                fault_around: Some(2 << 20),
+                fault_around_max: None,
+                backing: Some(Backing::Demand),
+                huge_leaves: None
+            }
         );
+        let small = VmConfigBuilder {
+            memory: parse_memory_arg("fault-around=64K,fault-around-max=16K").unwrap(),
+            ..Default::default()
+        };
+        assert!(small.validate("k".into()).is_err());
         assert_eq!(parse_memory_arg("huge-leaves=on").unwrap().huge_leaves, Some(HugeLeaves::On));
         assert!(parse_memory_arg("huge-leaves=maybe").is_err());
         assert!(parse_memory_arg("fault-around=3K").is_err());

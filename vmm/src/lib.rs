@@ -7,12 +7,12 @@ pub mod boot;
 pub mod cli;
 pub mod config;
 pub mod layout;
+pub mod memcall;
 pub mod memory;
 pub mod metrics;
 pub mod signals;
 pub mod stats;
 pub mod vcpu;
-pub mod memcall;
 pub mod vm;
 pub mod wire;
 

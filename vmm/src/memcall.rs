@@ -98,9 +98,9 @@ pub fn doorbell(shared: &VmShared, cpu: &CpuBoot, n: u32) -> Result<(), VmError>
     let area = GuestAddress(cpu.cpu_page_gpa.0 + AREA_OFFSET);
     let mut calls = vec![Wire::<MemCall>::default(); n];
     for (i, call) in calls.iter_mut().enumerate() {
-        *call = mem.read_obj(GuestAddress(area.0 + i as u64 * 64)).map_err(|source| {
-            VmError::Memory(MemoryError::Read { gpa: area.0, len: 64, source })
-        })?;
+        *call = mem
+            .read_obj(GuestAddress(area.0 + i as u64 * 64))
+            .map_err(|source| VmError::Memory(MemoryError::Read { gpa: area.0, len: 64, source }))?;
     }
     let mut stats_out = None;
     {

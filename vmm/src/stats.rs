@@ -202,7 +202,8 @@ pub fn collect(
             nop: c.nop.get(),
             bad_port: c.bad_port.get(),
         },
-        faults: (cfg.backing == crate::config::Backing::Uffd).then(|| shared.fault_stats.report(shared.fault_window)),
+        faults: (cfg.backing == crate::config::Backing::Uffd)
+            .then(|| shared.fault_stats.report(shared.fault_window, shared.fault_window_max)),
         memcalls: shared.memcalls.report(),
         guest: GuestInfo { results: shared.results().iter().map(|l| parse_result(l)).collect() },
     }

@@ -11,15 +11,15 @@ use vm_memory::GuestAddress;
 use crate::boot::image::ImageError;
 use crate::boot::{self, BootError, GuestBoot};
 use crate::config::VmConfig;
+use crate::config::{Backing, HugeLeaves};
 use crate::exit_code;
 use crate::layout::{self, RamRange};
-use crate::memory::manager::{MemoryError, MemoryManager};
-use crate::config::{Backing, HugeLeaves};
 use crate::memcall::MemCallCounters;
 use crate::memory::fault::{FaultError, FaultHandler, FaultStats};
+use crate::memory::manager::{MemoryError, MemoryManager};
 use crate::memory::populate::{Populate, ZeroSource};
-use crate::memory::uffd::{Uffd, UffdError};
 use crate::memory::ram::{GuestRam, RamError};
+use crate::memory::uffd::{Uffd, UffdError};
 use crate::metrics::Counter;
 use crate::stats::{self, Stats};
 use crate::vcpu::{self, Timing, Vcpu, VcpuError};
@@ -122,8 +122,9 @@ pub struct VmShared {
     pub idt_gpa: GuestAddress,
     pub memcalls: MemCallCounters,
     pub fault_stats: Arc<FaultStats>,
-    /// Fault-around window in frames.
+    /// Fault-around window in frames (base and largest).
     pub fault_window: u64,
+    pub fault_window_max: u64,
     nr_vcpus: u32,
     events: Mutex<Sender<VmEvent>>,
     /// `@result` lines from the guest, in order.
@@ -278,6 +279,7 @@ impl Vm {
                     Arc::clone(&ram),
                     states,
                     fault_window,
+                    cfg.fault_around_max / protocol::PAGE_SIZE,
                     Arc::clone(&fault_stats),
                 )))
             }
@@ -293,6 +295,7 @@ impl Vm {
             memcalls: MemCallCounters::default(),
             fault_stats,
             fault_window,
+            fault_window_max: cfg.fault_around_max / protocol::PAGE_SIZE,
             nr_vcpus: cfg.cpus,
             events: Mutex::new(tx),
             results: Mutex::new(Vec::new()),

@@ -60,7 +60,10 @@ pub fn run(ctx: &Ctx) {
         s3.allocated_frames - s3.page_table_pages == s0.allocated_frames - s0.page_table_pages,
         "lazy frames not returned",
     );
-    println!("@result scenario=lazy region_pages={pages} touched={n} lazy_faults={faults} frames={frames} ok={}", u8::from(ok));
+    println!(
+        "@result scenario=lazy region_pages={pages} touched={n} lazy_faults={faults} frames={frames} ok={}",
+        u8::from(ok)
+    );
     if !ok {
         fail(exit::VERIFY_FAILED);
     }

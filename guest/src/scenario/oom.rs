@@ -23,7 +23,10 @@ pub fn run(ctx: &Ctx) {
     };
     let before = mem::stats(ALL_NODES).unwrap_or_default();
     // More than all of guest RAM at once.
-    check(mem::alloc(ctx.bi.mem_bytes * 2, policy::LOCAL, 0, flags::ZERO) == Err(Error(ENOMEM)), "oversized request did not fail with ENOMEM");
+    check(
+        mem::alloc(ctx.bi.mem_bytes * 2, policy::LOCAL, 0, flags::ZERO) == Err(Error(ENOMEM)),
+        "oversized request did not fail with ENOMEM",
+    );
 
     // Exhaust memory for real, largest chunks first. Untouched memory costs the host nothing.
     let mut held = [0u64; 96];

@@ -33,7 +33,8 @@ struct Slot {
     ndead: usize,
 }
 
-const EMPTY: Slot = Slot { live: false, va: 0, pages: 0, page_size: 4096, prot: 0, version: 0, dead: [0; MAX_DEAD], ndead: 0 };
+const EMPTY: Slot =
+    Slot { live: false, va: 0, pages: 0, page_size: 4096, prot: 0, version: 0, dead: [0; MAX_DEAD], ndead: 0 };
 
 /// The regions, shared by all vCPUs: only the round's owner writes them, between barriers.
 struct Shared(UnsafeCell<[Slot; SLOTS]>);
@@ -78,7 +79,15 @@ fn mutate(slots: &mut [Slot; SLOTS], rng: &mut Rng, ops: u64, huge_pct: u64, op_
             let (pages, page_size, fl) = if huge { (1, 2 << 20, flags::HUGE) } else { (rng.range(1, 8), 4096, 0) };
             match mem::alloc(pages * page_size, policy::LOCAL, 0, fl) {
                 Ok((va, _)) => {
-                    *s = Slot { live: true, va, pages, page_size, prot: prot::READ | prot::WRITE, version: s.version + 1, ..*s };
+                    *s = Slot {
+                        live: true,
+                        va,
+                        pages,
+                        page_size,
+                        prot: prot::READ | prot::WRITE,
+                        version: s.version + 1,
+                        ..*s
+                    };
                     write_all(s, i);
                 }
                 Err(e) if e.0 == protocol::status::ENOMEM => {}
@@ -167,7 +176,9 @@ fn check(slots: &[Slot; SLOTS], c: &mut Counts, cpu: u32) {
             c.checks += 1;
             match trap::read(d) {
                 Ok(v) => report(c, cpu, "stale read of a freed or moved address", d, v),
-                Err(f) if f.error & pf::PRESENT != 0 || f.addr != d => report(c, cpu, "wrong fault on a dead address", d, f.error),
+                Err(f) if f.error & pf::PRESENT != 0 || f.addr != d => {
+                    report(c, cpu, "wrong fault on a dead address", d, f.error)
+                }
                 Err(_) => c.expected_faults += 1,
             }
         }
@@ -180,7 +191,9 @@ fn check(slots: &[Slot; SLOTS], c: &mut Counts, cpu: u32) {
             c.checks += 1;
             match (s.prot, trap::read(a)) {
                 (prot::NONE, Ok(v)) => report(c, cpu, "stale read of a PROT_NONE page", a, v),
-                (prot::NONE, Err(f)) if f.error & pf::PRESENT != 0 => report(c, cpu, "wrong fault on PROT_NONE", a, f.error),
+                (prot::NONE, Err(f)) if f.error & pf::PRESENT != 0 => {
+                    report(c, cpu, "wrong fault on PROT_NONE", a, f.error)
+                }
                 (prot::NONE, Err(_)) => c.expected_faults += 1,
                 (_, Ok(v)) if v != want => report(c, cpu, "wrong data", a, v),
                 (_, Ok(_)) => {}

@@ -7,7 +7,9 @@ use protocol::memcall::{policy, prot};
 use super::Ctx;
 use crate::{mem, println};
 
+/// Recurses until the stack overflows (deliberately unbounded).
 #[inline(never)]
+#[allow(unconditional_recursion)]
 fn recurse(depth: u64) -> u64 {
     let buf = [depth; 64];
     core::hint::black_box(&buf);

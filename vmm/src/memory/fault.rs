@@ -87,6 +87,8 @@ pub struct FaultStats {
     pub write_protect: Counter,
     /// Reads of known-zero frames served with the shared zero page.
     pub zero_page: Counter,
+    /// Faults that continued a vCPU's sequential stream (and got a grown window).
+    pub sequential: Counter,
     /// Time to serve a zero-fill fault, from reading the message to waking the vCPU.
     pub latency: Histogram,
     /// Frames ever installed by faults, per node.
@@ -103,6 +105,8 @@ impl FaultStats {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct FaultReport {
     pub fault_around_bytes: u64,
+    pub fault_around_max_bytes: u64,
+    pub sequential: u64,
     pub zero_fill: u64,
     pub pages: u64,
     pub spurious: u64,
@@ -113,9 +117,11 @@ pub struct FaultReport {
 }
 
 impl FaultStats {
-    pub fn report(&self, fault_around_pages: u64) -> FaultReport {
+    pub fn report(&self, fault_around_pages: u64, max_pages: u64) -> FaultReport {
         FaultReport {
             fault_around_bytes: fault_around_pages * PAGE_SIZE,
+            fault_around_max_bytes: max_pages * PAGE_SIZE,
+            sequential: self.sequential.get(),
             zero_fill: self.zero_fill.get(),
             pages: self.pages.get(),
             spurious: self.spurious.get(),
@@ -135,26 +141,44 @@ pub struct FaultHandler {
     states: Arc<PageStates>,
     populate: Populate,
     zero: Arc<ZeroSource>,
-    /// Fault-around window in frames (a power of two).
+    /// Base fault-around window in frames (a power of two).
     window: u64,
+    /// Largest window a sequential stream grows to, in frames.
+    max_window: u64,
+    /// Per faulting thread (vCPU): where its last window ended and how big it was.
+    streams: Mutex<HashMap<u32, (Gfn, u64)>>,
     stats: Arc<FaultStats>,
     /// Recent faults per free frame: count and time of the last one.
     free_faults: Mutex<HashMap<Gfn, (u32, Instant)>>,
 }
 
 impl FaultHandler {
-    /// A handler for `ram`, registered with `uffd`, filling `window` frames per fault.
+    /// A handler for `ram`, registered with `uffd`. Each fault fills the aligned `window` of
+    /// frames around it; a vCPU whose faults keep landing where its last window ended (a
+    /// sequential first touch) gets windows twice as large each time, up to `max_window`.
     pub fn new(
         uffd: Arc<Uffd>,
         zero: Arc<ZeroSource>,
         ram: Arc<GuestRam>,
         states: Arc<PageStates>,
         window: u64,
+        max_window: u64,
         stats: Arc<FaultStats>,
     ) -> Self {
-        assert!(window.is_power_of_two() && window * PAGE_SIZE <= zero.size());
+        assert!(window.is_power_of_two() && max_window >= window && max_window * PAGE_SIZE <= zero.size());
         let populate = Populate::Uffd { uffd: Arc::clone(&uffd), zero: Arc::clone(&zero) };
-        FaultHandler { uffd, ram, states, populate, zero, window, stats, free_faults: Mutex::new(HashMap::new()) }
+        FaultHandler {
+            uffd,
+            ram,
+            states,
+            populate,
+            zero,
+            window,
+            max_window,
+            streams: Mutex::new(HashMap::new()),
+            stats,
+            free_faults: Mutex::new(HashMap::new()),
+        }
     }
 
     /// Starts `threads` handler threads. The first error any of them hits (or a panic) goes to
@@ -185,14 +209,21 @@ impl FaultHandler {
             let n = self.uffd.read_events(&mut msgs).map_err(FaultError::Uffd)?;
             for m in &msgs[..n] {
                 if m.event == UFFD_EVENT_PAGEFAULT {
-                    self.serve(m.address, m.flags)?;
+                    // The low half of the feature word is the faulting thread's id.
+                    #[allow(clippy::cast_possible_truncation)]
+                    self.serve_from(m.address, m.flags, m.ptid as u32)?;
                 }
             }
         }
     }
 
-    /// Serves one fault at host address `addr`.
+    /// Serves one fault at host address `addr` (from an unknown thread).
     pub fn serve(&self, addr: u64, flags: u64) -> Result<(), FaultError> {
+        self.serve_from(addr, flags, 0)
+    }
+
+    /// Serves one fault at host address `addr` taken by thread `tid`.
+    pub fn serve_from(&self, addr: u64, flags: u64, tid: u32) -> Result<(), FaultError> {
         let start = Instant::now();
         let page = addr & !(PAGE_SIZE - 1);
         let gpa = self.ram.gpa_of(page).ok_or(FaultError::OutsideRam { addr })?;
@@ -203,7 +234,7 @@ impl FaultHandler {
         let gfn = Gfn::containing(gpa);
         match self.states.get(gfn) {
             FrameState::Allocated => {
-                self.fill_window(gfn)?;
+                self.fill_window(gfn, tid)?;
                 if self.states.get(gfn) != FrameState::Resident {
                     // Lost the race for the faulting frame itself; make sure its thread wakes.
                     self.wake(page)?;
@@ -229,7 +260,9 @@ impl FaultHandler {
             }
             FrameState::Zero => {
                 if self.states.transition(gfn, FrameState::Zero, FrameState::Populating) {
-                    self.populate.unzero(&self.ram, &self.states, gfn).map_err(|source| FaultError::Populate { gpa: gpa.0, source })?;
+                    self.populate
+                        .unzero(&self.ram, &self.states, gfn)
+                        .map_err(|source| FaultError::Populate { gpa: gpa.0, source })?;
                 }
                 self.wake(page)
             }
@@ -237,12 +270,30 @@ impl FaultHandler {
         }
     }
 
-    /// Zero-fills the `Allocated` frames of the aligned window around `gfn` (inside its RAM
-    /// range); returns how many it installed.
-    fn fill_window(&self, gfn: Gfn) -> Result<u64, FaultError> {
+    /// Zero-fills the `Allocated` frames of the window for a fault at `gfn` by thread `tid`
+    /// (inside its RAM range): the aligned base window, or, when the thread's faults are
+    /// sequential, a doubled window starting at `gfn`.
+    fn fill_window(&self, gfn: Gfn, tid: u32) -> Result<u64, FaultError> {
         let (first, end) = self.states.range_of(gfn).ok_or(FaultError::OutsideRam { addr: gfn.gpa().0 })?;
-        let start = Gfn(gfn.0 & !(self.window - 1)).max(first);
-        let stop = Gfn((gfn.0 | (self.window - 1)) + 1).min(end);
+        let (start, stop) = {
+            let mut streams = lock(&self.streams);
+            let (next, last) = streams.get(&tid).copied().unwrap_or((Gfn(u64::MAX), 0));
+            let (start, stop) = if tid != 0 && gfn == next && self.max_window > self.window {
+                let w = (last * 2).min(self.max_window);
+                self.stats.sequential.inc();
+                (gfn, Gfn(gfn.0 + w))
+            } else {
+                (Gfn(gfn.0 & !(self.window - 1)), Gfn((gfn.0 | (self.window - 1)) + 1))
+            };
+            let (start, stop) = (start.max(first), stop.min(end));
+            if tid != 0 {
+                if streams.len() > 1024 {
+                    streams.clear();
+                }
+                streams.insert(tid, (stop, stop.0 - start.0));
+            }
+            (start, stop)
+        };
         let node = self.states.node(gfn);
         let mut first = true;
         // Counted before each copy: the copy wakes the vCPU, which may read the stats at once.
@@ -346,10 +397,17 @@ mod tests {
         }
         let zero = Arc::new(ZeroSource::new().unwrap());
         let stats = Arc::new(FaultStats::new(1));
-        let h = Arc::new(FaultHandler::new(uffd, zero, Arc::clone(&ram), Arc::clone(&states), 16, Arc::clone(&stats)));
+        let h =
+            Arc::new(FaultHandler::new(uffd, zero, Arc::clone(&ram), Arc::clone(&states), 16, 16, Arc::clone(&stats)));
         let (tx, rx) = mpsc::channel();
         let tx = Mutex::new(tx);
-        h.spawn(1, Arc::new(move |e| { let _ = lock(&tx).send(e); })).unwrap();
+        h.spawn(
+            1,
+            Arc::new(move |e| {
+                let _ = lock(&tx).send(e);
+            }),
+        )
+        .unwrap();
 
         // An allocated frame reads as zero, and its window is installed with it.
         states.set_range(Gfn(100), 40, FrameState::Allocated);
@@ -367,6 +425,12 @@ mod tests {
         assert_eq!(stats.zero_fill.get(), 1);
         // The aligned 16-frame window [96, 112) minus the four free frames before frame 100.
         assert_eq!(stats.pages.get(), 12);
+        // The copy wakes the toucher before the handler marks the frames resident.
+        let settled = std::time::Instant::now();
+        while states.census(Gfn(96), 16)[FrameState::Populating as usize] > 0 {
+            assert!(settled.elapsed() < Duration::from_secs(5), "frames stay Populating");
+            std::thread::yield_now();
+        }
         assert_eq!(states.census(Gfn(96), 16), [4, 0, 0, 12, 0]);
 
         // A frame nobody was given: the handler reports the guest-physical address (after a

@@ -22,15 +22,15 @@ use std::collections::{BTreeMap, HashMap};
 use protocol::layout::{HEAP_VA_END, HEAP_VA_START, HUGE_HEAP_VA_END, HUGE_HEAP_VA_START};
 
 use super::addr::{Gfn, Gva, HUGE_PAGE_SIZE, NodeId, PAGE_SIZE};
-use super::policy::Fallback;
-use super::regions::Region;
-use super::vaspace::VaZone;
 use super::buddy::{BuddyAllocator, BuddyError, BuddyInfo};
 use super::memslots::Memslots;
 use super::page_state::{FrameState, PageStates};
-use super::pagetable::{PageSize, PageTables, Pte, PtError, PteFlags};
+use super::pagetable::{PageSize, PageTables, PtError, Pte, PteFlags};
+use super::policy::Fallback;
 use super::populate::{Populate, PopulateError};
 use super::ram::GuestRam;
+use super::regions::Region;
+use super::vaspace::VaZone;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
@@ -443,7 +443,8 @@ impl MemoryManager {
             }
             let mut present = 0;
             for i in 0..512u64 {
-                let v: u64 = vm_memory::Bytes::read_obj(mem, GuestAddress(t.gpa().0 + i * 8)).map_err(|e| e.to_string())?;
+                let v: u64 =
+                    vm_memory::Bytes::read_obj(mem, GuestAddress(t.gpa().0 + i * 8)).map_err(|e| e.to_string())?;
                 if Pte(v).is_present() {
                     present += 1;
                 }

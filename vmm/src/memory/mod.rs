@@ -2,16 +2,16 @@
 
 pub mod addr;
 pub mod bitmap;
-pub mod fault;
 pub mod buddy;
+pub mod fault;
 pub mod manager;
 pub mod memslots;
 pub mod page_state;
 pub mod pagetable;
 pub mod policy;
-pub mod regions;
 pub mod populate;
 pub mod ram;
+pub mod regions;
 pub mod uffd;
 pub mod vaspace;
 pub mod zeroed;

@@ -357,7 +357,12 @@ pub fn clear_entry(mem: &GuestMemoryMmap, slot: u64) -> Result<Pte, PtError> {
 
 /// Replaces the permission bits of the present entry at `slot`, keeping its frame and the CPU's
 /// accessed/dirty bits; returns the old entry, or `None` if it was not present.
-pub fn reprotect_entry(mem: &GuestMemoryMmap, slot: u64, size: PageSize, flags: PteFlags) -> Result<Option<Pte>, PtError> {
+pub fn reprotect_entry(
+    mem: &GuestMemoryMmap,
+    slot: u64,
+    size: PageSize,
+    flags: PteFlags,
+) -> Result<Option<Pte>, PtError> {
     with_entry(mem, slot, |e| {
         let mut cur = e.load(Ordering::Acquire);
         loop {

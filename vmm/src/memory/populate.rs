@@ -133,7 +133,13 @@ impl Populate {
     /// Claims every `Allocated` frame of `[gfn, gfn + pages)` (`Allocated -> Populating`),
     /// installs zero-filled backing for the claimed runs, and marks them `Resident`. Frames in
     /// other states are left alone. Returns how many frames it installed.
-    pub fn claim_and_fill(&self, ram: &GuestRam, states: &PageStates, gfn: Gfn, pages: u64) -> Result<u64, PopulateError> {
+    pub fn claim_and_fill(
+        &self,
+        ram: &GuestRam,
+        states: &PageStates,
+        gfn: Gfn,
+        pages: u64,
+    ) -> Result<u64, PopulateError> {
         self.claim_and_fill_counted(ram, states, gfn, pages, |_| {})
     }
 

@@ -174,7 +174,13 @@ fn coalesce(mut runs: Vec<(Gfn, u64)>) -> Vec<(Gfn, u64)> {
 impl MemoryManager {
     /// ALLOC: `size` bytes of zeroed memory placed by `policy`, mapped read-write. Returns the
     /// address and the mapped length.
-    pub fn alloc_region(&mut self, size: u64, fl: u32, policy: Policy, local: NodeId) -> Result<(u64, u64), RegionError> {
+    pub fn alloc_region(
+        &mut self,
+        size: u64,
+        fl: u32,
+        policy: Policy,
+        local: NodeId,
+    ) -> Result<(u64, u64), RegionError> {
         self.check_request(size, fl, policy)?;
         let dma32 = fl & flags::DMA32 != 0;
         let p = prot::READ | prot::WRITE | if fl & flags::EXEC != 0 { prot::EXEC } else { 0 };
@@ -215,14 +221,15 @@ impl MemoryManager {
             return Err(e);
         }
         let flags = leaf_flags(region.prot_at(0)).expect("allocations start accessible");
-        let pages: Vec<(u64, Gfn)> = (0..region.pages()).map(|i| (i, region.frame(i).expect("every page has a frame"))).collect();
+        let pages: Vec<(u64, Gfn)> =
+            (0..region.pages()).map(|i| (i, region.frame(i).expect("every page has a frame"))).collect();
         self.map_pages_of(&region, &pages, flags)?;
         if fl & flags::POPULATE != 0 {
             for &(g, n) in &region.runs {
                 let populate = self.pool.populate.clone();
-                populate.claim_and_fill(&self.pool.ram, &self.pool.states, g, n).map_err(|source| {
-                    RegionError::Internal(MemoryError::Populate { gfn: g, source })
-                })?;
+                populate
+                    .claim_and_fill(&self.pool.ram, &self.pool.states, g, n)
+                    .map_err(|source| RegionError::Internal(MemoryError::Populate { gfn: g, source }))?;
             }
         }
         let (va, len) = (region.va, region.len);
@@ -500,10 +507,11 @@ impl MemoryManager {
         }
         for (g, n) in runs {
             let node = self.pool.states.node(g).expect("frames are RAM");
-            self.pool.nodes[node]
-                .buddy
-                .free_exact(g, n)
-                .map_err(|source| MemoryError::Free { gfn: g, pages: n, source })?;
+            self.pool.nodes[node].buddy.free_exact(g, n).map_err(|source| MemoryError::Free {
+                gfn: g,
+                pages: n,
+                source,
+            })?;
             self.freed_since_trim += n;
         }
         if self.freed_since_trim >= TRIM_AFTER_FRAMES {
@@ -601,10 +609,10 @@ impl MemoryManager {
         if size == 0 {
             return Err(RegionError::Invalid("size is zero"));
         }
-        if let Policy::Bind(n) | Policy::Preferred(n) = policy {
-            if n.0 as usize >= self.pool.nodes.len() {
-                return Err(RegionError::Invalid("no such node"));
-            }
+        if let Policy::Bind(n) | Policy::Preferred(n) = policy
+            && n.0 as usize >= self.pool.nodes.len()
+        {
+            return Err(RegionError::Invalid("no such node"));
         }
         let total: u64 = self.pool.nodes.iter().map(|n| n.buddy.managed_pages()).sum();
         if size > total * PAGE_SIZE {
@@ -791,7 +799,13 @@ impl MemoryManager {
 
     /// Clears the leaves of pages `[a, b)` of `region`, one leaf table at a time, collecting
     /// the frames that were mapped into `present`. Empty tables lose their backing.
-    fn unmap_pages_of(&mut self, region: &Region, a: u64, b: u64, present: &mut Vec<(Gfn, u64)>) -> Result<(), RegionError> {
+    fn unmap_pages_of(
+        &mut self,
+        region: &Region,
+        a: u64,
+        b: u64,
+        present: &mut Vec<(Gfn, u64)>,
+    ) -> Result<(), RegionError> {
         let size = region.page;
         let mem = Arc::clone(&self.pool.ram);
         let span = pagetable::table_span(size);

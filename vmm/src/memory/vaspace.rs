@@ -86,12 +86,12 @@ impl VaZone {
 
     fn release(&mut self, mut start: u64, mut len: u64) {
         // Coalesce with the free neighbours.
-        if let Some((&ps, &pl)) = self.by_addr.range(..start).next_back() {
-            if ps + pl == start {
-                self.remove_free(ps, pl);
-                start = ps;
-                len += pl;
-            }
+        if let Some((&ps, &pl)) = self.by_addr.range(..start).next_back()
+            && ps + pl == start
+        {
+            self.remove_free(ps, pl);
+            start = ps;
+            len += pl;
         }
         if let Some(&nl) = self.by_addr.get(&(start + len)) {
             self.remove_free(start + len, nl);
