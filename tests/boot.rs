@@ -111,3 +111,21 @@ fn guest_exit_status_is_the_vmm_exit_code() {
     assert_eq!(r.code, i32::try_from(protocol::exit::BAD_ARGS).unwrap(), "{}", r.stdout);
     assert!(r.stdout.contains("unknown scenario"));
 }
+
+#[test]
+fn sigusr1_dumps_the_stats_while_running() {
+    // A run long enough to be signalled mid-way.
+    let mut child = common::spawn(&["--guest-args", "scenario=ptstress rounds=1000000"]);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGUSR1) }, 0);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let start = stderr.find('{').expect("a JSON dump on stderr");
+    let end = stderr.rfind('}').unwrap();
+    let dump: serde_json::Value = serde_json::from_str(&stderr[start..=end]).expect("the dump parses");
+    assert!(dump["exit"].is_null(), "still running when dumped");
+    assert!(dump["memcalls"]["calls"].as_u64().unwrap() > 0, "{dump}");
+}

@@ -137,6 +137,19 @@ pub fn run_with(wrapper: &[&str], args: &[&str], timeout: Duration) -> Run {
     Run { code: status.code().unwrap_or(-1), stdout, stderr, stats, elapsed }
 }
 
+/// Starts `vmm run` with `args` and the default guest, with piped output, and returns the child.
+pub fn spawn(args: &[&str]) -> std::process::Child {
+    Command::new(vmm_bin())
+        .arg("run")
+        .arg("--kernel")
+        .arg(guest_image())
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cannot spawn vmm")
+}
+
 /// Runs `vmm run` with `args` (see [`run_with`]).
 pub fn run(args: &[&str]) -> Run {
     run_with(&[], args, TIMEOUT)

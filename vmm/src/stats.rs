@@ -191,7 +191,8 @@ pub fn collect(
             invariants: (cfg.verbose && ending.is_some())
                 .then(|| mm.check_invariants().err().unwrap_or_else(|| "ok".to_string())),
             metadata_bytes: metadata,
-            metadata_bytes_per_gib: metadata / (cfg.memory.div_ceil(1 << 30)).max(1),
+            metadata_bytes_per_gib: u64::try_from(u128::from(metadata) * (1 << 30) / u128::from(cfg.memory.max(1)))
+                .unwrap_or(u64::MAX),
             page_table_pages: mm.page_tables().table_pages(),
             image: boot.image,
         },
@@ -275,6 +276,34 @@ pub fn table(s: &Stats) -> String {
         s.memory.page_table_pages,
         s.memory.metadata_bytes_per_gib / 1024,
         s.host.vm_hwm_kib / 1024
+    );
+    if let Some(f) = &s.faults {
+        let _ = writeln!(
+            out,
+            "faults: {} zero-fill ({} pages, window {}K..{}K, p50 {} us, p99 {} us), {} spurious, {} free-frame, {} write-protect",
+            f.zero_fill,
+            f.pages,
+            f.fault_around_bytes / 1024,
+            f.fault_around_max_bytes / 1024,
+            f.latency.p50_ns / 1000,
+            f.latency.p99_ns / 1000,
+            f.spurious,
+            f.free_frame,
+            f.write_protect
+        );
+    }
+    let m = &s.memcalls;
+    let errors: u64 = m.ops.values().map(|o| o.errors).sum();
+    let _ = writeln!(
+        out,
+        "memory calls: {} in {} doorbells ({} per exit), {} errors; regions live {}, discards {}, invalidations {}",
+        m.calls,
+        m.doorbells,
+        m.calls_per_doorbell,
+        errors,
+        s.memory.regions,
+        s.memory.counters.discard_calls,
+        s.memory.counters.invalidations
     );
     let _ = write!(
         out,
