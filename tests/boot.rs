@@ -118,7 +118,7 @@ fn sigusr1_dumps_the_stats_while_running() {
     let mut child = common::spawn(&["--guest-args", "scenario=ptstress rounds=1000000"]);
     std::thread::sleep(std::time::Duration::from_millis(500));
     // SAFETY: kill(2) on our own child's pid.
-    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGUSR1) }, 0);
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGUSR1) }, 0);
     std::thread::sleep(std::time::Duration::from_millis(300));
     let _ = child.kill();
     let out = child.wait_with_output().unwrap();
