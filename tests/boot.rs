@@ -117,6 +117,7 @@ fn sigusr1_dumps_the_stats_while_running() {
     // A run long enough to be signalled mid-way.
     let mut child = common::spawn(&["--guest-args", "scenario=ptstress rounds=1000000"]);
     std::thread::sleep(std::time::Duration::from_millis(500));
+    let pid = libc::pid_t::try_from(child.id()).expect("pid fits");
     // SAFETY: kill(2) on our own child's pid.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGUSR1) }, 0);
     std::thread::sleep(std::time::Duration::from_millis(300));
