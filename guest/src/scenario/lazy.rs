@@ -15,13 +15,8 @@ pub fn run(ctx: &Ctx) {
     }
     let size = ctx.args.num("size", 256 << 20).unwrap_or(256 << 20);
     let touches = ctx.args.num("touches", 256).unwrap_or(256);
-    let mut ok = true;
-    let mut check = |cond: bool, what: &str| {
-        if !cond {
-            println!("guest: lazy: {what}");
-            ok = false;
-        }
-    };
+    let mut checks = super::util::Checks::new("lazy");
+    let mut check = |cond: bool, what: &str| checks.check(cond, what);
     let s0 = mem::stats(ALL_NODES).unwrap_or_default();
     let (va, len) = match mem::map_lazy(size, policy::LOCAL, 0, 0) {
         Ok(r) => r,
@@ -62,9 +57,9 @@ pub fn run(ctx: &Ctx) {
     );
     println!(
         "@result scenario=lazy region_pages={pages} touched={n} lazy_faults={faults} frames={frames} ok={}",
-        u8::from(ok)
+        u8::from(checks.ok)
     );
-    if !ok {
+    if !checks.ok {
         fail(exit::VERIFY_FAILED);
     }
 }

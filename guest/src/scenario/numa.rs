@@ -42,13 +42,8 @@ pub fn run(ctx: &Ctx) {
         }
         return;
     }
-    let mut ok = true;
-    let mut check = |cond: bool, what: &str| {
-        if !cond {
-            println!("guest: numa: cpu {}: {what}", ctx.cpu);
-            ok = false;
-        }
-    };
+    let mut checks = super::util::Checks::new("numa");
+    let mut check = |cond: bool, what: &str| checks.check(cond, what);
     // LOCAL on every vCPU lands on that vCPU's node.
     let mut c = [0u64; 8];
     let (va, len) = mem::alloc(1 << 20, policy::LOCAL, 0, 0).expect("alloc");
@@ -113,9 +108,9 @@ pub fn run(ctx: &Ctx) {
     println!(
         "@result scenario=numa bind_pages={bind_pages} interleave_node0={i0} interleave_node1={i1} preferred_fallback_pages={fallback} free_frames_end={} ok={}",
         all.free_frames,
-        u8::from(ok)
+        u8::from(checks.ok)
     );
-    if !ok {
+    if !checks.ok {
         fail(exit::VERIFY_FAILED);
     }
     ctx.barrier();

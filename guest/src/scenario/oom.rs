@@ -14,13 +14,8 @@ pub fn run(ctx: &Ctx) {
     if ctx.cpu != 0 {
         return;
     }
-    let mut ok = true;
-    let mut check = |cond: bool, what: &str| {
-        if !cond {
-            println!("guest: oom: {what}");
-            ok = false;
-        }
-    };
+    let mut checks = super::util::Checks::new("oom");
+    let mut check = |cond: bool, what: &str| checks.check(cond, what);
     let before = mem::stats(ALL_NODES).unwrap_or_default();
     // More than all of guest RAM at once.
     check(
@@ -80,9 +75,9 @@ pub fn run(ctx: &Ctx) {
     println!(
         "@result scenario=oom exhausted_bytes={bytes} regions={n} free_frames_when_full={} ok={}",
         full.free_frames,
-        u8::from(ok)
+        u8::from(checks.ok)
     );
-    if !ok {
+    if !checks.ok {
         fail(exit::VERIFY_FAILED);
     }
 }

@@ -33,3 +33,23 @@ pub fn node_of_gpa(bi: &BootInfo, gpa: u64) -> Option<u32> {
         n.ranges[..n.nr_ranges as usize].iter().any(|r| r.start <= gpa && gpa < r.start + r.len).then_some(n.id)
     })
 }
+
+/// Collects a scenario's checks: prints each failure once, remembers whether all passed.
+pub struct Checks {
+    name: &'static str,
+    pub ok: bool,
+}
+
+impl Checks {
+    pub fn new(name: &'static str) -> Self {
+        Checks { name, ok: true }
+    }
+
+    /// Records a check; prints `what` if it failed.
+    pub fn check(&mut self, cond: bool, what: &str) {
+        if !cond {
+            crate::println!("guest: {}: cpu {}: {what}", self.name, crate::arch::cpu_id());
+            self.ok = false;
+        }
+    }
+}

@@ -243,17 +243,7 @@ impl Uffd {
         // SAFETY: UFFDIO_COPY reads and writes one UffdioCopy; it reads len bytes from src and
         // writes only missing pages of the registered destination (this function's contract).
         let rc = unsafe { ioctl_with_mut_ref(&self.file, UFFDIO_COPY(), &mut c) };
-        if rc == 0 {
-            return Ok(c.copy.unsigned_abs());
-        }
-        let err = io::Error::last_os_error();
-        let copied = u64::try_from(c.copy).unwrap_or(0);
-        Err(match err.raw_os_error() {
-            Some(libc::EEXIST) => UffdError::Exists { addr: dst + copied, copied },
-            Some(libc::EAGAIN) => UffdError::Again { addr: dst + copied, copied },
-            Some(libc::ESRCH) | Some(libc::ENOENT) => UffdError::Gone,
-            _ => UffdError::Ioctl { addr: dst, source: err },
-        })
+        fill_result(rc, c.copy, dst)
     }
 
     /// Maps the shared zero page at the missing pages `[dst, dst + len)` (reads are free; the
@@ -267,17 +257,7 @@ impl Uffd {
         // SAFETY: UFFDIO_ZEROPAGE reads and writes one UffdioZeropage and only maps zero pages
         // into missing pages of a registered range; it cannot alter memory Rust owns.
         let rc = unsafe { ioctl_with_mut_ref(&self.file, UFFDIO_ZEROPAGE(), &mut z) };
-        if rc == 0 {
-            return Ok(z.zeropage.unsigned_abs());
-        }
-        let err = io::Error::last_os_error();
-        let done = u64::try_from(z.zeropage).unwrap_or(0);
-        Err(match err.raw_os_error() {
-            Some(libc::EEXIST) => UffdError::Exists { addr: dst + done, copied: done },
-            Some(libc::EAGAIN) => UffdError::Again { addr: dst + done, copied: done },
-            Some(libc::ESRCH) | Some(libc::ENOENT) => UffdError::Gone,
-            _ => UffdError::Ioctl { addr: dst, source: err },
-        })
+        fill_result(rc, z.zeropage, dst)
     }
 
     /// Wakes threads waiting on `[addr, addr + len)` without filling anything: they retry the
@@ -311,4 +291,21 @@ impl Uffd {
     pub fn as_raw_fd(&self) -> RawFd {
         self.file.as_raw_fd()
     }
+}
+
+/// The result of a filling ioctl (COPY, ZEROPAGE) from its return code and the byte count the
+/// kernel reported (`done`, negative errno on failure): errno becomes a variant that says what
+/// to do (skip a present page, retry, stop).
+fn fill_result(rc: i32, done: i64, dst: u64) -> Result<u64, UffdError> {
+    if rc == 0 {
+        return Ok(done.unsigned_abs());
+    }
+    let err = io::Error::last_os_error();
+    let copied = u64::try_from(done).unwrap_or(0);
+    Err(match err.raw_os_error() {
+        Some(libc::EEXIST) => UffdError::Exists { addr: dst + copied, copied },
+        Some(libc::EAGAIN) => UffdError::Again { addr: dst + copied, copied },
+        Some(libc::ESRCH) | Some(libc::ENOENT) => UffdError::Gone,
+        _ => UffdError::Ioctl { addr: dst, source: err },
+    })
 }
