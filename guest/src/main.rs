@@ -7,10 +7,13 @@
 #![no_std]
 #![no_main]
 
+extern crate alloc;
+
 mod arch;
 mod args;
 mod bootinfo;
 mod console;
+mod heap;
 mod mem;
 mod percpu;
 mod rng;

@@ -28,7 +28,12 @@ fn area() -> *mut MemCall {
     (cpu_area(arch::cpu_id()) + AREA_OFFSET) as *mut MemCall
 }
 
-/// Up to `MAX_BATCH` calls sent with one exit.
+/// Calls a batch may hold: the last slot of the request area belongs to the allocator.
+pub const BATCH: usize = MAX_BATCH - 1;
+/// The allocator's own slot.
+const ALLOC_SLOT: usize = MAX_BATCH - 1;
+
+/// Up to `BATCH` calls sent with one exit.
 pub struct Batch {
     n: usize,
 }
@@ -40,11 +45,11 @@ impl Batch {
 
     /// Queues a call; returns its index. Sends the batch first if it is full.
     pub fn push(&mut self, call: MemCall) -> usize {
-        if self.n == MAX_BATCH {
+        if self.n == BATCH {
             self.send();
         }
         // SAFETY: the request area holds MAX_BATCH calls in this vCPU's mapped CPU area, which
-        // only this vCPU writes; n < MAX_BATCH.
+        // only this vCPU writes; n < BATCH.
         unsafe { area().add(self.n).write_volatile(call) };
         self.n += 1;
         self.n - 1
@@ -64,7 +69,7 @@ impl Batch {
 
     /// Result `i` of the last batch sent.
     pub fn result(i: usize) -> MemCall {
-        assert!(i < MAX_BATCH);
+        assert!(i < BATCH);
         // SAFETY: index within the request area; the VMM has written the results.
         unsafe { area().add(i).read_volatile() }
     }
@@ -76,6 +81,15 @@ pub fn call(c: MemCall) -> MemCall {
     b.push(c);
     b.send();
     Batch::result(0)
+}
+
+/// Sends one call from the allocator's own slot (safe while a batch is being built).
+pub fn alloc_call(c: MemCall) -> MemCall {
+    // SAFETY: ALLOC_SLOT is inside this vCPU's request area; only the allocator uses it.
+    unsafe { area().add(ALLOC_SLOT).write_volatile(c) };
+    arch::out32(port::MEMCALL, 1 | ((ALLOC_SLOT as u32) << 16));
+    // SAFETY: as above; the VMM wrote the result during the exit.
+    unsafe { area().add(ALLOC_SLOT).read_volatile() }
 }
 
 fn check(r: MemCall) -> Result<[u64; 2], Error> {

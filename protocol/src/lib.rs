@@ -28,9 +28,11 @@ pub mod port {
     /// `out32 0`: the VMM stores the vCPU's CR2 (unreadable at CPL3) in
     /// [`super::CpuPage::trap_cr2`].
     pub const TRAP_INFO: u16 = 0x403;
-    /// `out32 n`: process the first `n` [`super::memcall::MemCall`]s of the vCPU's request area
-    /// (`n <= memcall::MAX_BATCH`), in order. Each gets its `status` and `ret`; the VMM stores
-    /// how many it processed in [`super::CpuPage::memcall_done`].
+    /// `out32 n | first << 16`: process the `n` [`super::memcall::MemCall`]s of the vCPU's
+    /// request area starting at slot `first` (`first + n <= memcall::MAX_BATCH`), in order. Each
+    /// gets its `status` and `ret`; the VMM stores how many it processed in
+    /// [`super::CpuPage::memcall_done`]. (The guest's allocator uses the last slot on its own, so
+    /// it can refill in the middle of a batch being built.)
     pub const MEMCALL: u16 = 0x404;
     /// `out32 x`: does nothing; a raw exit for measuring exit cost.
     pub const NOP: u16 = 0x405;
@@ -98,8 +100,9 @@ pub mod layout {
     pub const CPU_AREA_VA: u64 = 0x40_0000;
     /// Distance between two vCPUs' areas.
     pub const CPU_AREA_STRIDE: u64 = 0x1_0000;
-    /// Pages mapped in each vCPU area (the rest of the stride is unmapped).
-    pub const CPU_AREA_PAGES: u64 = 8;
+    /// Pages mapped in each vCPU area: the CpuPage, the memory-call request area (2 pages) and
+    /// the slab magazines.
+    pub const CPU_AREA_PAGES: u64 = 16;
     /// Lowest address a guest image segment may occupy.
     pub const IMAGE_VA_START: u64 = 0x200_0000;
     /// End of the image window.
@@ -353,6 +356,19 @@ pub mod memcall {
         pub const STATS: u32 = 7;
         /// `args = [address, 0, 0, 0]` -> `ret = [guest-physical address, node]` of the page.
         pub const TRANSLATE: u32 = 8;
+        /// `args = [class, want, 0, 0]`: drains the calling vCPU's free magazine of `class`
+        /// (every object validated; bad ones are skipped and reported in the magazine), then
+        /// refills its alloc magazine up to `want` objects (at most
+        /// [`super::super::slab::batch`]) -> `ret = [objects in the alloc magazine, bad frees]`.
+        pub const SLAB_EXCHANGE: u32 = 9;
+        /// `args = [object, 0, 0, 0]`: frees one slab object now (EFAULT: not an object,
+        /// EALREADY: already free).
+        pub const SLAB_FREE: u32 = 10;
+        /// `args = [object, 0, 0, 0]` -> `ret = [object size, 0]` if it is handed out (EFAULT:
+        /// not an object, EALREADY: free).
+        pub const SLAB_INFO: u32 = 11;
+        /// Number of operations.
+        pub const COUNT: usize = 12;
     }
 
     /// NUMA policy of ALLOC and MAP_LAZY (`args[1]`), with the node in `args[2]`.
@@ -424,9 +440,92 @@ pub struct MemStats {
     pub doorbells: u64,
     /// The anonymous part of the VMM's resident set (guest RAM and VMM heap), in KiB.
     pub host_rss_anon_kib: u64,
+    /// Slab objects handed out (in magazines or in use).
+    pub slab_objects_active: u64,
+    /// Frames holding slabs.
+    pub slab_frames: u64,
 }
 
 const _: () = assert!(core::mem::size_of::<MemStats>() <= 32 * 8);
+
+/// Small objects: size classes and the per-vCPU magazines through which the guest gets and
+/// returns slab objects without an exit per object.
+///
+/// Each vCPU has, per class, an *alloc* magazine of ready objects (the guest pops from it) and a
+/// *free* magazine (the guest pushes freed objects onto it). When the alloc magazine is empty or
+/// the free magazine full, one SLAB_EXCHANGE call drains and refills it. The guest never reuses
+/// a freed object itself: every object goes back through the VMM, which checks it belongs to a
+/// live slab, sits on an object boundary and is not already free, before it can be handed out
+/// again. Bad frees change nothing and are counted in the magazine.
+pub mod slab {
+    use super::PAGE_SIZE;
+
+    /// Object sizes.
+    pub const CLASSES: [u32; 17] = [8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096];
+    /// Number of classes.
+    pub const NR_CLASSES: usize = CLASSES.len();
+    /// Largest slab object; larger allocations are whole pages (ALLOC).
+    pub const MAX_OBJECT: u32 = 4096;
+    /// Entries per magazine.
+    pub const MAG: usize = 128;
+    /// Offset of the magazines (`[Magazine; NR_CLASSES]`) within the vCPU's CPU area.
+    pub const MAGAZINES_OFFSET: u64 = 3 * PAGE_SIZE;
+
+    /// One class's magazines on one vCPU.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug)]
+    pub struct Magazine {
+        /// Objects in `alloc` (the guest pops from the end; the VMM refills).
+        pub alloc_count: u32,
+        /// Objects in `free` (the guest pushes; the VMM drains).
+        pub free_count: u32,
+        /// Bad frees found in this magazine so far (VMM).
+        pub free_errors: u32,
+        /// Status of the last bad free (VMM).
+        pub last_status: u32,
+        /// The last bad pointer (VMM).
+        pub last_bad: u64,
+        pub alloc: [u64; MAG],
+        pub free: [u64; MAG],
+    }
+
+    /// Offset of `alloc` in a [`Magazine`].
+    pub const MAG_ALLOC: u64 = core::mem::offset_of!(Magazine, alloc) as u64;
+    /// Offset of `free` in a [`Magazine`].
+    pub const MAG_FREE: u64 = core::mem::offset_of!(Magazine, free) as u64;
+    const _: () = assert!(core::mem::size_of::<Magazine>() == 24 + 16 * MAG);
+    const _: () = assert!(
+        MAGAZINES_OFFSET + (NR_CLASSES * core::mem::size_of::<Magazine>()) as u64
+            <= super::layout::CPU_AREA_PAGES * PAGE_SIZE
+    );
+
+    /// The smallest class holding `size` bytes at `align`, if any.
+    pub const fn class_for(size: usize, align: usize) -> Option<usize> {
+        let mut i = 0;
+        while i < NR_CLASSES {
+            let c = CLASSES[i] as usize;
+            // A class's objects are aligned to its largest power-of-two divisor.
+            if c >= size && (1 << c.trailing_zeros()) >= align {
+                return Some(i);
+            }
+            i += 1;
+        }
+        None
+    }
+
+    /// How many objects one exchange moves for a class of `size` bytes: about 32 KiB worth,
+    /// between 8 and [`MAG`].
+    pub const fn batch(size: u32) -> usize {
+        let n = 32768 / size as usize;
+        if n < 8 {
+            8
+        } else if n > MAG {
+            MAG
+        } else {
+            n
+        }
+    }
+}
 
 /// Prefix of a console line that carries a machine-readable result. The VMM stores the rest of
 /// the line (`key=value` pairs) in the stats JSON instead of printing it as plain output.

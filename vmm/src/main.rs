@@ -69,6 +69,8 @@ fn run(cfg: vmm::config::VmConfig, start: Instant) -> Result<u8, (u8, anyhow::Er
     }
     if verbose {
         eprintln!("{}", vmm::stats::table(&stats));
+    } else {
+        eprintln!("{}", vmm::stats::summary(&stats));
     }
     if let Ending::Fatal { message, code } = &ending {
         eprintln!("vmm: error: {message}");

@@ -7,6 +7,7 @@ use std::time::Instant;
 use vm_memory::{Bytes, GuestAddress};
 
 use protocol::memcall::{ALL_NODES, AREA_OFFSET, MAX_BATCH, MemCall, op, policy};
+use protocol::slab::{self, CLASSES, MAG, MAG_ALLOC, MAG_FREE, MAGAZINES_OFFSET, Magazine, NR_CLASSES};
 use protocol::{CPU_PAGE_ARGS, CPU_PAGE_FAULT_STATUS, CPU_PAGE_MEMCALL_DONE, CPU_PAGE_TRAP_CR2, MemStats, status};
 
 use crate::boot::CpuBoot;
@@ -19,7 +20,20 @@ use crate::vm::{VmError, VmShared};
 use crate::wire::Wire;
 
 /// Operation names, indexed by op code.
-pub const OP_NAMES: [&str; 9] = ["nop", "alloc", "free", "map_lazy", "fault", "protect", "move", "stats", "translate"];
+pub const OP_NAMES: [&str; op::COUNT] = [
+    "nop",
+    "alloc",
+    "free",
+    "map_lazy",
+    "fault",
+    "protect",
+    "move",
+    "stats",
+    "translate",
+    "slab_exchange",
+    "slab_free",
+    "slab_info",
+];
 
 /// Per-operation counts.
 #[derive(Debug, Default)]
@@ -29,8 +43,11 @@ pub struct MemCallCounters {
     /// Doorbells with more than MAX_BATCH calls (none processed).
     pub bad_batches: Counter,
     pub unknown_ops: Counter,
-    pub by_op: [Counter; 9],
-    pub errors_by_op: [Counter; 9],
+    pub by_op: [Counter; op::COUNT],
+    pub errors_by_op: [Counter; op::COUNT],
+    /// Slab objects handed out and returned through magazines.
+    pub slab_objects_out: Counter,
+    pub slab_objects_in: Counter,
     /// LAZY_FAULT port calls.
     pub lazy_fault_calls: Counter,
     /// Time the VMM spends per doorbell (copy in, dispatch, flush, copy out).
@@ -46,6 +63,10 @@ pub struct MemCallReport {
     pub bad_batches: u64,
     pub unknown_ops: u64,
     pub lazy_fault_calls: u64,
+    pub slab_objects_out: u64,
+    pub slab_objects_in: u64,
+    /// Slab objects moved (both ways) per doorbell exit.
+    pub slab_objects_per_doorbell: f64,
     pub ops: std::collections::BTreeMap<String, OpReport>,
     pub doorbell_latency: LatencySummary,
 }
@@ -69,6 +90,15 @@ impl MemCallCounters {
             bad_batches: self.bad_batches.get(),
             unknown_ops: self.unknown_ops.get(),
             lazy_fault_calls: self.lazy_fault_calls.get(),
+            slab_objects_out: self.slab_objects_out.get(),
+            slab_objects_in: self.slab_objects_in.get(),
+            slab_objects_per_doorbell: {
+                #[allow(clippy::cast_precision_loss)]
+                let moved = (self.slab_objects_out.get() + self.slab_objects_in.get()) as f64;
+                #[allow(clippy::cast_precision_loss)]
+                let d = doorbells.max(1) as f64;
+                (moved / d * 100.0).round() / 100.0
+            },
             ops: OP_NAMES
                 .iter()
                 .enumerate()
@@ -81,21 +111,21 @@ impl MemCallCounters {
     }
 }
 
-/// Serves `out MEMCALL, n` from vCPU `cpu`.
-pub fn doorbell(shared: &VmShared, cpu: &CpuBoot, n: u32) -> Result<(), VmError> {
+/// Serves `out MEMCALL, n | first << 16` from vCPU `cpu`.
+pub fn doorbell(shared: &VmShared, cpu: &CpuBoot, value: u32) -> Result<(), VmError> {
+    let (n, first) = ((value & 0xffff) as usize, (value >> 16) as usize);
     let start = Instant::now();
     let c = &shared.memcalls;
     c.doorbells.inc();
     let mem = shared.ram.mem();
     let done = GuestAddress(cpu.cpu_page_gpa.0 + CPU_PAGE_MEMCALL_DONE);
-    let n = n as usize;
-    if n > MAX_BATCH {
+    if first + n > MAX_BATCH {
         c.bad_batches.inc();
         let _ = mem.write_obj(0u64, done);
         return Ok(());
     }
     // Copy the batch out of guest memory before looking at any of it.
-    let area = GuestAddress(cpu.cpu_page_gpa.0 + AREA_OFFSET);
+    let area = GuestAddress(cpu.cpu_page_gpa.0 + AREA_OFFSET + first as u64 * 64);
     let mut calls = vec![Wire::<MemCall>::default(); n];
     for (i, call) in calls.iter_mut().enumerate() {
         *call = mem
@@ -208,6 +238,15 @@ fn dispatch(
                 [0; 2]
             }),
         op::TRANSLATE => unused(call, 1).and_then(|()| mm.translate(a[0])).map(|(gpa, node)| [gpa, u64::from(node)]),
+        op::SLAB_EXCHANGE => {
+            if call.flags != 0 || a[2] != 0 || a[3] != 0 {
+                Err(RegionError::Invalid("unused arguments must be zero"))
+            } else {
+                slab_exchange(mm, shared, cpu, a[0], a[1])
+            }
+        }
+        op::SLAB_FREE => unused(call, 1).and_then(|()| mm.slab_free(a[0])).map(|()| [0; 2]),
+        op::SLAB_INFO => unused(call, 1).and_then(|()| mm.slab_info(a[0])).map(|size| [u64::from(size), 0]),
         _ => unreachable!("op index checked above"),
     };
     match res {
@@ -218,6 +257,59 @@ fn dispatch(
             Ok((e.status(), [0; 2]))
         }
     }
+}
+
+/// SLAB_EXCHANGE: drain the vCPU's free magazine of `class`, refill its alloc magazine up to
+/// `want`. Every field read from the magazine is clamped; every pointer in it is validated.
+fn slab_exchange(
+    mm: &mut MemoryManager,
+    shared: &VmShared,
+    cpu: &CpuBoot,
+    class: u64,
+    want: u64,
+) -> Result<[u64; 2], RegionError> {
+    let class =
+        usize::try_from(class).ok().filter(|&c| c < NR_CLASSES).ok_or(RegionError::Invalid("no such size class"))?;
+    let want = usize::try_from(want).ok().filter(|&w| w <= MAG).ok_or(RegionError::Invalid("more than a magazine"))?;
+    let mem = shared.ram.mem();
+    let mag = cpu.cpu_page_gpa.0 + MAGAZINES_OFFSET + (class * size_of::<Magazine>()) as u64;
+    let read_u32 = |off: u64| -> Result<u32, RegionError> {
+        mem.read_obj(GuestAddress(mag + off))
+            .map_err(|source| RegionError::Internal(MemoryError::Read { gpa: mag + off, len: 4, source }))
+    };
+    let alloc_count = (read_u32(0)? as usize).min(MAG);
+    let free_count = (read_u32(4)? as usize).min(MAG);
+    let mut frees = vec![0u64; free_count];
+    for (i, f) in frees.iter_mut().enumerate() {
+        let at = mag + MAG_FREE + i as u64 * 8;
+        *f = mem
+            .read_obj(GuestAddress(at))
+            .map_err(|source| RegionError::Internal(MemoryError::Read { gpa: at, len: 8, source }))?;
+    }
+    let limit = want.min(slab::batch(CLASSES[class]));
+    let need = limit.saturating_sub(alloc_count);
+    let (out, bad) = mm.slab_exchange(cpu.id, NodeId(cpu.node), class, &frees, need)?;
+    let write = |off: u64, bytes: &[u8]| {
+        mem.write_slice(bytes, GuestAddress(mag + off))
+            .map_err(|source| RegionError::Internal(MemoryError::Write { gpa: mag + off, len: bytes.len(), source }))
+    };
+    let objs: Vec<u8> = out.iter().flat_map(|v| v.to_le_bytes()).collect();
+    write(MAG_ALLOC + alloc_count as u64 * 8, &objs)?;
+    let new_count = u32::try_from(alloc_count + out.len()).expect("at most MAG");
+    write(0, &new_count.to_le_bytes())?;
+    write(4, &0u32.to_le_bytes())?;
+    if let Some(&(ptr, st)) = bad.last() {
+        let errors = read_u32(8)?.saturating_add(u32::try_from(bad.len()).expect("at most MAG"));
+        write(8, &errors.to_le_bytes())?;
+        write(12, &u32::try_from(st).expect("small status").to_le_bytes())?;
+        write(16, &ptr.to_le_bytes())?;
+    }
+    shared.memcalls.slab_objects_out.add(out.len() as u64);
+    shared.memcalls.slab_objects_in.add((frees.len() - bad.len()) as u64);
+    if need > 0 && out.is_empty() {
+        return Err(RegionError::NoMemory);
+    }
+    Ok([u64::from(new_count), bad.len() as u64])
 }
 
 /// Checks that flags and the arguments from `used` on are zero.

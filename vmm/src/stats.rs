@@ -14,6 +14,7 @@ use crate::layout::RamRange;
 use crate::memcall::MemCallReport;
 use crate::memory::fault::FaultReport;
 use crate::memory::manager::{MmCounters, NodeStats};
+use crate::memory::slab::{SlabCounters, SlabInfo};
 use crate::vcpu::micros;
 use crate::vm::{Ending, VmShared};
 
@@ -33,7 +34,20 @@ pub struct Stats {
     /// Second-level (userfaultfd) faults; `null` with `backing=demand`.
     pub faults: Option<FaultReport>,
     pub memcalls: MemCallReport,
+    pub slab: SlabReport,
     pub guest: GuestInfo,
+}
+
+/// Small-object allocator figures.
+#[derive(Debug, Serialize)]
+pub struct SlabReport {
+    /// One entry per size class, like /proc/slabinfo.
+    pub classes: Vec<SlabInfo>,
+    pub counters: SlabCounters,
+    /// Objects handed out (in magazines or in use) at this moment.
+    pub active_objects: u64,
+    /// Frames in slabs.
+    pub frames: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -206,6 +220,12 @@ pub fn collect(
         faults: (cfg.backing == crate::config::Backing::Uffd)
             .then(|| shared.fault_stats.report(shared.fault_window, shared.fault_window_max)),
         memcalls: shared.memcalls.report(),
+        slab: SlabReport {
+            classes: mm.slabs().info(),
+            counters: mm.slabs().counters.clone(),
+            active_objects: mm.slabs().active(),
+            frames: mm.slabs().frames(),
+        },
         guest: GuestInfo { results: shared.results().iter().map(|l| parse_result(l)).collect() },
     }
 }
@@ -248,6 +268,31 @@ pub fn host_memory_all() -> (u64, u64, u64) {
             .unwrap_or(0)
     };
     (field("VmHWM:"), field("VmRSS:"), field("RssAnon:"))
+}
+
+/// The short final report printed at exit: peak RSS, exits, faults, slabs, buddy.
+pub fn summary(s: &Stats) -> String {
+    let free: u64 = s.memory.nodes.iter().map(|n| n.frames_free).sum();
+    let total: u64 = s.memory.nodes.iter().map(|n| n.frames_total).sum();
+    let slab_pages: u64 = s.slab.classes.iter().map(|c| c.pages).sum();
+    let slabs: u64 = s.slab.classes.iter().map(|c| c.slabs).sum();
+    let faults = s.faults.as_ref().map_or(0, |f| f.zero_fill);
+    format!(
+        "vmm: peak RSS {} MiB; {} exits ({} memory calls in {} doorbells, {} slab objects moved); {} second-level faults\n\
+         vmm: slabs: {} objects active in {} slabs ({} KiB); buddy: {} of {} MiB free; page tables: {} pages",
+        s.host.vm_hwm_kib / 1024,
+        s.exits.total,
+        s.memcalls.calls,
+        s.memcalls.doorbells,
+        s.memcalls.slab_objects_out + s.memcalls.slab_objects_in,
+        faults,
+        s.slab.active_objects,
+        slabs,
+        slab_pages * 4,
+        (free * 4096) >> 20,
+        (total * 4096) >> 20,
+        s.memory.page_table_pages
+    )
 }
 
 /// A short human-readable table (for `-v`).

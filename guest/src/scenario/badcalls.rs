@@ -68,13 +68,15 @@ pub fn run(ctx: &Ctx) {
             failures += 1;
         }
     }
-    // A doorbell for more calls than the area holds is refused as a whole.
-    arch::out32(port::MEMCALL, (MAX_BATCH + 1) as u32);
-    // SAFETY: the VMM wrote memcall_done in this vCPU's CpuPage during the exit.
-    let done = unsafe { core::ptr::read_volatile(&(*arch::cpu_page()).memcall_done) };
-    if done != 0 {
-        println!("guest: badcalls: an oversized batch was processed");
-        failures += 1;
+    // A doorbell for more calls than the area holds, or reaching past its end, is refused whole.
+    for value in [(MAX_BATCH + 1) as u32, 2 | ((MAX_BATCH as u32 - 1) << 16)] {
+        arch::out32(port::MEMCALL, value);
+        // SAFETY: the VMM wrote memcall_done in this vCPU's CpuPage during the exit.
+        let done = unsafe { core::ptr::read_volatile(&(*arch::cpu_page()).memcall_done) };
+        if done != 0 {
+            println!("guest: badcalls: the doorbell {value:#x} was processed");
+            failures += 1;
+        }
     }
     // Nothing changed: the good regions still work and free normally.
     let r = mem::call(mk(op::NOP, 0, [0; 4]));

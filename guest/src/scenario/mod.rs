@@ -2,14 +2,22 @@
 
 mod badcalls;
 mod boot;
+mod cachescratch;
+mod churn;
+mod fastpath;
+mod frag;
+mod larson;
 mod lazy;
 mod numa;
 mod oom;
 mod pages;
 mod ptstress;
 mod segv;
+mod slabcheck;
 mod touch;
 pub mod util;
+mod workload;
+mod xmalloc;
 
 use core::sync::atomic::{AtomicU32, Ordering};
 
@@ -61,6 +69,13 @@ pub fn run(cpu: u32, bi: &'static BootInfo) -> ! {
         "badcalls" => badcalls::run(&ctx),
         "numa" => numa::run(&ctx),
         "segv" => segv::run(&ctx),
+        "churn" => churn::run(&ctx),
+        "larson" => larson::run(&ctx),
+        "xmalloc" => xmalloc::run(&ctx),
+        "cache-scratch" => cachescratch::run(&ctx),
+        "frag" => frag::run(&ctx),
+        "slabcheck" => slabcheck::run(&ctx),
+        "fastpath" => fastpath::run(&ctx),
         _ => {
             if cpu == 0 {
                 println!("guest: unknown scenario `{name}`");

@@ -16,7 +16,7 @@ fn nodes_of(ctx: &Ctx, va: u64, len: u64, counts: &mut [u64; 8]) -> u64 {
     let pages = len / 4096;
     let mut done = 0;
     while done < pages {
-        let n = (pages - done).min(128);
+        let n = (pages - done).min(mem::BATCH as u64);
         let mut b = Batch::new();
         for p in 0..n {
             b.push(mk(op::TRANSLATE, 0, [va + (done + p) * 4096, 0, 0, 0]));

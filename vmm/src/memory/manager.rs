@@ -30,6 +30,7 @@ use super::policy::Fallback;
 use super::populate::{Populate, PopulateError};
 use super::ram::GuestRam;
 use super::regions::Region;
+use super::slab::SlabAllocator;
 use super::vaspace::VaZone;
 
 #[derive(Debug, thiserror::Error)]
@@ -202,6 +203,8 @@ pub struct MemoryManager {
     /// `--memory huge-leaves=on`).
     pub(super) huge_leaves: bool,
     pub(super) counters: MmCounters,
+    /// Small objects.
+    pub(super) slab: SlabAllocator,
     /// Frames freed since the VMM last trimmed its own memory.
     pub(super) freed_since_trim: u64,
 }
@@ -272,6 +275,7 @@ impl MemoryManager {
             lazy_window: (fault_around / PAGE_SIZE).clamp(1, LAZY_WINDOW_MAX),
             huge_leaves: false,
             counters: MmCounters::default(),
+            slab: SlabAllocator::new(nr_nodes),
             freed_since_trim: 0,
         })
     }
@@ -299,6 +303,11 @@ impl MemoryManager {
     /// Number of nodes.
     pub fn nr_nodes(&self) -> usize {
         self.pool.nodes.len()
+    }
+
+    /// The slab allocator (read-only view, for stats).
+    pub fn slabs(&self) -> &SlabAllocator {
+        &self.slab
     }
 
     /// Whether HUGE allocations get 2 MiB leaves.
@@ -432,6 +441,7 @@ impl MemoryManager {
     pub fn check_invariants(&self) -> Result<(), String> {
         self.check_frames()?;
         self.check_regions()?;
+        self.check_slabs()?;
         self.check_leaf_counts()
     }
 

@@ -12,6 +12,7 @@ pub mod policy;
 pub mod populate;
 pub mod ram;
 pub mod regions;
+pub mod slab;
 pub mod uffd;
 pub mod vaspace;
 pub mod zeroed;

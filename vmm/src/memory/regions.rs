@@ -65,6 +65,9 @@ pub enum RegionKind {
     Alloc,
     /// Frames allocated when a page is first touched.
     Lazy,
+    /// A slab of the slab allocator: mapped for the guest, owned by the VMM (the guest cannot
+    /// free, protect or move it).
+    Slab,
 }
 
 /// One guest region.
@@ -120,7 +123,7 @@ impl Region {
     pub fn frame(&self, i: u64) -> Option<Gfn> {
         match self.kind {
             RegionKind::Lazy => self.lazy.get(&i).copied(),
-            RegionKind::Alloc => {
+            RegionKind::Alloc | RegionKind::Slab => {
                 let mut frame = i * self.frames_per_page();
                 for &(g, n) in &self.runs {
                     if frame < n {
@@ -141,7 +144,7 @@ impl Region {
     /// Every frame run the region owns.
     fn owned_runs(&self) -> Vec<(Gfn, u64)> {
         match self.kind {
-            RegionKind::Alloc => self.runs.clone(),
+            RegionKind::Alloc | RegionKind::Slab => self.runs.clone(),
             RegionKind::Lazy => self.lazy.values().map(|&g| (g, 1)).collect(),
         }
     }
@@ -370,18 +373,55 @@ impl MemoryManager {
     /// FREE: unmaps a region and releases its frames (at the next [`flush`](Self::flush)) and
     /// its addresses.
     pub fn free_region(&mut self, va: u64) -> Result<(), RegionError> {
+        if self.regions.get(&va).is_some_and(|r| r.kind == RegionKind::Slab) {
+            return Err(RegionError::NotFound);
+        }
         let Some(region) = self.regions.remove(&va) else {
             if self.va_small.recently_freed(va) || self.va_huge.recently_freed(va) {
                 return Err(RegionError::DoubleFree);
             }
             return Err(RegionError::NotFound);
         };
+        self.drop_region(region)
+    }
+
+    /// Unmaps a region that was taken out of the map and releases its frames (at the next
+    /// flush) and addresses.
+    pub(super) fn drop_region(&mut self, region: Region) -> Result<(), RegionError> {
         let mut present = Vec::new();
         self.unmap_pages_of(&region, 0, region.pages(), &mut present)?;
         self.pending_free.extend(region.owned_runs());
         self.release_va(region.va, region.len, region.page);
         self.counters.regions_freed += 1;
         Ok(())
+    }
+
+    /// A VMM-owned region of `pages` contiguous frames placed by `policy`, mapped read-write.
+    pub(super) fn map_internal(
+        &mut self,
+        pages: u64,
+        policy: Policy,
+        local: NodeId,
+        kind: RegionKind,
+    ) -> Result<(u64, u64), RegionError> {
+        let runs = self.take_frames(pages, policy, local, false, true)?;
+        let Some(va) = self.va_small.alloc(pages * PAGE_SIZE) else {
+            self.give_back(&runs)?;
+            return Err(RegionError::NoMemory);
+        };
+        let region = Region {
+            va,
+            len: pages * PAGE_SIZE,
+            page: PageSize::Size4K,
+            kind,
+            policy,
+            home: local,
+            dma32: false,
+            runs,
+            lazy: BTreeMap::new(),
+            prot: BTreeMap::from([(0, prot::READ | prot::WRITE)]),
+        };
+        self.finish_alloc(region, 0)
     }
 
     /// PROTECT: sets the access of whole pages `[va, va + size)` of one region. `prot::NONE`
@@ -391,6 +431,9 @@ impl MemoryManager {
             return Err(RegionError::Invalid("unknown protection bits"));
         }
         let start = self.region_containing(va).ok_or(RegionError::NotFound)?;
+        if self.regions[&start].kind == RegionKind::Slab {
+            return Err(RegionError::NotFound);
+        }
         let region = self.regions.remove(&start).expect("found above");
         let res = self.protect_in(&region, va, size, p);
         let mut region = region;
@@ -432,6 +475,9 @@ impl MemoryManager {
 
     /// MOVE: maps the region's frames at a new address and unmaps the old one.
     pub fn move_region(&mut self, va: u64) -> Result<u64, RegionError> {
+        if self.regions.get(&va).is_some_and(|r| r.kind == RegionKind::Slab) {
+            return Err(RegionError::NotFound);
+        }
         let mut region = self.regions.remove(&va).ok_or(RegionError::NotFound)?;
         let zone = match region.page {
             PageSize::Size4K => &mut self.va_small,
@@ -549,6 +595,8 @@ impl MemoryManager {
             allocated_frames: total - free,
             resident_frames: resident,
             page_table_pages: self.pt.table_pages(),
+            slab_objects_active: self.slab.active(),
+            slab_frames: self.slab.frames(),
             ..MemStats::default()
         })
     }

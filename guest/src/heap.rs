@@ -1,0 +1,149 @@
+//! The guest's `#[global_allocator]`: `Box`, `Vec` and friends get memory from the VMM.
+//!
+//! Objects up to 4 KiB come from the VMM's slabs through this vCPU's magazines
+//! (`protocol::slab`): an allocation pops a ready object, a free pushes the object onto the free
+//! magazine, and only an empty alloc magazine or a full free magazine costs an exit (one
+//! SLAB_EXCHANGE moves a whole batch both ways). Freed objects are never reused here: each goes
+//! back through the VMM, which checks it. Larger allocations are whole pages (ALLOC / FREE).
+//!
+//! Magazines are per vCPU and nothing preempts guest code, so no locking is needed.
+
+use core::alloc::{GlobalAlloc, Layout};
+use core::ptr::{addr_of, addr_of_mut, null_mut, read_volatile, write_volatile};
+
+use protocol::layout::cpu_area;
+use protocol::memcall::{op, policy};
+use protocol::slab::{CLASSES, MAGAZINES_OFFSET, Magazine, batch, class_for};
+use protocol::status;
+
+use crate::{arch, mem};
+
+pub struct GuestAlloc;
+
+#[global_allocator]
+static ALLOC: GuestAlloc = GuestAlloc;
+
+crate::percpu! {
+    /// Exits taken by the allocator on this vCPU.
+    static EXITS: u64 = 0;
+}
+
+/// Allocator exits on this vCPU so far.
+pub fn exits() -> u64 {
+    *EXITS.get()
+}
+
+fn magazine(class: usize) -> *mut Magazine {
+    ((cpu_area(arch::cpu_id()) + MAGAZINES_OFFSET) as *mut Magazine).wrapping_add(class)
+}
+
+/// One SLAB_EXCHANGE for `class`: drain the free magazine, refill the alloc magazine.
+fn exchange(class: usize) -> u64 {
+    *EXITS.get_mut() += 1;
+    let want = batch(CLASSES[class]) as u64;
+    mem::alloc_call(mem::mk(op::SLAB_EXCHANGE, 0, [class as u64, want, 0, 0])).status
+}
+
+/// Drains every free magazine of this vCPU (so the VMM sees every free now); returns the bad
+/// frees it reported.
+pub fn flush() -> u64 {
+    let mut bad = 0;
+    for c in 0..CLASSES.len() {
+        let m = magazine(c);
+        // SAFETY: m points into this vCPU's mapped magazines, touched only by this vCPU.
+        if unsafe { read_volatile(addr_of!((*m).free_count)) } > 0 {
+            exchange(c);
+        }
+        // SAFETY: as above.
+        bad += u64::from(unsafe { read_volatile(addr_of!((*m).free_errors)) });
+    }
+    bad
+}
+
+/// Refills the alloc magazine of `class` to a full batch (and drains its free magazine).
+pub fn top_up(class: usize) {
+    exchange(class);
+}
+
+/// Pushes `ptr` onto the free magazine of `class` without any check here: the VMM checks it.
+pub fn push_free(class: usize, ptr: u64) {
+    let m = magazine(class);
+    // SAFETY: m points into this vCPU's mapped magazines, touched only by this vCPU.
+    unsafe {
+        let n = read_volatile(addr_of!((*m).free_count)) as usize;
+        if n >= batch(CLASSES[class]) {
+            exchange(class);
+        }
+        let n = read_volatile(addr_of!((*m).free_count)) as usize;
+        write_volatile(addr_of_mut!((*m).free[n]), ptr);
+        write_volatile(addr_of_mut!((*m).free_count), n as u32 + 1);
+    }
+}
+
+/// Objects waiting in vCPU `cpu`'s alloc magazines (handed out by the VMM, not yet used).
+pub fn cached_objects(cpu: u32) -> u64 {
+    let base = (cpu_area(cpu) + MAGAZINES_OFFSET) as *const Magazine;
+    (0..CLASSES.len())
+        .map(|c| {
+            // SAFETY: every vCPU's CPU area is mapped readable for the guest.
+            u64::from(unsafe { read_volatile(addr_of!((*base.wrapping_add(c)).alloc_count)) })
+        })
+        .sum()
+}
+
+/// The magazine's bad-free report: (count, last status, last pointer).
+pub fn bad_frees(class: usize) -> (u32, u32, u64) {
+    let m = magazine(class);
+    // SAFETY: m points into this vCPU's mapped magazines.
+    unsafe {
+        (
+            read_volatile(addr_of!((*m).free_errors)),
+            read_volatile(addr_of!((*m).last_status)),
+            read_volatile(addr_of!((*m).last_bad)),
+        )
+    }
+}
+
+// SAFETY: alloc returns either null or memory of at least `layout.size()` bytes aligned to
+// `layout.align()` (slab objects are aligned to their class's power-of-two divisor, pages to
+// 4 KiB) that nothing else uses until dealloc; dealloc only hands memory back to the VMM.
+unsafe impl GlobalAlloc for GuestAlloc {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let Some(class) = class_for(layout.size().max(1), layout.align()) else {
+            if layout.align() > 4096 {
+                return null_mut();
+            }
+            *EXITS.get_mut() += 1;
+            return match mem::alloc_call(mem::mk(op::ALLOC, 0, [layout.size() as u64, policy::LOCAL, 0, 0])) {
+                r if r.status == status::OK => r.ret[0] as *mut u8,
+                _ => null_mut(),
+            };
+        };
+        let m = magazine(class);
+        // SAFETY: m points into this vCPU's mapped magazines, touched only by this vCPU (the
+        // VMM writes them only during this vCPU's exits).
+        unsafe {
+            let mut n = read_volatile(addr_of!((*m).alloc_count)) as usize;
+            if n == 0 {
+                exchange(class);
+                n = read_volatile(addr_of!((*m).alloc_count)) as usize;
+                if n == 0 {
+                    return null_mut();
+                }
+            }
+            n -= 1;
+            write_volatile(addr_of_mut!((*m).alloc_count), n as u32);
+            read_volatile(addr_of!((*m).alloc[n])) as *mut u8
+        }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        match class_for(layout.size().max(1), layout.align()) {
+            Some(class) => push_free(class, ptr as u64),
+            None => {
+                *EXITS.get_mut() += 1;
+                mem::alloc_call(mem::mk(op::FREE, 0, [ptr as u64, 0, 0, 0]));
+            }
+        }
+    }
+}
