@@ -83,6 +83,7 @@ pub mod exit {
 /// 0x0000_0000_4000_0000  per-vCPU stacks, STACK_STRIDE each        STACK_VA
 /// 0x0000_0010_0000_0000  heap mapped with 4 KiB pages              HEAP_VA_START..HEAP_VA_END
 /// 0x0000_0400_0000_0000  heap mapped with 2 MiB pages              HUGE_HEAP_VA_START..HUGE_HEAP_VA_END
+/// 0x0000_0800_0000_0000  slabs, one per 64 KiB slot                SLAB_VA_START..SLAB_VA_END
 /// ```
 ///
 /// The two heaps never share a page-directory entry: a PDE is either always a 2 MiB leaf or
@@ -125,6 +126,12 @@ pub mod layout {
     pub const HUGE_HEAP_VA_START: u64 = HEAP_VA_END;
     /// End of the 2 MiB-page heap.
     pub const HUGE_HEAP_VA_END: u64 = 0x800_0000_0000;
+    /// Slabs (4 KiB pages): slab `i` lives in the 64 KiB slot at `SLAB_VA_START + i * SLAB_SLOT`.
+    pub const SLAB_VA_START: u64 = HUGE_HEAP_VA_END;
+    /// End of the slab zone.
+    pub const SLAB_VA_END: u64 = 0x900_0000_0000;
+    /// Address space per slab (the largest slab).
+    pub const SLAB_SLOT: u64 = 0x1_0000;
 
     /// Guest-virtual address of vCPU `cpu`'s area.
     pub const fn cpu_area(cpu: u32) -> u64 {
@@ -149,6 +156,7 @@ pub mod layout {
     const _: () = assert!(STACK_VA + super::MAX_VCPUS as u64 * STACK_STRIDE <= HEAP_VA_START);
     const _: () = assert!(EXC_STACK_OFFSET + EXC_STACK_SIZE + PAGE_SIZE + STACK_SIZE <= STACK_STRIDE);
     const _: () = assert!(HUGE_HEAP_VA_START.is_multiple_of(512 * HUGE_PAGE_SIZE));
+    const _: () = assert!(SLAB_VA_END <= 1 << 47 && SLAB_VA_START.is_multiple_of(512 * HUGE_PAGE_SIZE));
 }
 
 /// Most NUMA nodes a guest can have.
@@ -499,8 +507,30 @@ pub mod slab {
             <= super::layout::CPU_AREA_PAGES * PAGE_SIZE
     );
 
+    /// Class of each size in 8-byte steps (for alignments up to 8): `CLASS_OF[size.div_ceil(8)]`.
+    const CLASS_OF: [u8; MAX_OBJECT as usize / 8 + 1] = {
+        let mut t = [0u8; MAX_OBJECT as usize / 8 + 1];
+        let mut i = 0;
+        while i < t.len() {
+            let mut c = 0;
+            while (CLASSES[c] as usize) < i * 8 {
+                c += 1;
+            }
+            // Fewer than 256 classes.
+            #[allow(clippy::cast_possible_truncation)]
+            {
+                t[i] = c as u8;
+            }
+            i += 1;
+        }
+        t
+    };
+
     /// The smallest class holding `size` bytes at `align`, if any.
     pub const fn class_for(size: usize, align: usize) -> Option<usize> {
+        if align <= 8 {
+            return if size <= MAX_OBJECT as usize { Some(CLASS_OF[size.div_ceil(8)] as usize) } else { None };
+        }
         let mut i = 0;
         while i < NR_CLASSES {
             let c = CLASSES[i] as usize;
@@ -513,12 +543,25 @@ pub mod slab {
         None
     }
 
+    const _: () = {
+        // The table agrees with the search for every size.
+        let mut size = 0;
+        while size <= MAX_OBJECT as usize {
+            let mut c = 0;
+            while (CLASSES[c] as usize) < size {
+                c += 1;
+            }
+            assert!(CLASS_OF[size.div_ceil(8)] as usize == c);
+            size += 1;
+        }
+    };
+
     /// How many objects one exchange moves for a class of `size` bytes: about 32 KiB worth,
-    /// between 8 and [`MAG`].
+    /// between 16 and [`MAG`] (so even 4 KiB objects make 32 operations per exit).
     pub const fn batch(size: u32) -> usize {
         let n = 32768 / size as usize;
-        if n < 8 {
-            8
+        if n < 16 {
+            16
         } else if n > MAG {
             MAG
         } else {

@@ -9,8 +9,7 @@
 //!
 //! `cargo bench -p vmm --bench first_touch` (after `images/build.sh`; `make bench` does both)
 
-use std::path::Path;
-use std::process::Command;
+mod common;
 
 use protocol::memcall::flags;
 
@@ -21,27 +20,8 @@ struct Config {
 }
 
 fn run(c: &Config, size_mib: u64, pct: u64) -> (u64, u64, f64) {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("repo root");
-    let stats = std::env::temp_dir().join(format!("first-touch-{}.json", std::process::id()));
-    let out = Command::new(env!("CARGO_BIN_EXE_vmm"))
-        .args(["run", "--kernel"])
-        .arg(root.join("images/out/guest.elf"))
-        .args(["--memory", &format!("size=1G,{}", c.memory)])
-        .args(["--guest-args", &format!("scenario=touch size={size_mib}M flags={} pct={pct} seed=9", c.flags)])
-        .arg("--stats-file")
-        .arg(&stats)
-        .output()
-        .expect("cannot run vmm");
-    assert!(out.status.success(), "{}: {}", c.name, String::from_utf8_lossy(&out.stderr));
-    let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&stats).expect("stats")).expect("json");
-    let _ = std::fs::remove_file(stats);
-    let r = s["guest"]["results"]
-        .as_array()
-        .expect("results")
-        .iter()
-        .find(|r| r["scenario"] == "touch")
-        .expect("touch")
-        .clone();
+    let guest = format!("scenario=touch size={size_mib}M flags={} pct={pct} seed=9", c.flags);
+    let r = common::run_scenario(&format!("size=1G,{}", c.memory), &guest, "touch");
     let touched = r["touched"].as_u64().expect("touched").max(1);
     #[allow(clippy::cast_precision_loss)]
     let inflation = r["fault_pages"].as_u64().expect("fault_pages") as f64 / touched as f64;
@@ -50,9 +30,7 @@ fn run(c: &Config, size_mib: u64, pct: u64) -> (u64, u64, f64) {
 
 fn main() {
     let quick = !std::env::args().any(|a| a == "--bench");
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("repo root");
-    let built = Command::new("bash").arg(root.join("images/build.sh")).status().expect("images/build.sh");
-    assert!(built.success(), "cannot build the guest");
+    common::build_guest();
     let (size, runs) = if quick { (16, 1) } else { (256, 5) };
     let contiguous = flags::CONTIGUOUS;
     let configs = [

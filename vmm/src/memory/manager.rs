@@ -19,7 +19,9 @@ use crate::layout::RamRange;
 
 use std::collections::{BTreeMap, HashMap};
 
-use protocol::layout::{HEAP_VA_END, HEAP_VA_START, HUGE_HEAP_VA_END, HUGE_HEAP_VA_START};
+use protocol::layout::{
+    HEAP_VA_END, HEAP_VA_START, HUGE_HEAP_VA_END, HUGE_HEAP_VA_START, SLAB_SLOT, SLAB_VA_END, SLAB_VA_START,
+};
 
 use super::addr::{Gfn, Gva, HUGE_PAGE_SIZE, NodeId, PAGE_SIZE};
 use super::buddy::{BuddyAllocator, BuddyError, BuddyInfo};
@@ -189,6 +191,8 @@ pub struct MemoryManager {
     pub(super) regions: BTreeMap<u64, Region>,
     pub(super) va_small: VaZone,
     pub(super) va_huge: VaZone,
+    /// Slabs: one 64 KiB slot each, no guards (the slot's unused tail is unmapped).
+    pub(super) va_slab: VaZone,
     pub(super) fallback: Fallback,
     /// Interleave position.
     pub(super) rotor: u64,
@@ -269,6 +273,7 @@ impl MemoryManager {
             regions: BTreeMap::new(),
             va_small: VaZone::new(HEAP_VA_START, HEAP_VA_END, PAGE_SIZE),
             va_huge: VaZone::new(HUGE_HEAP_VA_START, HUGE_HEAP_VA_END, HUGE_PAGE_SIZE),
+            va_slab: VaZone::with_guard(SLAB_VA_START, SLAB_VA_END, SLAB_SLOT, false),
             fallback: Fallback::new(distance),
             rotor: 0,
             pending_free: Vec::new(),

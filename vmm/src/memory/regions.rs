@@ -14,6 +14,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use protocol::MemStats;
+use protocol::layout::{SLAB_SLOT, SLAB_VA_END, SLAB_VA_START};
 use protocol::memcall::{flags, prot};
 
 use super::addr::{Gfn, Gva, HUGE_PAGE_SIZE, NodeId, Order, PAGE_SIZE};
@@ -91,6 +92,23 @@ pub struct Region {
 }
 
 impl Region {
+    /// A region of `kind` at `va` backed by `runs` (none for lazy regions), all of it with
+    /// access `p`.
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        va: u64,
+        len: u64,
+        page: PageSize,
+        kind: RegionKind,
+        policy: Policy,
+        home: NodeId,
+        dma32: bool,
+        runs: Vec<(Gfn, u64)>,
+        p: u32,
+    ) -> Region {
+        Region { va, len, page, kind, policy, home, dma32, runs, lazy: BTreeMap::new(), prot: BTreeMap::from([(0, p)]) }
+    }
+
     /// Number of pages of `self.page` size.
     pub fn pages(&self) -> u64 {
         self.len / self.page.bytes()
@@ -200,18 +218,8 @@ impl MemoryManager {
             self.give_back(&runs)?;
             return Err(RegionError::NoMemory);
         };
-        let region = Region {
-            va,
-            len: pages * PAGE_SIZE,
-            page: PageSize::Size4K,
-            kind: RegionKind::Alloc,
-            policy,
-            home: local,
-            dma32,
-            runs,
-            lazy: BTreeMap::new(),
-            prot: BTreeMap::from([(0, p)]),
-        };
+        let region =
+            Region::new(va, pages * PAGE_SIZE, PageSize::Size4K, RegionKind::Alloc, policy, local, dma32, runs, p);
         self.finish_alloc(region, fl)
     }
 
@@ -280,18 +288,7 @@ impl MemoryManager {
             self.give_back(&runs)?;
             return Err(RegionError::NoMemory);
         };
-        Ok(Region {
-            va,
-            len: blocks * HUGE_PAGE_SIZE,
-            page,
-            kind: RegionKind::Alloc,
-            policy,
-            home: local,
-            dma32: false,
-            runs,
-            lazy: BTreeMap::new(),
-            prot: BTreeMap::from([(0, p)]),
-        })
+        Ok(Region::new(va, blocks * HUGE_PAGE_SIZE, page, RegionKind::Alloc, policy, local, false, runs, p))
     }
 
     /// MAP_LAZY: reserves `size` bytes of address space; frames come on first touch.
@@ -305,18 +302,17 @@ impl MemoryManager {
         let p = prot::READ | prot::WRITE | if fl & flags::EXEC != 0 { prot::EXEC } else { 0 };
         self.regions.insert(
             va,
-            Region {
+            Region::new(
                 va,
-                len: pages * PAGE_SIZE,
-                page: PageSize::Size4K,
-                kind: RegionKind::Lazy,
+                pages * PAGE_SIZE,
+                PageSize::Size4K,
+                RegionKind::Lazy,
                 policy,
-                home: local,
-                dma32: fl & flags::DMA32 != 0,
-                runs: Vec::new(),
-                lazy: BTreeMap::new(),
-                prot: BTreeMap::from([(0, p)]),
-            },
+                local,
+                fl & flags::DMA32 != 0,
+                Vec::new(),
+                p,
+            ),
         );
         self.counters.regions_created += 1;
         Ok((va, pages * PAGE_SIZE))
@@ -396,32 +392,26 @@ impl MemoryManager {
         Ok(())
     }
 
-    /// A VMM-owned region of `pages` contiguous frames placed by `policy`, mapped read-write.
-    pub(super) fn map_internal(
-        &mut self,
-        pages: u64,
-        policy: Policy,
-        local: NodeId,
-        kind: RegionKind,
-    ) -> Result<(u64, u64), RegionError> {
+    /// A slab: `pages` contiguous frames placed by `policy`, mapped read-write in one slot of
+    /// the slab zone. Returns its address.
+    pub(super) fn map_slab(&mut self, pages: u64, policy: Policy, local: NodeId) -> Result<u64, RegionError> {
         let runs = self.take_frames(pages, policy, local, false, true)?;
-        let Some(va) = self.va_small.alloc(pages * PAGE_SIZE) else {
+        let Some(va) = self.va_slab.alloc(SLAB_SLOT) else {
             self.give_back(&runs)?;
             return Err(RegionError::NoMemory);
         };
-        let region = Region {
+        let region = Region::new(
             va,
-            len: pages * PAGE_SIZE,
-            page: PageSize::Size4K,
-            kind,
+            pages * PAGE_SIZE,
+            PageSize::Size4K,
+            RegionKind::Slab,
             policy,
-            home: local,
-            dma32: false,
+            local,
+            false,
             runs,
-            lazy: BTreeMap::new(),
-            prot: BTreeMap::from([(0, prot::READ | prot::WRITE)]),
-        };
-        self.finish_alloc(region, 0)
+            prot::READ | prot::WRITE,
+        );
+        self.finish_alloc(region, 0).map(|(va, _)| va)
     }
 
     /// PROTECT: sets the access of whole pages `[va, va + size)` of one region. `prot::NONE`
@@ -793,6 +783,9 @@ impl MemoryManager {
     }
 
     fn release_va(&mut self, va: u64, len: u64, page: PageSize) {
+        if (SLAB_VA_START..SLAB_VA_END).contains(&va) {
+            return self.va_slab.free(va, SLAB_SLOT);
+        }
         match page {
             PageSize::Size4K => self.va_small.free(va, len),
             PageSize::Size2M => self.va_huge.free(va, len),

@@ -17,22 +17,31 @@
 //!   double free, and a dangling pointer does not alias a new object yet. Memory pressure drains
 //!   the quarantine before an allocation fails.
 //!
+//! - Each slab sits in its own 64 KiB slot of the slab address zone, so the slab of any pointer
+//!   is one array lookup (no search), and releasing a slab leaves its slot unmapped for a while
+//!   (the zone's quarantine), so a dangling pointer faults.
+//!
 //! Locking: the slab allocator is part of the memory manager and runs under its lock.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 
+use protocol::layout::{SLAB_SLOT, SLAB_VA_END, SLAB_VA_START};
 use protocol::memcall::prot;
 use protocol::slab::{CLASSES, NR_CLASSES};
 
-use super::addr::{NodeId, PAGE_SIZE};
+use super::addr::{NodeId, PAGE_SIZE, to_usize};
 use super::manager::MemoryManager;
 use super::policy::Policy;
 use super::regions::{RegionError, RegionKind};
 
-/// Pages per slab for `size`: at least 16 objects, at least a page, a power of two.
+/// Pages per slab for `size`: at least 16 objects and 16 KiB (so page tables stay under 1% of
+/// slab memory), a power of two, at most a slot.
 pub fn slab_pages(size: u32) -> u64 {
-    (u64::from(size) * 16).div_ceil(PAGE_SIZE).next_power_of_two()
+    (u64::from(size) * 16).div_ceil(PAGE_SIZE).next_power_of_two().clamp(4, SLAB_SLOT / PAGE_SIZE)
 }
+
+/// Slab id: index into the arena.
+type SlabId = u32;
 
 /// One slab.
 #[derive(Debug)]
@@ -52,6 +61,8 @@ pub struct Slab {
     /// The vCPU that owned it last: it gets the slab back first, so a slab whose objects may
     /// still sit in that vCPU's magazines does not move to another vCPU.
     pub last_owner: Option<u32>,
+    /// Where the search for a free object starts (next-fit).
+    cursor: u32,
 }
 
 impl Slab {
@@ -67,12 +78,24 @@ impl Slab {
         self.quarantined[i as usize / 64] & (1 << (i % 64)) != 0
     }
 
-    /// The lowest free object, if any.
-    fn first_free(&self) -> Option<u32> {
-        self.handed.iter().enumerate().find(|(_, w)| **w != u64::MAX).and_then(|(k, w)| {
-            let i = u32::try_from(k * 64).ok()? + w.trailing_ones();
-            (i < self.objects).then_some(i)
-        })
+    /// The next free object at or after the cursor (wrapping), if any.
+    fn next_free(&mut self) -> Option<u32> {
+        let words = self.handed.len();
+        let start = self.cursor as usize / 64;
+        for k in 0..=words {
+            let w = (start + k) % words;
+            // On the first word, ignore the bits below the cursor; they come last.
+            let mask = if k == 0 { !0u64 << (self.cursor % 64) } else { !0u64 };
+            let free = !self.handed[w] & mask;
+            if free != 0 {
+                let i = u32::try_from(w * 64).ok()? + free.trailing_zeros();
+                if i < self.objects {
+                    self.cursor = (i + 1) % self.objects;
+                    return Some(i);
+                }
+            }
+        }
+        None
     }
 }
 
@@ -97,13 +120,13 @@ pub fn quarantine_len(size: u32) -> usize {
 #[derive(Debug, Default)]
 struct Cache {
     /// Current slab of each vCPU (by id).
-    cpu_slab: Vec<Option<u64>>,
+    cpu_slab: Vec<Option<SlabId>>,
     /// Per node: slabs with free objects that no vCPU owns.
-    partial: Vec<BTreeSet<u64>>,
+    partial: Vec<BTreeSet<SlabId>>,
     /// Per node: one empty slab kept for reuse.
-    empty: Vec<Option<u64>>,
-    /// Freed objects waiting to become reusable, oldest first.
-    quarantine: std::collections::VecDeque<u64>,
+    empty: Vec<Option<SlabId>>,
+    /// Freed objects waiting to become reusable, oldest first: (slab, object index).
+    quarantine: std::collections::VecDeque<(SlabId, u32)>,
     slabs: u64,
     /// Objects handed to the guest (not counting the quarantine).
     active: u64,
@@ -137,10 +160,14 @@ pub struct SlabInfo {
 }
 
 /// All slabs and classes.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct SlabAllocator {
     caches: Vec<Cache>,
-    slabs: BTreeMap<u64, Slab>,
+    /// Slabs by id; `None` marks a free id.
+    arena: Vec<Option<Slab>>,
+    free_ids: Vec<SlabId>,
+    /// Per 64 KiB slot of the slab zone: the id of the slab there, plus one (0: none).
+    slots: super::zeroed::ZeroedVec<u32>,
     pub counters: SlabCounters,
 }
 
@@ -149,19 +176,66 @@ impl SlabAllocator {
         let caches = (0..NR_CLASSES)
             .map(|_| Cache { partial: vec![BTreeSet::new(); nodes], empty: vec![None; nodes], ..Default::default() })
             .collect();
-        SlabAllocator { caches, slabs: BTreeMap::new(), counters: SlabCounters::default() }
+        SlabAllocator {
+            caches,
+            arena: Vec::new(),
+            free_ids: Vec::new(),
+            slots: super::zeroed::ZeroedVec::new(to_usize((SLAB_VA_END - SLAB_VA_START) / SLAB_SLOT)),
+            counters: SlabCounters::default(),
+        }
+    }
+
+    fn slab(&self, id: SlabId) -> &Slab {
+        self.arena[id as usize].as_ref().expect("live slab id")
+    }
+
+    fn slab_mut(&mut self, id: SlabId) -> &mut Slab {
+        self.arena[id as usize].as_mut().expect("live slab id")
+    }
+
+    fn slot_of(va: u64) -> Option<usize> {
+        (SLAB_VA_START..SLAB_VA_END).contains(&va).then(|| to_usize((va - SLAB_VA_START) / SLAB_SLOT))
     }
 
     /// The slab containing `ptr` and the object's index: `NotFound` unless `ptr` is exactly
-    /// an object of a live slab.
-    fn locate(&self, ptr: u64) -> Result<(u64, u32), RegionError> {
-        let (&va, s) = self.slabs.range(..=ptr).next_back().ok_or(RegionError::NotFound)?;
+    /// an object of a live slab. One array lookup.
+    fn locate(&self, ptr: u64) -> Result<(SlabId, u32), RegionError> {
+        let slot = Self::slot_of(ptr).ok_or(RegionError::NotFound)?;
+        let id = self.slots[slot].checked_sub(1).ok_or(RegionError::NotFound)?;
+        let s = self.slab(id);
         let size = u64::from(CLASSES[s.class]);
-        let off = ptr - va;
+        let off = ptr - s.va;
         if !off.is_multiple_of(size) || off / size >= u64::from(s.objects) {
             return Err(RegionError::NotFound);
         }
-        Ok((va, u32::try_from(off / size).expect("fewer objects than u32")))
+        Ok((id, u32::try_from(off / size).expect("fewer objects than u32")))
+    }
+
+    fn insert(&mut self, s: Slab) -> SlabId {
+        let slot = Self::slot_of(s.va).expect("slabs live in the slab zone");
+        let id = match self.free_ids.pop() {
+            Some(id) => {
+                self.arena[id as usize] = Some(s);
+                id
+            }
+            None => {
+                self.arena.push(Some(s));
+                SlabId::try_from(self.arena.len() - 1).expect("fewer slabs than u32")
+            }
+        };
+        self.slots[slot] = id + 1;
+        id
+    }
+
+    fn remove(&mut self, id: SlabId) -> Slab {
+        let s = self.arena[id as usize].take().expect("live slab id");
+        self.slots[Self::slot_of(s.va).expect("slab zone")] = 0;
+        self.free_ids.push(id);
+        s
+    }
+
+    fn live(&self) -> impl Iterator<Item = (SlabId, &Slab)> {
+        self.arena.iter().enumerate().filter_map(|(i, s)| s.as_ref().map(|s| (SlabId::try_from(i).expect("u32"), s)))
     }
 
     /// Per-class figures.
@@ -193,7 +267,7 @@ impl SlabAllocator {
 
     /// Frames in slabs.
     pub fn frames(&self) -> u64 {
-        self.slabs.values().map(|s| slab_pages(CLASSES[s.class])).sum()
+        self.live().map(|(_, s)| slab_pages(CLASSES[s.class])).sum()
     }
 }
 
@@ -239,11 +313,11 @@ impl MemoryManager {
     /// slab, `DoubleFree` for one that is free or in quarantine; neither changes anything.
     pub fn slab_free(&mut self, ptr: u64) -> Result<(), RegionError> {
         let located = self.slab.locate(ptr);
-        let Ok((va, i)) = located else {
+        let Ok((id, i)) = located else {
             self.slab.counters.bad_frees += 1;
             return located.map(|_| ());
         };
-        let s = self.slab.slabs.get_mut(&va).expect("located");
+        let s = self.slab.slab_mut(id);
         if !s.is_handed(i) || s.is_quarantined(i) {
             self.slab.counters.bad_frees += 1;
             return Err(RegionError::DoubleFree);
@@ -252,20 +326,19 @@ impl MemoryManager {
         let class = s.class;
         let cache = &mut self.slab.caches[class];
         cache.active -= 1;
-        cache.quarantine.push_back(ptr);
+        cache.quarantine.push_back((id, i));
         self.slab.counters.objects_in += 1;
         if cache.quarantine.len() > quarantine_len(CLASSES[class]) {
-            let oldest = cache.quarantine.pop_front().expect("non-empty");
-            self.release_object(oldest)?;
+            let (oldest, j) = cache.quarantine.pop_front().expect("non-empty");
+            self.release_object(oldest, j)?;
         }
         Ok(())
     }
 
     /// Makes a quarantined object free in its slab, moving the slab between lists (and
     /// releasing it when it is empty and one empty slab is already cached).
-    fn release_object(&mut self, ptr: u64) -> Result<(), RegionError> {
-        let (va, i) = self.slab.locate(ptr).expect("quarantined objects are in live slabs");
-        let s = self.slab.slabs.get_mut(&va).expect("located");
+    fn release_object(&mut self, id: SlabId, i: u32) -> Result<(), RegionError> {
+        let s = self.slab.slab_mut(id);
         set_bit(&mut s.quarantined, i, false);
         s.set_handed(i, false);
         s.in_use -= 1;
@@ -277,14 +350,14 @@ impl MemoryManager {
         }
         if in_use + 1 == objects {
             // Was full: now it has room.
-            cache.partial[node].insert(va);
+            cache.partial[node].insert(id);
         }
         if in_use == 0 {
-            cache.partial[node].remove(&va);
+            cache.partial[node].remove(&id);
             if cache.empty[node].is_none() {
-                cache.empty[node] = Some(va);
+                cache.empty[node] = Some(id);
             } else {
-                self.release_slab(va)?;
+                self.release_slab(id)?;
             }
         }
         Ok(())
@@ -292,8 +365,8 @@ impl MemoryManager {
 
     /// SLAB_INFO: the size of the handed-out object at `ptr`.
     pub fn slab_info(&self, ptr: u64) -> Result<u32, RegionError> {
-        let (va, i) = self.slab.locate(ptr)?;
-        let s = &self.slab.slabs[&va];
+        let (id, i) = self.slab.locate(ptr)?;
+        let s = self.slab.slab(id);
         if !s.is_handed(i) || s.is_quarantined(i) {
             return Err(RegionError::DoubleFree);
         }
@@ -312,10 +385,11 @@ impl MemoryManager {
             if cache.cpu_slab.len() <= c {
                 cache.cpu_slab.resize(c + 1, None);
             }
-            if let Some(va) = cache.cpu_slab[c] {
-                let s = self.slab.slabs.get_mut(&va).expect("current slabs are live");
+            if let Some(id) = cache.cpu_slab[c] {
+                let s = self.slab.slab_mut(id);
+                let va = s.va;
                 while out.len() < want {
-                    let Some(i) = s.first_free() else { break };
+                    let Some(i) = s.next_free() else { break };
                     s.set_handed(i, true);
                     s.in_use += 1;
                     out.push(va + u64::from(i) * size);
@@ -328,7 +402,7 @@ impl MemoryManager {
                 self.slab.caches[class].cpu_slab[c] = None;
             }
             let Some(next) = self.next_slab(class, node, cpu)? else { break };
-            let s = self.slab.slabs.get_mut(&next).expect("live");
+            let s = self.slab.slab_mut(next);
             s.owner = Some(cpu);
             self.slab.caches[class].cpu_slab[c] = Some(next);
         }
@@ -343,11 +417,15 @@ impl MemoryManager {
 
     /// A slab with free objects for vCPU `cpu` on `node` to own next: preferably one it owned
     /// before.
-    fn next_slab(&mut self, class: usize, node: NodeId, cpu: u32) -> Result<Option<u64>, RegionError> {
+    fn next_slab(&mut self, class: usize, node: NodeId, cpu: u32) -> Result<Option<SlabId>, RegionError> {
         let n = node.0 as usize;
-        let slabs = &self.slab.slabs;
+        let arena = &self.slab.arena;
         let cache = &mut self.slab.caches[class];
-        let own = cache.partial[n].iter().take(16).copied().find(|va| slabs[va].last_owner == Some(cpu));
+        let own = cache.partial[n]
+            .iter()
+            .take(16)
+            .copied()
+            .find(|&id| arena[id as usize].as_ref().is_some_and(|s| s.last_owner == Some(cpu)));
         if let Some(va) = own.or_else(|| cache.partial[n].first().copied()) {
             cache.partial[n].remove(&va);
             return Ok(Some(va));
@@ -362,8 +440,8 @@ impl MemoryManager {
         }
         // Out of memory: release the quarantine, then take another node's partial or empty
         // slab rather than fail.
-        while let Some(ptr) = self.slab.caches[class].quarantine.pop_front() {
-            self.release_object(ptr)?;
+        while let Some((id, i)) = self.slab.caches[class].quarantine.pop_front() {
+            self.release_object(id, i)?;
         }
         let cache = &mut self.slab.caches[class];
         for other in 0..cache.partial.len() {
@@ -375,40 +453,38 @@ impl MemoryManager {
     }
 
     /// Maps a new slab on `node` (or, if it is full, the nearest node with room).
-    fn new_slab(&mut self, class: usize, node: NodeId) -> Result<u64, RegionError> {
+    fn new_slab(&mut self, class: usize, node: NodeId) -> Result<SlabId, RegionError> {
         let size = CLASSES[class];
         let pages = slab_pages(size);
-        let (va, _) = self.map_internal(pages, Policy::Preferred(node), node, RegionKind::Slab)?;
+        let va = self.map_slab(pages, Policy::Preferred(node), node)?;
         let objects = objects_per_slab(size);
         let first = self.regions[&va].frame(0).expect("slabs have frames");
         let node = NodeId(u32::try_from(self.pool.states.node(first).expect("RAM")).expect("few nodes"));
-        self.slab.slabs.insert(
+        let id = self.slab.insert(Slab {
             va,
-            Slab {
-                va,
-                class,
-                node,
-                objects,
-                in_use: 0,
-                handed: vec![0; objects.div_ceil(64) as usize],
-                quarantined: vec![0; objects.div_ceil(64) as usize],
-                owner: None,
-                last_owner: None,
-            },
-        );
+            class,
+            node,
+            objects,
+            in_use: 0,
+            handed: vec![0; objects.div_ceil(64) as usize],
+            quarantined: vec![0; objects.div_ceil(64) as usize],
+            owner: None,
+            last_owner: None,
+            cursor: 0,
+        });
         let cache = &mut self.slab.caches[class];
         cache.slabs += 1;
         self.slab.counters.slabs_created += 1;
-        Ok(va)
+        Ok(id)
     }
 
     /// Unmaps an empty slab and gives its frames back (at the next flush).
-    fn release_slab(&mut self, va: u64) -> Result<(), RegionError> {
-        let s = self.slab.slabs.remove(&va).expect("live slab");
+    fn release_slab(&mut self, id: SlabId) -> Result<(), RegionError> {
+        let s = self.slab.remove(id);
         debug_assert_eq!(s.in_use, 0);
         self.slab.caches[s.class].slabs -= 1;
         self.slab.counters.slabs_released += 1;
-        let region = self.regions.remove(&va).expect("slabs are regions");
+        let region = self.regions.remove(&s.va).expect("slabs are regions");
         self.drop_region(region)
     }
 
@@ -417,7 +493,11 @@ impl MemoryManager {
         let mut slabs = [0u64; NR_CLASSES];
         let mut active = [0u64; NR_CLASSES];
         let mut quarantined = [0u64; NR_CLASSES];
-        for (&va, s) in &self.slab.slabs {
+        for (id, s) in self.slab.live() {
+            let va = s.va;
+            if self.slab.locate(va).ok().map(|l| l.0) != Some(id) {
+                return Err(format!("slab {va:#x}: its slot does not lead to it"));
+            }
             let handed: u32 = s.handed.iter().map(|w| w.count_ones()).sum();
             if handed != s.in_use {
                 return Err(format!("slab {va:#x}: {} handed bits, in_use {}", handed, s.in_use));
@@ -436,11 +516,11 @@ impl MemoryManager {
             }
             let cache = &self.slab.caches[s.class];
             let n = s.node.0 as usize;
-            let in_partial = cache.partial[n].contains(&va);
-            let is_empty = cache.empty[n] == Some(va);
+            let in_partial = cache.partial[n].contains(&id);
+            let is_empty = cache.empty[n] == Some(id);
             match s.owner {
                 Some(cpu) => {
-                    if cache.cpu_slab.get(cpu as usize).copied().flatten() != Some(va) || in_partial || is_empty {
+                    if cache.cpu_slab.get(cpu as usize).copied().flatten() != Some(id) || in_partial || is_empty {
                         return Err(format!("slab {va:#x}: owned by vCPU {cpu} but listed elsewhere"));
                     }
                 }
@@ -471,10 +551,11 @@ impl MemoryManager {
                 ));
             }
             for (cpu, s) in cache.cpu_slab.iter().enumerate() {
-                if let Some(va) = s
-                    && self.slab.slabs.get(va).and_then(|s| s.owner) != Some(u32::try_from(cpu).expect("few vCPUs"))
+                if let Some(id) = *s
+                    && self.slab.arena[id as usize].as_ref().and_then(|s| s.owner)
+                        != Some(u32::try_from(cpu).expect("few vCPUs"))
                 {
-                    return Err(format!("class {}: vCPU {cpu}'s slab {va:#x} is not owned by it", CLASSES[c]));
+                    return Err(format!("class {}: vCPU {cpu}'s slab {id} is not owned by it", CLASSES[c]));
                 }
             }
         }

@@ -18,6 +18,8 @@ const QUARANTINE_BYTES: u64 = 1 << 30;
 #[derive(Debug)]
 pub struct VaZone {
     align: u64,
+    /// Unmapped bytes after each range (0 or `align`).
+    guard: u64,
     /// Free ranges by start: start -> length.
     by_addr: BTreeMap<u64, u64>,
     /// Free ranges by (length, start), for best fit.
@@ -31,11 +33,18 @@ pub struct VaZone {
 }
 
 impl VaZone {
-    /// A zone covering `[start, end)`, handing out multiples of `align` aligned to `align`.
+    /// A zone covering `[start, end)`, handing out multiples of `align` aligned to `align`, each
+    /// followed by an unmapped guard of `align` bytes.
     pub fn new(start: u64, end: u64, align: u64) -> Self {
+        Self::with_guard(start, end, align, true)
+    }
+
+    /// [`new`](Self::new), with or without the guards.
+    pub fn with_guard(start: u64, end: u64, align: u64, guard: bool) -> Self {
         assert!(start.is_multiple_of(align) && end.is_multiple_of(align) && start < end);
         let mut z = VaZone {
             align,
+            guard: if guard { align } else { 0 },
             by_addr: BTreeMap::new(),
             by_size: BTreeSet::new(),
             quarantine: VecDeque::new(),
@@ -49,7 +58,7 @@ impl VaZone {
 
     /// Reserves `len` bytes (rounded up to the alignment) plus a guard; returns the start.
     pub fn alloc(&mut self, len: u64) -> Option<u64> {
-        let want = len.checked_next_multiple_of(self.align)?.checked_add(self.align)?;
+        let want = len.checked_next_multiple_of(self.align)?.checked_add(self.guard)?;
         let &(flen, start) = self.by_size.range((want, 0)..).next()?;
         self.remove_free(start, flen);
         if flen > want {
@@ -61,7 +70,7 @@ impl VaZone {
 
     /// Releases a range from [`alloc`](Self::alloc) (same `len`) into the quarantine.
     pub fn free(&mut self, start: u64, len: u64) {
-        let total = len.next_multiple_of(self.align) + self.align;
+        let total = len.next_multiple_of(self.align) + self.guard;
         self.used -= total;
         self.quarantine.push_back((start, total));
         self.quarantined.insert(start);
