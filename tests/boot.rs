@@ -7,7 +7,7 @@ use common::{run, scratch};
 #[test]
 fn boots_with_one_and_two_vcpus() {
     for cpus in ["1", "2"] {
-        let r = run(&["--cpus", cpus]);
+        let r = run(&["--cpus", cpus, "--guest-args", "scenario=boot"]);
         r.assert_ok();
         let boot = r.result("scenario", "boot").expect("boot result line");
         assert_eq!(boot["vcpus"].as_u64().unwrap().to_string(), cpus);
@@ -23,7 +23,7 @@ fn boots_with_one_and_two_vcpus() {
 #[test]
 fn boots_with_256m_2g_and_64g() {
     for size in ["256M", "2G", "64G"] {
-        let r = run(&["--memory", &format!("size={size}"), "--cpus", "2"]);
+        let r = run(&["--memory", &format!("size={size}"), "--cpus", "2", "--guest-args", "scenario=boot"]);
         r.assert_ok();
         let stats = r.stats.as_ref().expect("stats");
         let bytes: u64 = match size {
@@ -60,6 +60,8 @@ fn two_node_layout_is_reported_back_exactly() {
         "node=1,size=512M,cpus=1,host-node=0,host-policy=bind",
         "--numa-distance",
         "0:1=35",
+        "--guest-args",
+        "scenario=boot",
     ]);
     r.assert_ok();
     let layouts: Vec<_> = r.results().into_iter().filter(|x| x["kind"] == "layout").collect();
@@ -80,7 +82,7 @@ fn two_node_layout_is_reported_back_exactly() {
 
 #[test]
 fn node_straddling_the_hole_has_two_ranges() {
-    let r = run(&["--numa", "node=0,size=2G,cpus=0", "--numa", "node=1,size=2G"]);
+    let r = run(&["--numa", "node=0,size=2G,cpus=0", "--numa", "node=1,size=2G", "--guest-args", "scenario=boot"]);
     r.assert_ok();
     let node1 = r.results().into_iter().find(|x| x["kind"] == "layout" && x["node"] == 1).unwrap();
     assert_eq!(node1["ranges"], "0x80000000+0x40000000,0x100000000+0x40000000");
@@ -129,4 +131,16 @@ fn sigusr1_dumps_the_stats_while_running() {
     let dump: serde_json::Value = serde_json::from_str(&stderr[start..=end]).expect("the dump parses");
     assert!(dump["exit"].is_null(), "still running when dumped");
     assert!(dump["memcalls"]["calls"].as_u64().unwrap() > 0, "{dump}");
+}
+
+#[test]
+fn the_default_guest_runs_the_stress_job() {
+    let r = run(&["--cpus", "2"]);
+    r.assert_ok();
+    assert!(r.result("scenario", "stress").is_some(), "{}", r.stdout);
+    for step in ["pages", "churn", "larson", "xmalloc", "cache-scratch"] {
+        let results: Vec<_> = r.results().into_iter().filter(|x| x["scenario"] == step).collect();
+        assert_eq!(results.len(), 2, "{step}: {}", r.stdout);
+        assert!(results.iter().all(|x| x["errors"] == 0), "{step}: {results:?}");
+    }
 }

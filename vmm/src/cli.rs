@@ -38,7 +38,7 @@ pub struct RunArgs {
     /// Distance between two nodes, A:B=D (symmetric; default 10 local, 20 remote)
     #[arg(long = "numa-distance", value_name = "A:B=D")]
     pub numa_distance: Vec<String>,
-    /// Arguments for the guest, "key=value ..." [default: "scenario=boot"]
+    /// Arguments for the guest, "key=value ..." [default: "scenario=stress"]
     #[arg(long = "guest-args", value_name = "ARGS")]
     pub guest_args: Option<String>,
     /// Write the stats as JSON to PATH at exit

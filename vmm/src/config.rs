@@ -22,7 +22,7 @@ pub const DEFAULT_FAULT_AROUND: u64 = 64 << 10;
 /// limit a sequential stream's window grows to.
 pub const MAX_FAULT_AROUND: u64 = 2 << 20;
 /// Default guest arguments: the stress scenario the default guest runs.
-pub const DEFAULT_GUEST_ARGS: &str = "scenario=boot";
+pub const DEFAULT_GUEST_ARGS: &str = "scenario=stress";
 /// No x86 KVM build allows more vCPUs than this (`KVM_MAX_VCPUS` is at most 4096); the host's
 /// actual limit and the protocol's ([`MAX_VCPUS`]) are checked when the VM is built.
 pub const MAX_CPUS_ANY_HOST: u32 = 4096;

@@ -14,6 +14,7 @@ mod pages;
 mod ptstress;
 mod segv;
 mod slabcheck;
+mod stress;
 mod touch;
 pub mod util;
 mod workload;
@@ -58,8 +59,9 @@ pub fn fail(status: u32) {
 
 pub fn run(cpu: u32, bi: &'static BootInfo) -> ! {
     let ctx = Ctx { cpu, cpus: bi.nr_vcpus, bi, args: Args(bootinfo::args(bi)) };
-    let name = ctx.args.get("scenario").unwrap_or("boot");
+    let name = ctx.args.get("scenario").unwrap_or("stress");
     match name {
+        "stress" => stress::run(&ctx),
         "boot" => boot::run(&ctx),
         "pages" => pages::run(&ctx),
         "oom" => oom::run(&ctx),

@@ -47,6 +47,11 @@ static LIVE: AtomicI64 = AtomicI64::new(0);
 /// The highest `LIVE` seen: the workload's peak footprint.
 static PEAK: AtomicU64 = AtomicU64::new(0);
 
+/// Starts a new peak measurement (between workloads, while nothing is live).
+pub fn reset_peak() {
+    PEAK.store(LIVE.load(Ordering::Relaxed).max(0) as u64, Ordering::Relaxed);
+}
+
 /// Accounts `bytes` allocated (positive) or freed (negative).
 pub fn account(bytes: i64) {
     let now = LIVE.fetch_add(bytes, Ordering::Relaxed) + bytes;
