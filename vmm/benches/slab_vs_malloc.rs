@@ -11,15 +11,11 @@
 #![allow(clippy::cast_possible_truncation, clippy::cast_precision_loss)]
 
 use std::hint::black_box;
-use std::sync::Arc;
 use std::time::Instant;
 
 use protocol::slab::{CLASSES, NR_CLASSES, batch, class_for};
-use vmm::layout::ram_ranges;
 use vmm::memory::addr::NodeId;
 use vmm::memory::manager::MemoryManager;
-use vmm::memory::populate::Populate;
-use vmm::memory::ram::GuestRam;
 
 /// (slot, size): replace the object in `slot` with a new one of `size` (0: just free).
 fn trace(ops: usize, slots: usize) -> Vec<(usize, usize)> {
@@ -53,9 +49,7 @@ struct Magazines {
 }
 
 fn run_slab(steps: &[(usize, usize)], slots: usize) -> f64 {
-    let ranges = ram_ranges(&[1 << 30]).expect("layout");
-    let ram = Arc::new(GuestRam::new(&ranges, &[None]).expect("ram"));
-    let mut mm = MemoryManager::new(ram, &[vec![10]], Populate::Direct, None, 64 << 10).expect("mm");
+    let mut mm = vmm::memory::manager::standalone(&[1 << 30]).expect("memory manager");
     let mut mags = Magazines { alloc: vec![Vec::new(); NR_CLASSES], free: vec![Vec::new(); NR_CLASSES] };
     let mut live: Vec<Option<(u64, usize)>> = vec![None; slots];
     let exchange = |mm: &mut MemoryManager, mags: &mut Magazines, c: usize| {

@@ -97,6 +97,17 @@ pub enum MemoryError {
     },
 }
 
+/// A memory manager over real, unregistered guest RAM of `node_sizes` (no KVM), with distance 10
+/// local and 20 remote: for tests and benchmarks of the allocators.
+pub fn standalone(node_sizes: &[u64]) -> Result<MemoryManager, MemoryError> {
+    let n = node_sizes.len();
+    let ranges = crate::layout::ram_ranges(node_sizes).ok_or(MemoryError::NoNode(NodeId(0)))?;
+    let bindings = vec![None; n];
+    let ram = Arc::new(GuestRam::new(&ranges, &bindings).map_err(|e| MemoryError::Metadata(std::io::Error::other(e)))?);
+    let distance: Vec<Vec<u8>> = (0..n).map(|a| (0..n).map(|b| if a == b { 10 } else { 20 }).collect()).collect();
+    MemoryManager::new(ram, &distance, Populate::Direct, None, 64 << 10)
+}
+
 /// Most frames one lazy-region fault maps.
 const LAZY_WINDOW_MAX: u64 = 16;
 

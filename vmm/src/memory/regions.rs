@@ -906,16 +906,11 @@ fn floor_log2(x: u64) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::layout::ram_ranges;
-    use crate::memory::populate::Populate;
-    use crate::memory::ram::GuestRam;
     use proptest::prelude::*;
 
     /// A two-node memory manager over real (unregistered) guest RAM, without KVM.
     fn manager() -> MemoryManager {
-        let ranges = ram_ranges(&[32 << 20, 32 << 20]).unwrap();
-        let ram = Arc::new(GuestRam::new(&ranges, &[None, None]).unwrap());
-        MemoryManager::new(ram, &[vec![10, 20], vec![20, 10]], Populate::Direct, None, 64 << 10).unwrap()
+        crate::memory::manager::standalone(&[32 << 20, 32 << 20]).unwrap()
     }
 
     #[derive(Debug, Clone)]

@@ -566,17 +566,12 @@ impl MemoryManager {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::layout::ram_ranges;
-    use crate::memory::populate::Populate;
-    use crate::memory::ram::GuestRam;
     use proptest::prelude::*;
     use std::collections::BTreeSet;
-    use std::sync::Arc;
 
+    /// A two-node memory manager over real (unregistered) guest RAM, without KVM.
     fn manager() -> MemoryManager {
-        let ranges = ram_ranges(&[16 << 20, 16 << 20]).unwrap();
-        let ram = Arc::new(GuestRam::new(&ranges, &[None, None]).unwrap());
-        MemoryManager::new(ram, &[vec![10, 20], vec![20, 10]], Populate::Direct, None, 64 << 10).unwrap()
+        crate::memory::manager::standalone(&[16 << 20, 16 << 20]).unwrap()
     }
 
     #[derive(Debug, Clone)]
