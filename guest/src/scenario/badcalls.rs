@@ -89,7 +89,7 @@ pub fn run(ctx: &Ctx) {
         failures += 1;
     }
     let after = mem::stats(ALL_NODES).unwrap_or_default();
-    if after.allocated_frames - after.page_table_pages != before.allocated_frames - before.page_table_pages {
+    if super::util::data_frames(&after) != super::util::data_frames(&before) {
         println!("guest: badcalls: frames leaked");
         failures += 1;
     }

@@ -4,7 +4,7 @@
 use protocol::exit;
 use protocol::memcall::{ALL_NODES, policy};
 
-use super::util::{read, sig, write};
+use super::util::{data_frames, read, sig, write};
 use super::{Ctx, fail};
 use crate::rng::Rng;
 use crate::{mem, println, trap};
@@ -45,16 +45,13 @@ pub fn run(ctx: &Ctx) {
     }
     let faults = trap::LAZY_FAULTS.load(core::sync::atomic::Ordering::Relaxed) - faults_before;
     let s2 = mem::stats(ALL_NODES).unwrap_or_default();
-    let frames = s2.allocated_frames - s1.allocated_frames - (s2.page_table_pages - s1.page_table_pages);
+    let frames = data_frames(&s2) - data_frames(&s1);
     check(frames >= faults && frames <= faults * 16, "frames do not match the faults");
     check(frames < pages / 4, "lazy region allocated most of its frames");
     check(mem::free(va).is_ok(), "free failed");
     check(trap::read(va + touched[0] * 4096).is_err(), "freed lazy page still readable");
     let s3 = mem::stats(ALL_NODES).unwrap_or_default();
-    check(
-        s3.allocated_frames - s3.page_table_pages == s0.allocated_frames - s0.page_table_pages,
-        "lazy frames not returned",
-    );
+    check(data_frames(&s3) == data_frames(&s0), "lazy frames not returned");
     println!(
         "@result scenario=lazy region_pages={pages} touched={n} lazy_faults={faults} frames={frames} ok={}",
         u8::from(checks.ok)

@@ -224,9 +224,12 @@ pub fn run(ctx: &Ctx) {
             end.resident_frames
         );
         // Page-table pages stay (tables are never repointed); everything else must be back.
-        let data = |s: &protocol::MemStats| s.allocated_frames - s.page_table_pages;
-        if data(&end) != data(&base) {
-            println!("guest: pages: {} data frames before, {} after freeing everything", data(&base), data(&end));
+        if super::util::data_frames(&end) != super::util::data_frames(&base) {
+            println!(
+                "guest: pages: {} data frames before, {} after freeing everything",
+                super::util::data_frames(&base),
+                super::util::data_frames(&end)
+            );
             fail(exit::VERIFY_FAILED);
         }
     }

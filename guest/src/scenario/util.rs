@@ -27,6 +27,12 @@ pub fn ns(bi: &BootInfo, cycles: u64) -> u64 {
     if bi.tsc_khz == 0 { 0 } else { (u128::from(cycles) * 1_000_000 / u128::from(bi.tsc_khz)) as u64 }
 }
 
+/// Frames holding data: allocated frames minus page-table pages (tables stay once built, so a
+/// scenario that frees everything gets back to the same count of data frames).
+pub fn data_frames(s: &protocol::MemStats) -> u64 {
+    s.allocated_frames - s.page_table_pages
+}
+
 /// Node owning guest-physical `gpa` according to BootInfo.
 pub fn node_of_gpa(bi: &BootInfo, gpa: u64) -> Option<u32> {
     bi.nodes[..bi.nr_nodes as usize].iter().find_map(|n| {
