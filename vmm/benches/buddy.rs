@@ -10,7 +10,7 @@ use std::hint::black_box;
 use std::time::Instant;
 
 use vmm::memory::addr::{Gfn, Order};
-use vmm::memory::buddy::BuddyAllocator;
+use vmm::memory::frames::buddy::BuddyAllocator;
 
 /// 4 GiB of 4 KiB frames.
 const FRAMES: u64 = 1 << 20;

@@ -14,8 +14,8 @@ use std::hint::black_box;
 use std::time::Instant;
 
 use protocol::slab::{CLASSES, NR_CLASSES, batch, class_for};
+use vmm::memory::MemoryManager;
 use vmm::memory::addr::NodeId;
-use vmm::memory::manager::MemoryManager;
 
 /// (slot, size): replace the object in `slot` with a new one of `size` (0: just free).
 fn trace(ops: usize, slots: usize) -> Vec<(usize, usize)> {
@@ -49,7 +49,7 @@ struct Magazines {
 }
 
 fn run_slab(steps: &[(usize, usize)], slots: usize) -> f64 {
-    let mut mm = vmm::memory::manager::standalone(&[1 << 30]).expect("memory manager");
+    let mut mm = vmm::memory::standalone(&[1 << 30]).expect("memory manager");
     let mut mags = Magazines { alloc: vec![Vec::new(); NR_CLASSES], free: vec![Vec::new(); NR_CLASSES] };
     let mut live: Vec<Option<(u64, usize)>> = vec![None; slots];
     let exchange = |mm: &mut MemoryManager, mags: &mut Magazines, c: usize| {

@@ -6,12 +6,15 @@
 pub mod boot;
 pub mod cli;
 pub mod config;
+pub mod host;
 pub mod layout;
 pub mod memcall;
 pub mod memory;
 pub mod metrics;
+pub mod shared;
 pub mod signals;
 pub mod stats;
+pub mod sync;
 pub mod vcpu;
 pub mod vm;
 pub mod wire;

@@ -2,9 +2,10 @@
 //! validated, and dispatched to the memory manager. Bad requests get a status code; only a
 //! host-side failure stops the VM.
 
+use std::sync::Mutex;
 use std::time::Instant;
 
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryError};
 
 use protocol::memcall::{ALL_NODES, AREA_OFFSET, MAX_BATCH, MemCall, op, policy};
 use protocol::slab::{self, CLASSES, MAG, MAG_ALLOC, MAG_FREE, MAGAZINES_OFFSET, Magazine, NR_CLASSES};
@@ -12,12 +13,59 @@ use protocol::{CPU_PAGE_ARGS, CPU_PAGE_FAULT_STATUS, CPU_PAGE_MEMCALL_DONE, CPU_
 
 use crate::boot::CpuBoot;
 use crate::memory::addr::NodeId;
-use crate::memory::manager::{MemoryError, MemoryManager};
-use crate::memory::policy::Policy;
-use crate::memory::regions::RegionError;
+use crate::memory::backing::ram::GuestRam;
+use crate::memory::frames::policy::Policy;
+use crate::memory::{MemoryError, MemoryManager};
 use crate::metrics::{Counter, Histogram, LatencySummary};
-use crate::vm::{VmError, VmShared};
+use crate::sync::lock;
 use crate::wire::Wire;
+
+/// A memory call the VMM could not serve: the VM stops.
+#[derive(Debug, thiserror::Error)]
+pub enum MemCallError {
+    #[error("cannot read {len} bytes at {gpa:#x}")]
+    Read {
+        gpa: u64,
+        len: usize,
+        #[source]
+        source: GuestMemoryError,
+    },
+    #[error("cannot write {len} bytes at {gpa:#x}")]
+    Write {
+        gpa: u64,
+        len: usize,
+        #[source]
+        source: GuestMemoryError,
+    },
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+}
+
+/// Why one call failed: a status for the guest, or a host failure.
+enum Refusal {
+    Status(u64),
+    Host(MemCallError),
+}
+
+impl From<MemoryError> for Refusal {
+    fn from(e: MemoryError) -> Self {
+        match e.guest_status() {
+            Some(st) => Refusal::Status(st),
+            None => Refusal::Host(e.into()),
+        }
+    }
+}
+
+impl From<MemCallError> for Refusal {
+    fn from(e: MemCallError) -> Self {
+        Refusal::Host(e)
+    }
+}
+
+/// EINVAL for a malformed call.
+fn invalid() -> Refusal {
+    Refusal::Status(status::EINVAL)
+}
 
 /// Operation names, indexed by op code.
 pub const OP_NAMES: [&str; op::COUNT] = [
@@ -111,13 +159,21 @@ impl MemCallCounters {
     }
 }
 
+/// Where a vCPU's calls come from and go to.
+#[derive(Debug, Clone, Copy)]
+pub struct MemCallCtx<'a> {
+    pub mm: &'a Mutex<MemoryManager>,
+    pub ram: &'a GuestRam,
+    pub counters: &'a MemCallCounters,
+}
+
 /// Serves `out MEMCALL, n | first << 16` from vCPU `cpu`.
-pub fn doorbell(shared: &VmShared, cpu: &CpuBoot, value: u32) -> Result<(), VmError> {
+pub fn doorbell(ctx: MemCallCtx<'_>, cpu: &CpuBoot, value: u32) -> Result<(), MemCallError> {
     let (n, first) = ((value & 0xffff) as usize, (value >> 16) as usize);
     let start = Instant::now();
-    let c = &shared.memcalls;
+    let c = ctx.counters;
     c.doorbells.inc();
-    let mem = shared.ram.mem();
+    let mem = ctx.ram.mem();
     let done = GuestAddress(cpu.cpu_page_gpa.0 + CPU_PAGE_MEMCALL_DONE);
     if first + n > MAX_BATCH {
         c.bad_batches.inc();
@@ -128,15 +184,17 @@ pub fn doorbell(shared: &VmShared, cpu: &CpuBoot, value: u32) -> Result<(), VmEr
     let area = GuestAddress(cpu.cpu_page_gpa.0 + AREA_OFFSET + first as u64 * 64);
     let mut calls = vec![Wire::<MemCall>::default(); n];
     for (i, call) in calls.iter_mut().enumerate() {
-        *call = mem
-            .read_obj(GuestAddress(area.0 + i as u64 * 64))
-            .map_err(|source| VmError::Memory(MemoryError::Read { gpa: area.0, len: 64, source }))?;
+        *call = mem.read_obj(GuestAddress(area.0 + i as u64 * 64)).map_err(|source| MemCallError::Read {
+            gpa: area.0,
+            len: 64,
+            source,
+        })?;
     }
     let mut stats_out = None;
     {
-        let mut mm = shared.mm();
+        let mut mm = lock(ctx.mm);
         for call in &mut calls {
-            let (st, ret) = dispatch(&mut mm, shared, cpu, &call.0, &mut stats_out)?;
+            let (st, ret) = dispatch(&mut mm, ctx, cpu, &call.0, &mut stats_out)?;
             call.0.status = st;
             call.0.ret = ret;
         }
@@ -160,21 +218,18 @@ pub fn doorbell(shared: &VmShared, cpu: &CpuBoot, value: u32) -> Result<(), VmEr
 }
 
 /// Serves `out LAZY_FAULT` for a #PF at `cr2`: backs the page if it is in a lazy region.
-pub fn lazy_fault(shared: &VmShared, cpu: &CpuBoot, cr2: u64, error_code: u32) -> Result<(), VmError> {
-    shared.memcalls.lazy_fault_calls.inc();
-    let mem = shared.ram.mem();
-    let va = cr2;
+pub fn lazy_fault(ctx: MemCallCtx<'_>, cpu: &CpuBoot, cr2: u64, error_code: u32) -> Result<(), MemCallError> {
+    ctx.counters.lazy_fault_calls.inc();
+    let mem = ctx.ram.mem();
     let _ = mem.write_obj(cr2, GuestAddress(cpu.cpu_page_gpa.0 + CPU_PAGE_TRAP_CR2));
     // A protection fault (present page) is the guest's own, whatever region it is in.
     const PF_PRESENT: u32 = 1;
     let st = if error_code & PF_PRESENT != 0 {
         status::EFAULT
     } else {
-        let mut mm = shared.mm();
-        match mm.fault_lazy(va) {
+        match lock(ctx.mm).fault_lazy(cr2) {
             Ok(_) => status::OK,
-            Err(RegionError::Internal(e)) => return Err(VmError::Memory(e)),
-            Err(e) => e.status(),
+            Err(e) => e.guest_status().ok_or(e)?,
         }
     };
     let _ = mem.write_obj(st, GuestAddress(cpu.cpu_page_gpa.0 + CPU_PAGE_FAULT_STATUS));
@@ -184,12 +239,12 @@ pub fn lazy_fault(shared: &VmShared, cpu: &CpuBoot, cr2: u64, error_code: u32) -
 /// Runs one call: `(status, ret)`. `Err` only for host failures that stop the VM.
 fn dispatch(
     mm: &mut MemoryManager,
-    shared: &VmShared,
+    ctx: MemCallCtx<'_>,
     cpu: &CpuBoot,
     call: &MemCall,
     stats_out: &mut Option<MemStats>,
-) -> Result<(u64, [u64; 2]), VmError> {
-    let c = &shared.memcalls;
+) -> Result<(u64, [u64; 2]), MemCallError> {
+    let c = ctx.counters;
     let Some(idx) = usize::try_from(call.op).ok().filter(|&i| i < OP_NAMES.len()) else {
         c.unknown_ops.inc();
         return Ok((status::ENOSYS, [0; 2]));
@@ -197,64 +252,58 @@ fn dispatch(
     c.by_op[idx].inc();
     let local = NodeId(cpu.node);
     let a = call.args;
-    let res: Result<[u64; 2], RegionError> = match call.op {
+    let res: Result<[u64; 2], Refusal> = match call.op {
         op::NOP => unused(call, 0).map(|()| [0; 2]),
         op::ALLOC => parse_policy(a[1], a[2])
-            .and_then(|p| mm.alloc_region(a[0], call.flags, p, local))
+            .and_then(|p| Ok(mm.alloc_region(a[0], call.flags, p, local)?))
             .map(|(va, len)| [va, len]),
-        op::MAP_LAZY => {
-            parse_policy(a[1], a[2]).and_then(|p| mm.map_lazy(a[0], call.flags, p, local)).map(|(va, len)| [va, len])
-        }
-        op::FREE => unused(call, 1).and_then(|()| mm.free_region(a[0])).map(|()| [0; 2]),
-        op::FAULT => unused(call, 1).and_then(|()| mm.fault_lazy(a[0])).map(|n| [n, 0]),
+        op::MAP_LAZY => parse_policy(a[1], a[2])
+            .and_then(|p| Ok(mm.map_lazy(a[0], call.flags, p, local)?))
+            .map(|(va, len)| [va, len]),
+        op::FREE => unused(call, 1).and_then(|()| Ok(mm.free_region(a[0])?)).map(|()| [0; 2]),
+        op::FAULT => unused(call, 1).and_then(|()| Ok(mm.fault_lazy(a[0])?)).map(|n| [n, 0]),
         op::PROTECT => {
             if a[2] != 0 || a[3] != 0 {
-                Err(RegionError::Invalid("unused arguments must be zero"))
+                Err(invalid())
             } else {
-                mm.protect_region(a[0], a[1], call.flags).map(|()| [0; 2])
+                mm.protect_region(a[0], a[1], call.flags).map(|()| [0; 2]).map_err(Refusal::from)
             }
         }
-        op::MOVE => unused(call, 1).and_then(|()| mm.move_region(a[0])).map(|va| [va, 0]),
+        op::MOVE => unused(call, 1).and_then(|()| Ok(mm.move_region(a[0])?)).map(|va| [va, 0]),
         op::STATS => unused(call, 1)
             .and_then(|()| {
-                let node = if a[0] == ALL_NODES {
-                    None
-                } else {
-                    Some(usize::try_from(a[0]).map_err(|_| RegionError::Invalid("no such node"))?)
-                };
-                mm.mem_stats(node)
+                let node = if a[0] == ALL_NODES { None } else { Some(usize::try_from(a[0]).map_err(|_| invalid())?) };
+                Ok(mm.mem_stats(node)?)
             })
             .map(|mut s| {
-                let f = &shared.fault_stats;
-                s.uffd_faults = f.zero_fill.get();
-                s.uffd_pages = f.pages.get();
-                let (_, rss, anon) = crate::stats::host_memory_all();
-                s.host_rss_kib = rss;
-                s.host_rss_anon_kib = anon;
-                s.fault_around = shared.fault_window * protocol::PAGE_SIZE;
+                let host = crate::host::process_memory();
+                s.host_rss_kib = host.rss_kib;
+                s.host_rss_anon_kib = host.anon_kib;
                 s.memcalls = c.calls.get();
                 s.doorbells = c.doorbells.get();
                 *stats_out = Some(s);
                 [0; 2]
             }),
-        op::TRANSLATE => unused(call, 1).and_then(|()| mm.translate(a[0])).map(|(gpa, node)| [gpa, u64::from(node)]),
+        op::TRANSLATE => {
+            unused(call, 1).and_then(|()| Ok(mm.translate(a[0])?)).map(|(gpa, node)| [gpa, u64::from(node)])
+        }
         op::SLAB_EXCHANGE => {
             if call.flags != 0 || a[2] != 0 || a[3] != 0 {
-                Err(RegionError::Invalid("unused arguments must be zero"))
+                Err(invalid())
             } else {
-                slab_exchange(mm, shared, cpu, a[0], a[1])
+                slab_exchange(mm, ctx, cpu, a[0], a[1])
             }
         }
-        op::SLAB_FREE => unused(call, 1).and_then(|()| mm.slab_free(a[0])).map(|()| [0; 2]),
-        op::SLAB_INFO => unused(call, 1).and_then(|()| mm.slab_info(a[0])).map(|size| [u64::from(size), 0]),
+        op::SLAB_FREE => unused(call, 1).and_then(|()| Ok(mm.slab_free(a[0])?)).map(|()| [0; 2]),
+        op::SLAB_INFO => unused(call, 1).and_then(|()| Ok(mm.slab_info(a[0])?)).map(|size| [u64::from(size), 0]),
         _ => unreachable!("op index checked above"),
     };
     match res {
         Ok(ret) => Ok((status::OK, ret)),
-        Err(RegionError::Internal(e)) => Err(VmError::Memory(e)),
-        Err(e) => {
+        Err(Refusal::Host(e)) => Err(e),
+        Err(Refusal::Status(st)) => {
             c.errors_by_op[idx].inc();
-            Ok((e.status(), [0; 2]))
+            Ok((st, [0; 2]))
         }
     }
 }
@@ -263,35 +312,34 @@ fn dispatch(
 /// `want`. Every field read from the magazine is clamped; every pointer in it is validated.
 fn slab_exchange(
     mm: &mut MemoryManager,
-    shared: &VmShared,
+    ctx: MemCallCtx<'_>,
     cpu: &CpuBoot,
     class: u64,
     want: u64,
-) -> Result<[u64; 2], RegionError> {
-    let class =
-        usize::try_from(class).ok().filter(|&c| c < NR_CLASSES).ok_or(RegionError::Invalid("no such size class"))?;
-    let want = usize::try_from(want).ok().filter(|&w| w <= MAG).ok_or(RegionError::Invalid("more than a magazine"))?;
-    let mem = shared.ram.mem();
+) -> Result<[u64; 2], Refusal> {
+    let class = usize::try_from(class).ok().filter(|&c| c < NR_CLASSES).ok_or_else(invalid)?;
+    let want = usize::try_from(want).ok().filter(|&w| w <= MAG).ok_or_else(invalid)?;
+    let mem = ctx.ram.mem();
     let mag = cpu.cpu_page_gpa.0 + MAGAZINES_OFFSET + (class * size_of::<Magazine>()) as u64;
-    let read_u32 = |off: u64| -> Result<u32, RegionError> {
-        mem.read_obj(GuestAddress(mag + off))
-            .map_err(|source| RegionError::Internal(MemoryError::Read { gpa: mag + off, len: 4, source }))
+    let read_u32 = |off: u64| -> Result<u32, MemCallError> {
+        mem.read_obj(GuestAddress(mag + off)).map_err(|source| MemCallError::Read { gpa: mag + off, len: 4, source })
     };
     let alloc_count = (read_u32(0)? as usize).min(MAG);
     let free_count = (read_u32(4)? as usize).min(MAG);
     let mut frees = vec![0u64; free_count];
     for (i, f) in frees.iter_mut().enumerate() {
         let at = mag + MAG_FREE + i as u64 * 8;
-        *f = mem
-            .read_obj(GuestAddress(at))
-            .map_err(|source| RegionError::Internal(MemoryError::Read { gpa: at, len: 8, source }))?;
+        *f = mem.read_obj(GuestAddress(at)).map_err(|source| MemCallError::Read { gpa: at, len: 8, source })?;
     }
     let limit = want.min(slab::batch(CLASSES[class]));
     let need = limit.saturating_sub(alloc_count);
     let (out, bad) = mm.slab_exchange(cpu.id, NodeId(cpu.node), class, &frees, need)?;
     let write = |off: u64, bytes: &[u8]| {
-        mem.write_slice(bytes, GuestAddress(mag + off))
-            .map_err(|source| RegionError::Internal(MemoryError::Write { gpa: mag + off, len: bytes.len(), source }))
+        mem.write_slice(bytes, GuestAddress(mag + off)).map_err(|source| MemCallError::Write {
+            gpa: mag + off,
+            len: bytes.len(),
+            source,
+        })
     };
     let objs: Vec<u8> = out.iter().flat_map(|v| v.to_le_bytes()).collect();
     write(MAG_ALLOC + alloc_count as u64 * 8, &objs)?;
@@ -304,30 +352,29 @@ fn slab_exchange(
         write(12, &u32::try_from(st).expect("small status").to_le_bytes())?;
         write(16, &ptr.to_le_bytes())?;
     }
-    shared.memcalls.slab_objects_out.add(out.len() as u64);
-    shared.memcalls.slab_objects_in.add((frees.len() - bad.len()) as u64);
+    ctx.counters.slab_objects_out.add(out.len() as u64);
+    ctx.counters.slab_objects_in.add((frees.len() - bad.len()) as u64);
     if need > 0 && out.is_empty() {
-        return Err(RegionError::NoMemory);
+        return Err(Refusal::Status(status::ENOMEM));
     }
     Ok([u64::from(new_count), bad.len() as u64])
 }
 
 /// Checks that flags and the arguments from `used` on are zero.
-fn unused(call: &MemCall, used: usize) -> Result<(), RegionError> {
+fn unused(call: &MemCall, used: usize) -> Result<(), Refusal> {
     if call.flags != 0 || call.args[used..].iter().any(|&x| x != 0) {
-        return Err(RegionError::Invalid("unused arguments must be zero"));
+        return Err(invalid());
     }
     Ok(())
 }
 
-fn parse_policy(p: u64, node: u64) -> Result<Policy, RegionError> {
-    let node_id = || u32::try_from(node).map(NodeId).map_err(|_| RegionError::Invalid("no such node"));
+fn parse_policy(p: u64, node: u64) -> Result<Policy, Refusal> {
+    let node_id = || u32::try_from(node).map(NodeId).map_err(|_| invalid());
     match p {
         policy::LOCAL if node == 0 => Ok(Policy::Local),
         policy::BIND => Ok(Policy::Bind(node_id()?)),
         policy::PREFERRED => Ok(Policy::Preferred(node_id()?)),
         policy::INTERLEAVE if node == 0 => Ok(Policy::Interleave),
-        policy::LOCAL | policy::INTERLEAVE => Err(RegionError::Invalid("this policy takes no node")),
-        _ => Err(RegionError::Invalid("unknown policy")),
+        _ => Err(invalid()),
     }
 }

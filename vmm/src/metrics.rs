@@ -1,7 +1,9 @@
 //! Counters and latency histograms. Hot paths bump these instead of logging; log lines the guest
 //! can trigger are rate-limited through [`Counter::inc_logged`].
 
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
 /// A monotonically increasing count.
 #[derive(Debug, Default)]
@@ -108,6 +110,45 @@ impl Histogram {
             max_ns: max,
         }
     }
+}
+
+/// Wall-clock marks for the boot-time report.
+#[derive(Debug)]
+pub struct Timing {
+    pub start: Instant,
+    first_run: OnceLock<Instant>,
+    first_exit: OnceLock<Instant>,
+}
+
+impl Timing {
+    pub fn new(start: Instant) -> Self {
+        Timing { start, first_run: OnceLock::new(), first_exit: OnceLock::new() }
+    }
+
+    /// Records the first `KVM_RUN` (later calls do nothing).
+    pub fn mark_first_run(&self) {
+        let _ = self.first_run.set(Instant::now());
+    }
+
+    /// Records vCPU 0's first exit (later calls do nothing).
+    pub fn mark_first_exit(&self) {
+        let _ = self.first_exit.set(Instant::now());
+    }
+
+    /// Microseconds from start to the first `KVM_RUN`.
+    pub fn first_run_us(&self) -> Option<u64> {
+        self.first_run.get().map(|t| micros(*t - self.start))
+    }
+
+    /// Microseconds from start to the first exit (the guest's first instruction ran by then).
+    pub fn first_exit_us(&self) -> Option<u64> {
+        self.first_exit.get().map(|t| micros(*t - self.start))
+    }
+}
+
+/// Whole microseconds of `d`, saturating.
+pub fn micros(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
 #[cfg(test)]

@@ -1,11 +1,7 @@
 //! SIGUSR1 dumps the stats while the VM runs.
 
-use std::sync::Arc;
-
 use signal_hook::consts::SIGUSR1;
 use signal_hook::iterator::{Handle, Signals};
-
-use crate::vm::{VmEvent, VmShared};
 
 /// Stops forwarding when dropped.
 #[derive(Debug)]
@@ -19,9 +15,9 @@ impl Drop for SignalForwarder {
     }
 }
 
-/// Starts a thread that turns each SIGUSR1 into a [`VmEvent::DumpStats`]. If the handler cannot
-/// be installed, the VM runs without it (and says so once).
-pub fn forward_sigusr1(shared: Arc<VmShared>) -> SignalForwarder {
+/// Starts a thread that calls `on_signal` for each SIGUSR1. If the handler cannot be
+/// installed, the VM runs without it (and says so once).
+pub fn forward_sigusr1(on_signal: impl Fn() + Send + 'static) -> SignalForwarder {
     let mut signals = match Signals::new([SIGUSR1]) {
         Ok(s) => s,
         Err(e) => {
@@ -32,7 +28,7 @@ pub fn forward_sigusr1(shared: Arc<VmShared>) -> SignalForwarder {
     let handle = signals.handle();
     let spawned = std::thread::Builder::new().name("signals".into()).spawn(move || {
         for _ in signals.forever() {
-            shared.send(VmEvent::DumpStats);
+            on_signal();
         }
     });
     if let Err(e) = spawned {

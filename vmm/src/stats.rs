@@ -7,16 +7,17 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use crate::boot::GuestBoot;
 use crate::boot::image::LoadedImage;
 use crate::config::VmConfig;
 use crate::layout::RamRange;
 use crate::memcall::MemCallReport;
-use crate::memory::fault::FaultReport;
-use crate::memory::manager::{MmCounters, NodeStats};
-use crate::memory::slab::{SlabCounters, SlabInfo};
-use crate::vcpu::micros;
-use crate::vm::{Ending, VmShared};
+use crate::memory::backing::fault::FaultReport;
+use crate::memory::frames::NodeStats;
+use crate::memory::slab::SlabSnapshot;
+use crate::memory::space::SpaceCounters;
+use crate::memory::{MemorySnapshot, TrimCounters};
+use crate::metrics::{Timing, micros};
+use crate::shared::ExitCounts;
 
 /// Bumped when a field changes meaning (never for additions).
 pub const STATS_VERSION: u32 = 1;
@@ -34,20 +35,8 @@ pub struct Stats {
     /// Second-level (userfaultfd) faults; `null` with `backing=demand`.
     pub faults: Option<FaultReport>,
     pub memcalls: MemCallReport,
-    pub slab: SlabReport,
+    pub slab: SlabSnapshot,
     pub guest: GuestInfo,
-}
-
-/// Small-object allocator figures.
-#[derive(Debug, Serialize)]
-pub struct SlabReport {
-    /// One entry per size class, like /proc/slabinfo.
-    pub classes: Vec<SlabInfo>,
-    pub counters: SlabCounters,
-    /// Objects handed out (in magazines or in use) at this moment.
-    pub active_objects: u64,
-    /// Frames in slabs.
-    pub frames: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -107,7 +96,7 @@ pub struct MemoryInfo {
     pub nodes: Vec<NodeStats>,
     /// Live guest regions.
     pub regions: usize,
-    pub counters: MmCounters,
+    pub counters: MemoryCounters,
     /// KVM memslots registered so far, and the guest RAM they cover.
     pub memslots: u32,
     pub memslot_bytes: u64,
@@ -121,13 +110,13 @@ pub struct MemoryInfo {
     pub image: LoadedImage,
 }
 
+/// The memory manager's event counts: the address space's and the manager's own.
 #[derive(Debug, Serialize)]
-pub struct ExitCounts {
-    pub total: u64,
-    pub console: u64,
-    pub trap_info: u64,
-    pub nop: u64,
-    pub bad_port: u64,
+pub struct MemoryCounters {
+    #[serde(flatten)]
+    pub space: SpaceCounters,
+    #[serde(flatten)]
+    pub trims: TrimCounters,
 }
 
 #[derive(Debug, Serialize)]
@@ -136,31 +125,32 @@ pub struct GuestInfo {
     pub results: Vec<BTreeMap<String, serde_json::Value>>,
 }
 
-/// Gathers the stats.
-pub fn collect(
-    cfg: &VmConfig,
-    shared: &VmShared,
-    boot: &GuestBoot,
-    ranges: &[RamRange],
-    ending: Option<&Ending>,
-) -> Stats {
-    let (hwm, rss) = host_memory();
-    let mm = shared.mm();
-    let metadata = mm.metadata_bytes();
-    let c = &shared.counters;
+/// What the stats are assembled from: each part a snapshot its owner took.
+#[derive(Debug)]
+pub struct Sources<'a> {
+    pub cfg: &'a VmConfig,
+    pub ranges: &'a [RamRange],
+    pub image: LoadedImage,
+    /// How the run ended (`None` while it runs).
+    pub exit: Option<ExitInfo>,
+    pub timing: &'a Timing,
+    pub exits: ExitCounts,
+    pub memory: MemorySnapshot,
+    /// "ok" or the first broken invariant, when they were checked.
+    pub invariants: Option<String>,
+    pub memcalls: MemCallReport,
+    pub results: Vec<String>,
+}
+
+/// Assembles the stats.
+pub fn assemble(src: Sources<'_>) -> Stats {
+    let host = crate::host::process_memory();
+    let cfg = src.cfg;
+    let m = src.memory;
+    let metadata = m.frames.metadata_bytes;
     Stats {
         version: STATS_VERSION,
-        exit: ending.map(|e| ExitInfo {
-            code: e.exit_code(),
-            guest_status: match e {
-                Ending::Guest(s) => Some(*s),
-                Ending::Fatal { .. } => None,
-            },
-            error: match e {
-                Ending::Guest(_) => None,
-                Ending::Fatal { message, .. } => Some(message.clone()),
-            },
-        }),
+        exit: src.exit,
         config: ConfigInfo {
             kernel: cfg.kernel.display().to_string(),
             memory: cfg.memory,
@@ -175,58 +165,46 @@ pub fn collect(
                     id: n.id,
                     size: n.size,
                     cpus: n.cpus.clone(),
-                    ranges: ranges.iter().filter(|r| r.node == n.id).map(|r| [r.start, r.len]).collect(),
+                    ranges: src.ranges.iter().filter(|r| r.node == n.id).map(|r| [r.start, r.len]).collect(),
                     host: n.host,
                 })
                 .collect(),
             distance: cfg.numa.distance.clone(),
         },
         timing_us: TimingInfo {
-            first_run: shared.timing.first_run_us(),
-            first_exit: shared.timing.first_exit_us(),
-            total: micros(shared.timing.start.elapsed()),
+            first_run: src.timing.first_run_us(),
+            first_exit: src.timing.first_exit_us(),
+            total: micros(src.timing.start.elapsed()),
         },
-        host: HostInfo { vm_hwm_kib: hwm, vm_rss_kib: rss },
+        host: HostInfo { vm_hwm_kib: host.hwm_kib, vm_rss_kib: host.rss_kib },
         memory: MemoryInfo {
             backing: cfg.backing,
-            huge_leaves: mm.huge_leaves(),
-            nodes: mm
-                .node_stats()
+            huge_leaves: m.space.huge_leaves,
+            nodes: m
+                .frames
+                .nodes
                 .into_iter()
                 .map(|mut n| {
-                    n.frames_faulted = shared.fault_stats.faulted_per_node[n.node as usize].get();
+                    n.frames_faulted = m.backing.faulted_per_node.get(n.node as usize).copied().unwrap_or(0);
                     n
                 })
                 .collect(),
-            regions: mm.region_count(),
-            counters: mm.counters().clone(),
-            memslots: mm.memslots().map_or(0, |s| s.count()),
-            memslot_bytes: mm.memslots().map_or(0, |s| s.registered_bytes()),
-            invariants: (cfg.verbose && ending.is_some())
-                .then(|| mm.check_invariants().err().unwrap_or_else(|| "ok".to_string())),
+            regions: m.space.regions,
+            counters: MemoryCounters { space: m.space.counters, trims: m.trims },
+            memslots: m.backing.memslots,
+            memslot_bytes: m.backing.memslot_bytes,
+            invariants: src.invariants,
             metadata_bytes: metadata,
             metadata_bytes_per_gib: u64::try_from(u128::from(metadata) * (1 << 30) / u128::from(cfg.memory.max(1)))
                 .unwrap_or(u64::MAX),
-            page_table_pages: mm.page_tables().table_pages(),
-            image: boot.image,
+            page_table_pages: m.space.page_table_pages,
+            image: src.image,
         },
-        exits: ExitCounts {
-            total: c.exits.get(),
-            console: c.console.get(),
-            trap_info: c.trap_info.get(),
-            nop: c.nop.get(),
-            bad_port: c.bad_port.get(),
-        },
-        faults: (cfg.backing == crate::config::Backing::Uffd)
-            .then(|| shared.fault_stats.report(shared.fault_window, shared.fault_window_max)),
-        memcalls: shared.memcalls.report(),
-        slab: SlabReport {
-            classes: mm.slabs().info(),
-            counters: mm.slabs().counters.clone(),
-            active_objects: mm.slabs().active(),
-            frames: mm.slabs().frames(),
-        },
-        guest: GuestInfo { results: shared.results().iter().map(|l| parse_result(l)).collect() },
+        exits: src.exits,
+        faults: m.backing.faults,
+        memcalls: src.memcalls,
+        slab: m.slab,
+        guest: GuestInfo { results: src.results.iter().map(|l| parse_result(l)).collect() },
     }
 }
 
@@ -248,26 +226,6 @@ pub fn parse_result(line: &str) -> BTreeMap<String, serde_json::Value> {
             (k.to_string(), value)
         })
         .collect()
-}
-
-/// `(VmHWM, VmRSS)` in KiB from /proc/self/status.
-pub fn host_memory() -> (u64, u64) {
-    let m = host_memory_all();
-    (m.0, m.1)
-}
-
-/// `(VmHWM, VmRSS, RssAnon)` in KiB from /proc/self/status.
-pub fn host_memory_all() -> (u64, u64, u64) {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0)
-    };
-    (field("VmHWM:"), field("VmRSS:"), field("RssAnon:"))
 }
 
 /// The short final report printed at exit: peak RSS, exits, faults, slabs, buddy.
@@ -347,8 +305,8 @@ pub fn table(s: &Stats) -> String {
         m.calls_per_doorbell,
         errors,
         s.memory.regions,
-        s.memory.counters.discard_calls,
-        s.memory.counters.invalidations
+        s.memory.counters.space.discard_calls,
+        s.memory.counters.space.invalidations
     );
     let _ = write!(
         out,

@@ -2,7 +2,6 @@
 //! dispatches port I/O to the VMM's devices and reports how the vCPU ended.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES, kvm_dtable, kvm_fpu, kvm_regs};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
@@ -11,7 +10,8 @@ use vm_memory::{Bytes, GuestAddress};
 use protocol::{CONSOLE_BUF, CPU_PAGE_ARGS, CPU_PAGE_CONSOLE, CPU_PAGE_TRAP_CR2, layout::BOOT_INFO_VA, port, status};
 
 use crate::boot::{CpuBoot, GuestBoot, idt_from_handlers, tables};
-use crate::vm::{VmEvent, VmShared};
+use crate::memcall::{MemCallCtx, MemCallError};
+use crate::shared::VmShared;
 
 /// CR0 bits.
 mod cr0 {
@@ -61,6 +61,21 @@ pub enum VcpuError {
         #[source]
         source: kvm_ioctls::Error,
     },
+    #[error(transparent)]
+    MemCall(#[from] MemCallError),
+}
+
+/// How a vCPU stopped running.
+#[derive(Debug)]
+pub enum VcpuEnd {
+    /// The guest wrote its exit status.
+    GuestExit { status: u32 },
+    /// The guest triple-faulted.
+    Crashed { reason: String, regs: String },
+    /// KVM failed or exited in a way the VMM does not handle.
+    KvmFailed { reason: String, regs: String },
+    /// The VMM failed serving this vCPU.
+    Failed(VcpuError),
 }
 
 /// The host's supported CPUID, to be patched per vCPU.
@@ -151,14 +166,18 @@ impl Vcpu {
         Vcpu { boot, fd, shared, line: Vec::new() }
     }
 
-    /// Runs until the guest exits or something fails; reports the end as a [`VmEvent`].
-    pub fn run(mut self) {
-        let ev = self.run_loop();
+    /// Runs until the guest exits or something fails.
+    pub fn run(mut self) -> VcpuEnd {
+        let end = self.run_loop();
         self.flush_console();
-        self.shared.send(ev);
+        end
     }
 
-    fn run_loop(&mut self) -> VmEvent {
+    fn memcalls(&self) -> MemCallCtx<'_> {
+        MemCallCtx { mm: &self.shared.mm, ram: &self.shared.ram, counters: &self.shared.memcalls }
+    }
+
+    fn run_loop(&mut self) -> VcpuEnd {
         let cpu = self.boot.id;
         if cpu == 0 {
             self.shared.timing.mark_first_run();
@@ -167,7 +186,7 @@ impl Vcpu {
             let exit = match self.fd.run() {
                 Ok(e) => Self::copy_exit(e),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Exit::Intr,
-                Err(source) => return VmEvent::VcpuFailed { cpu, error: VcpuError::Run { cpu, source }.into() },
+                Err(source) => return VcpuEnd::Failed(VcpuError::Run { cpu, source }),
             };
             if cpu == 0 {
                 self.shared.timing.mark_first_exit();
@@ -187,24 +206,19 @@ impl Vcpu {
                 }
                 Exit::Intr => {}
                 Exit::Shutdown => {
-                    return VmEvent::GuestCrashed { cpu, reason: "triple fault".into(), regs: self.dump_regs() };
+                    return VcpuEnd::Crashed { reason: "triple fault".into(), regs: self.dump_regs() };
                 }
                 Exit::InternalError => {
-                    return VmEvent::KvmFailed { cpu, reason: "KVM internal error".into(), regs: self.dump_regs() };
+                    return VcpuEnd::KvmFailed { reason: "KVM internal error".into(), regs: self.dump_regs() };
                 }
                 Exit::FailEntry(r) => {
-                    return VmEvent::KvmFailed {
-                        cpu,
+                    return VcpuEnd::KvmFailed {
                         reason: format!("VM entry failed (hardware reason {r:#x})"),
                         regs: self.dump_regs(),
                     };
                 }
                 Exit::Other(what) => {
-                    return VmEvent::KvmFailed {
-                        cpu,
-                        reason: format!("unexpected exit: {what}"),
-                        regs: self.dump_regs(),
-                    };
+                    return VcpuEnd::KvmFailed { reason: format!("unexpected exit: {what}"), regs: self.dump_regs() };
                 }
             }
         }
@@ -237,7 +251,7 @@ impl Vcpu {
     }
 
     /// Handles `out port, value`; `Some` ends the vCPU.
-    fn port_out(&mut self, p: u16, v: u32) -> Option<VmEvent> {
+    fn port_out(&mut self, p: u16, v: u32) -> Option<VcpuEnd> {
         let c = &self.shared.counters;
         match p {
             port::CONSOLE_PUTC => {
@@ -253,7 +267,7 @@ impl Vcpu {
                     self.console_bytes(&buf);
                 }
             }
-            port::EXIT => return Some(VmEvent::GuestExit { cpu: self.boot.id, status: v }),
+            port::EXIT => return Some(VcpuEnd::GuestExit { status: v }),
             port::TRAP_INFO => {
                 c.trap_info.inc();
                 let cr2 = self.fd.get_sregs().map(|s| s.cr2).unwrap_or(0);
@@ -262,14 +276,14 @@ impl Vcpu {
             }
             port::SET_IDT => self.set_idt(v),
             port::MEMCALL => {
-                if let Err(e) = crate::memcall::doorbell(&self.shared, &self.boot, v) {
-                    return Some(VmEvent::VcpuFailed { cpu: self.boot.id, error: Box::new(e) });
+                if let Err(e) = crate::memcall::doorbell(self.memcalls(), &self.boot, v) {
+                    return Some(VcpuEnd::Failed(e.into()));
                 }
             }
             port::LAZY_FAULT => {
                 let cr2 = self.fd.get_sregs().map(|s| s.cr2).unwrap_or(u64::MAX);
-                if let Err(e) = crate::memcall::lazy_fault(&self.shared, &self.boot, cr2, v) {
-                    return Some(VmEvent::VcpuFailed { cpu: self.boot.id, error: Box::new(e) });
+                if let Err(e) = crate::memcall::lazy_fault(self.memcalls(), &self.boot, cr2, v) {
+                    return Some(VcpuEnd::Failed(e.into()));
                 }
             }
             port::NOP => c.nop.inc(),
@@ -337,41 +351,4 @@ impl Vcpu {
         }
         out
     }
-}
-
-/// Wall-clock marks for the boot-time report.
-#[derive(Debug)]
-pub struct Timing {
-    pub start: Instant,
-    first_run: std::sync::OnceLock<Instant>,
-    first_exit: std::sync::OnceLock<Instant>,
-}
-
-impl Timing {
-    pub fn new(start: Instant) -> Self {
-        Timing { start, first_run: Default::default(), first_exit: Default::default() }
-    }
-
-    fn mark_first_run(&self) {
-        let _ = self.first_run.set(Instant::now());
-    }
-
-    fn mark_first_exit(&self) {
-        let _ = self.first_exit.set(Instant::now());
-    }
-
-    /// Microseconds from start to the first `KVM_RUN`.
-    pub fn first_run_us(&self) -> Option<u64> {
-        self.first_run.get().map(|t| micros(*t - self.start))
-    }
-
-    /// Microseconds from start to the first exit (the guest's first instruction ran by then).
-    pub fn first_exit_us(&self) -> Option<u64> {
-        self.first_exit.get().map(|t| micros(*t - self.start))
-    }
-}
-
-/// Whole microseconds of `d`, saturating.
-pub fn micros(d: std::time::Duration) -> u64 {
-    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }

@@ -17,10 +17,10 @@ use vm_memory::{ByteValued, GuestAddress, GuestRegionMmap};
 use protocol::layout::{IMAGE_VA_END, IMAGE_VA_START};
 
 use crate::memory::addr::{Gfn, Gva, NodeId, PAGE_SIZE};
-use crate::memory::manager::{MemoryError, MemoryManager};
-use crate::memory::page_state::FrameState;
-use crate::memory::pagetable::PteFlags;
-use crate::memory::ram::GuestMemoryMmap;
+use crate::memory::backing::ram::GuestMemoryMmap;
+use crate::memory::frames::page_state::FrameState;
+use crate::memory::space::pagetable::PteFlags;
+use crate::memory::{MemoryError, MemoryManager};
 
 /// Most program headers accepted.
 const MAX_PHDRS: u16 = 64;
@@ -232,13 +232,13 @@ impl Image {
             mm.map_one(
                 Gva(self.va_start + i * PAGE_SIZE),
                 base.plus(i),
-                crate::memory::pagetable::PageSize::Size4K,
+                crate::memory::space::pagetable::PageSize::Size4K,
                 flags,
             )
             .map_err(ImageError::Memory)?;
         }
         debug_assert!(
-            mm.states().census(base, pages)[FrameState::Free as usize] == 0,
+            mm.frames().states().census(base, pages)[FrameState::Free as usize] == 0,
             "image frames are all allocated"
         );
         Ok(LoadedImage { entry: self.entry.0, va_start: self.va_start, va_end: self.va_end, gpa_start: base.gpa().0 })

@@ -19,8 +19,8 @@ use protocol::{BOOT_MAGIC, BOOT_VERSION, BootInfo, MAX_NODES, MAX_RANGES_PER_NOD
 
 use crate::config::VmConfig;
 use crate::memory::addr::{Gva, NodeId, PAGE_SIZE};
-use crate::memory::manager::{MemoryError, MemoryManager};
-use crate::memory::pagetable::PteFlags;
+use crate::memory::space::pagetable::PteFlags;
+use crate::memory::{MemoryError, MemoryManager};
 
 use image::{Image, ImageError, LoadedImage};
 
@@ -136,7 +136,7 @@ pub fn build(mm: &mut MemoryManager, cfg: &VmConfig, image: Image, tsc_khz: u32)
     Ok(GuestBoot {
         image: loaded,
         exec_ranges,
-        cr3: mm.page_tables().root().gpa().0,
+        cr3: mm.space().page_tables().root().gpa().0,
         gdt_va: SYSTEM_VA + GDT_OFFSET,
         gdt_limit: u16::try_from(gdt_bytes.len() - 1).expect("GDT fits in two pages"),
         idt_va: SYSTEM_VA + IDT_OFFSET,

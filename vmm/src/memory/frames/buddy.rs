@@ -13,9 +13,9 @@
 //! Allocation is best fit by order, then lowest address first, which keeps large blocks whole
 //! and makes "below 4 GiB" requests a simple bound on the lowest free block.
 
-use super::addr::{Gfn, Order};
 use super::bitmap::BitTree;
-use super::zeroed::ZeroedVec;
+use crate::memory::addr::{Gfn, Order};
+use crate::memory::zeroed::ZeroedVec;
 
 /// `heads[i]` for an allocated block's first frame: this bit plus the order.
 const HEAD: u8 = 0x80;

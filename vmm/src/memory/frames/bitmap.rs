@@ -6,7 +6,7 @@
 //! set when that word is non-zero. Storage is zero-initialised with `calloc`, so a large, mostly
 //! empty bitset costs no resident memory until bits are set.
 
-use super::zeroed::ZeroedVec;
+use crate::memory::zeroed::ZeroedVec;
 
 #[derive(Debug)]
 pub struct BitTree {

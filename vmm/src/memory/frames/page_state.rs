@@ -16,8 +16,8 @@
 
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 
-use super::addr::{Gfn, to_usize};
-use super::zeroed::ZeroedVec;
+use crate::memory::addr::{Gfn, to_usize};
+use crate::memory::zeroed::ZeroedVec;
 
 /// What the VMM knows about one guest frame.
 #[repr(u8)]
@@ -123,6 +123,16 @@ impl PageStates {
             }
         }
         was_resident
+    }
+
+    /// Number of nodes.
+    pub fn nodes(&self) -> usize {
+        self.resident.len()
+    }
+
+    /// The RAM ranges: `(first frame, one past the last, node)`, ascending.
+    pub fn ranges(&self) -> &[(Gfn, Gfn, usize)] {
+        &self.node_of
     }
 
     /// Resident frames on `node`.

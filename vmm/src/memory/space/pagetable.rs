@@ -18,8 +18,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use bitflags::bitflags;
 use vm_memory::{GuestAddress, GuestMemoryBackend, VolatileMemory};
 
-use super::addr::{Gfn, Gva, HUGE_PAGE_SIZE, PAGE_SIZE};
-use super::ram::GuestMemoryMmap;
+use crate::memory::addr::{Gfn, Gva, HUGE_PAGE_SIZE, PAGE_SIZE};
+use crate::memory::backing::ram::GuestMemoryMmap;
 
 bitflags! {
     /// Page-table entry bits (Intel SDM vol. 3, 4.5).

@@ -11,7 +11,7 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegion
 use crate::config::{HostBinding, HostPolicy};
 use crate::layout::RamRange;
 
-use super::addr::{PAGE_SIZE, to_usize};
+use crate::memory::addr::{PAGE_SIZE, to_usize};
 
 /// The guest's physical memory, as vm-memory sees it.
 pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;

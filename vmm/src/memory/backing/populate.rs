@@ -8,10 +8,10 @@
 
 use std::sync::Arc;
 
-use super::addr::{Gfn, HUGE_PAGE_SIZE, PAGE_SIZE, to_usize};
-use super::page_state::{FrameState, PageStates};
 use super::ram::GuestRam;
 use super::uffd::{Uffd, UffdError};
+use crate::memory::addr::{Gfn, HUGE_PAGE_SIZE, PAGE_SIZE, to_usize};
+use crate::memory::frames::page_state::{FrameState, PageStates};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PopulateError {
@@ -55,7 +55,7 @@ impl ZeroSource {
         let p = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
-                super::addr::to_usize(len),
+                crate::memory::addr::to_usize(len),
                 libc::PROT_READ,
                 libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
                 -1,
@@ -82,7 +82,7 @@ impl ZeroSource {
 impl Drop for ZeroSource {
     fn drop(&mut self) {
         // SAFETY: unmaps exactly the mapping created in `new`, which nothing references now.
-        unsafe { libc::munmap(self.ptr.cast_mut().cast(), super::addr::to_usize(self.len)) };
+        unsafe { libc::munmap(self.ptr.cast_mut().cast(), crate::memory::addr::to_usize(self.len)) };
     }
 }
 

@@ -26,13 +26,13 @@ use std::time::Instant;
 use vm_memory::GuestAddress;
 
 use crate::metrics::{Counter, Histogram, LatencySummary};
-use crate::vm::lock;
+use crate::sync::lock;
 
-use super::addr::{Gfn, PAGE_SIZE};
-use super::page_state::{FrameState, PageStates};
 use super::populate::{Populate, PopulateError, ZeroSource};
 use super::ram::GuestRam;
 use super::uffd::{UFFD_EVENT_PAGEFAULT, UFFD_PAGEFAULT_FLAG_WP, UFFD_PAGEFAULT_FLAG_WRITE, Uffd, UffdError, UffdMsg};
+use crate::memory::addr::{Gfn, PAGE_SIZE};
+use crate::memory::frames::page_state::{FrameState, PageStates};
 
 /// Faults on the same free frame in a row before the VM is stopped...
 const FREE_FRAME_FAULT_LIMIT: u32 = 3;

@@ -96,6 +96,12 @@ impl Memslots {
         Ok(())
     }
 
+    /// Whether a memslot covers guest-physical `gpa`.
+    pub fn covers(&self, gpa: u64) -> bool {
+        let i = self.chunks.partition_point(|c| c.gpa + c.len <= gpa);
+        self.chunks.get(i).is_some_and(|c| c.gpa <= gpa && c.slot.is_some())
+    }
+
     /// Bytes of guest RAM registered with KVM.
     pub fn registered_bytes(&self) -> u64 {
         self.registered_bytes

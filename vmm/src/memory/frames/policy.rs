@@ -1,6 +1,6 @@
 //! NUMA placement of guest requests: which nodes to try, in which order.
 
-use super::addr::NodeId;
+use crate::memory::addr::NodeId;
 
 /// A placement policy, validated from a memory call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -21,7 +21,11 @@
 //!   is one array lookup (no search), and releasing a slab leaves its slot unmapped for a while
 //!   (the zone's quarantine), so a dangling pointer faults.
 //!
-//! Locking: the slab allocator is part of the memory manager and runs under its lock.
+//! Layering: slabs are regions of the address space (`space`), whose frames come from the layers
+//! below; every operation borrows them. Locking: the slab allocator runs under the memory
+//! manager's lock.
+
+mod cache;
 
 use std::collections::BTreeSet;
 
@@ -29,108 +33,67 @@ use protocol::layout::{SLAB_SLOT, SLAB_VA_END, SLAB_VA_START};
 use protocol::memcall::prot;
 use protocol::slab::{CLASSES, NR_CLASSES};
 
-use super::addr::{NodeId, PAGE_SIZE, to_usize};
-use super::manager::MemoryManager;
-use super::policy::Policy;
-use super::regions::{RegionError, RegionKind};
+use crate::memory::addr::{NodeId, PAGE_SIZE, to_usize};
+use crate::memory::frames::policy::Policy;
+use crate::memory::space::region::RegionKind;
+use crate::memory::space::{AddressSpace, Phys, SpaceError};
+use crate::memory::zeroed::ZeroedVec;
 
-/// Pages per slab for `size`: at least 16 objects and 16 KiB (so page tables stay under 1% of
-/// slab memory), a power of two, at most a slot.
-pub fn slab_pages(size: u32) -> u64 {
-    (u64::from(size) * 16).div_ceil(PAGE_SIZE).next_power_of_two().clamp(4, SLAB_SLOT / PAGE_SIZE)
+use cache::{Cache, Slab, SlabId, set_bit};
+
+pub use cache::{objects_per_slab, quarantine_len, slab_pages};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SlabError {
+    #[error("invalid argument: {0}")]
+    Invalid(&'static str),
+    #[error("out of guest memory")]
+    NoMemory,
+    #[error("not an object")]
+    NotFound,
+    #[error("object already free")]
+    DoubleFree,
+    #[error(transparent)]
+    Space(SpaceError),
 }
 
-/// Slab id: index into the arena.
-type SlabId = u32;
-
-/// One slab.
-#[derive(Debug)]
-pub struct Slab {
-    pub va: u64,
-    pub class: usize,
-    pub node: NodeId,
-    pub objects: u32,
-    /// Objects handed out (in a magazine or in use by the guest).
-    pub in_use: u32,
-    /// Bit `i`: object `i` is not available (handed out, or in quarantine).
-    handed: Vec<u64>,
-    /// Bit `i`: object `i` is in quarantine.
-    quarantined: Vec<u64>,
-    /// The vCPU whose current slab this is.
-    pub owner: Option<u32>,
-    /// The vCPU that owned it last: it gets the slab back first, so a slab whose objects may
-    /// still sit in that vCPU's magazines does not move to another vCPU.
-    pub last_owner: Option<u32>,
-    /// Where the search for a free object starts (next-fit).
-    cursor: u32,
-}
-
-impl Slab {
-    fn is_handed(&self, i: u32) -> bool {
-        self.handed[i as usize / 64] & (1 << (i % 64)) != 0
-    }
-
-    fn set_handed(&mut self, i: u32, on: bool) {
-        set_bit(&mut self.handed, i, on);
-    }
-
-    fn is_quarantined(&self, i: u32) -> bool {
-        self.quarantined[i as usize / 64] & (1 << (i % 64)) != 0
-    }
-
-    /// The next free object at or after the cursor (wrapping), if any.
-    fn next_free(&mut self) -> Option<u32> {
-        let words = self.handed.len();
-        let start = self.cursor as usize / 64;
-        for k in 0..=words {
-            let w = (start + k) % words;
-            // On the first word, ignore the bits below the cursor; they come last.
-            let mask = if k == 0 { !0u64 << (self.cursor % 64) } else { !0u64 };
-            let free = !self.handed[w] & mask;
-            if free != 0 {
-                let i = u32::try_from(w * 64).ok()? + free.trailing_zeros();
-                if i < self.objects {
-                    self.cursor = (i + 1) % self.objects;
-                    return Some(i);
-                }
-            }
+impl From<SpaceError> for SlabError {
+    fn from(e: SpaceError) -> Self {
+        match e {
+            SpaceError::NoMemory => SlabError::NoMemory,
+            e => SlabError::Space(e),
         }
-        None
     }
 }
 
-fn set_bit(words: &mut [u64], i: u32, on: bool) {
-    let w = &mut words[i as usize / 64];
-    if on {
-        *w |= 1 << (i % 64);
-    } else {
-        *w &= !(1 << (i % 64));
+impl SlabError {
+    /// The status code the guest gets, or `None` for a host failure (the VM cannot continue).
+    pub fn guest_status(&self) -> Option<u64> {
+        use protocol::status::*;
+        match self {
+            SlabError::Invalid(_) => Some(EINVAL),
+            SlabError::NoMemory => Some(ENOMEM),
+            SlabError::NotFound => Some(EFAULT),
+            SlabError::DoubleFree => Some(EALREADY),
+            SlabError::Space(e) => e.guest_status(),
+        }
     }
+}
+
+/// What the slab layer reports (the stats JSON's `slab`).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct SlabSnapshot {
+    /// One entry per size class, like /proc/slabinfo.
+    pub classes: Vec<SlabInfo>,
+    pub counters: SlabCounters,
+    /// Objects handed out (in magazines or in use) at this moment.
+    pub active_objects: u64,
+    /// Frames in slabs.
+    pub frames: u64,
 }
 
 /// What an exchange gives back: the objects handed out, and the bad frees with their status.
 pub type Exchanged = (Vec<u64>, Vec<(u64, u64)>);
-
-/// Objects of `size` a class keeps in quarantine: two exchange batches.
-pub fn quarantine_len(size: u32) -> usize {
-    2 * protocol::slab::batch(size)
-}
-
-/// Per-class state.
-#[derive(Debug, Default)]
-struct Cache {
-    /// Current slab of each vCPU (by id).
-    cpu_slab: Vec<Option<SlabId>>,
-    /// Per node: slabs with free objects that no vCPU owns.
-    partial: Vec<BTreeSet<SlabId>>,
-    /// Per node: one empty slab kept for reuse.
-    empty: Vec<Option<SlabId>>,
-    /// Freed objects waiting to become reusable, oldest first: (slab, object index).
-    quarantine: std::collections::VecDeque<(SlabId, u32)>,
-    slabs: u64,
-    /// Objects handed to the guest (not counting the quarantine).
-    active: u64,
-}
 
 /// What the slab allocator has done.
 #[derive(Debug, Default, Clone, serde::Serialize)]
@@ -167,8 +130,8 @@ pub struct SlabAllocator {
     arena: Vec<Option<Slab>>,
     free_ids: Vec<SlabId>,
     /// Per 64 KiB slot of the slab zone: the id of the slab there, plus one (0: none).
-    slots: super::zeroed::ZeroedVec<u32>,
-    pub counters: SlabCounters,
+    slots: ZeroedVec<u32>,
+    counters: SlabCounters,
 }
 
 impl SlabAllocator {
@@ -180,7 +143,7 @@ impl SlabAllocator {
             caches,
             arena: Vec::new(),
             free_ids: Vec::new(),
-            slots: super::zeroed::ZeroedVec::new(to_usize((SLAB_VA_END - SLAB_VA_START) / SLAB_SLOT)),
+            slots: ZeroedVec::new(to_usize((SLAB_VA_END - SLAB_VA_START) / SLAB_SLOT)),
             counters: SlabCounters::default(),
         }
     }
@@ -199,14 +162,14 @@ impl SlabAllocator {
 
     /// The slab containing `ptr` and the object's index: `NotFound` unless `ptr` is exactly
     /// an object of a live slab. One array lookup.
-    fn locate(&self, ptr: u64) -> Result<(SlabId, u32), RegionError> {
-        let slot = Self::slot_of(ptr).ok_or(RegionError::NotFound)?;
-        let id = self.slots[slot].checked_sub(1).ok_or(RegionError::NotFound)?;
+    fn locate(&self, ptr: u64) -> Result<(SlabId, u32), SlabError> {
+        let slot = Self::slot_of(ptr).ok_or(SlabError::NotFound)?;
+        let id = self.slots[slot].checked_sub(1).ok_or(SlabError::NotFound)?;
         let s = self.slab(id);
         let size = u64::from(CLASSES[s.class]);
         let off = ptr - s.va;
         if !off.is_multiple_of(size) || off / size >= u64::from(s.objects) {
-            return Err(RegionError::NotFound);
+            return Err(SlabError::NotFound);
         }
         Ok((id, u32::try_from(off / size).expect("fewer objects than u32")))
     }
@@ -269,41 +232,51 @@ impl SlabAllocator {
     pub fn frames(&self) -> u64 {
         self.live().map(|(_, s)| slab_pages(CLASSES[s.class])).sum()
     }
+
+    /// What the layer reports.
+    pub fn snapshot(&self) -> SlabSnapshot {
+        SlabSnapshot {
+            classes: self.info(),
+            counters: self.counters.clone(),
+            active_objects: self.active(),
+            frames: self.frames(),
+        }
+    }
 }
 
-/// Objects per slab of `size`.
-pub fn objects_per_slab(size: u32) -> u32 {
-    u32::try_from(slab_pages(size) * PAGE_SIZE / u64::from(size)).expect("a slab holds few objects")
-}
-
-impl MemoryManager {
+impl SlabAllocator {
     /// SLAB_EXCHANGE for vCPU `cpu` on `node`: returns `frees` to their slabs (the bad ones,
     /// with their status, in the second result), then hands out up to `want` objects of `class`.
     /// Fewer (or none) when memory runs out.
-    pub fn slab_exchange(
+    #[allow(clippy::too_many_arguments)]
+    pub fn exchange(
         &mut self,
+        space: &mut AddressSpace,
+        phys: &mut Phys<'_>,
         cpu: u32,
         node: NodeId,
         class: usize,
         frees: &[u64],
         want: usize,
-    ) -> Result<Exchanged, RegionError> {
+    ) -> Result<Exchanged, SlabError> {
         if class >= NR_CLASSES {
-            return Err(RegionError::Invalid("no such size class"));
+            return Err(SlabError::Invalid("no such size class"));
         }
         let mut bad = Vec::new();
         for &p in frees {
-            match self.slab_free(p) {
+            match self.free(space, phys, p) {
                 Ok(()) => {}
-                Err(RegionError::Internal(e)) => return Err(RegionError::Internal(e)),
-                Err(e) => bad.push((p, e.status())),
+                Err(e) => match e.guest_status() {
+                    Some(st) => bad.push((p, st)),
+                    None => return Err(e),
+                },
             }
         }
-        self.slab.counters.exchanges += 1;
-        let out = match self.slab_take(cpu, node, class, want) {
+        self.counters.exchanges += 1;
+        let out = match self.take(space, phys, cpu, node, class, want) {
             Ok(out) => out,
             // The drain still counts; the caller reports ENOMEM for an empty refill.
-            Err(RegionError::NoMemory) => Vec::new(),
+            Err(SlabError::NoMemory) => Vec::new(),
             Err(e) => return Err(e),
         };
         Ok((out, bad))
@@ -311,40 +284,46 @@ impl MemoryManager {
 
     /// Returns one object (into quarantine). `NotFound` for anything but an object of a live
     /// slab, `DoubleFree` for one that is free or in quarantine; neither changes anything.
-    pub fn slab_free(&mut self, ptr: u64) -> Result<(), RegionError> {
-        let located = self.slab.locate(ptr);
+    pub fn free(&mut self, space: &mut AddressSpace, phys: &mut Phys<'_>, ptr: u64) -> Result<(), SlabError> {
+        let located = self.locate(ptr);
         let Ok((id, i)) = located else {
-            self.slab.counters.bad_frees += 1;
+            self.counters.bad_frees += 1;
             return located.map(|_| ());
         };
-        let s = self.slab.slab_mut(id);
+        let s = self.slab_mut(id);
         if !s.is_handed(i) || s.is_quarantined(i) {
-            self.slab.counters.bad_frees += 1;
-            return Err(RegionError::DoubleFree);
+            self.counters.bad_frees += 1;
+            return Err(SlabError::DoubleFree);
         }
         set_bit(&mut s.quarantined, i, true);
         let class = s.class;
-        let cache = &mut self.slab.caches[class];
+        let cache = &mut self.caches[class];
         cache.active -= 1;
         cache.quarantine.push_back((id, i));
-        self.slab.counters.objects_in += 1;
+        self.counters.objects_in += 1;
         if cache.quarantine.len() > quarantine_len(CLASSES[class]) {
             let (oldest, j) = cache.quarantine.pop_front().expect("non-empty");
-            self.release_object(oldest, j)?;
+            self.release_object(space, phys, oldest, j)?;
         }
         Ok(())
     }
 
     /// Makes a quarantined object free in its slab, moving the slab between lists (and
     /// releasing it when it is empty and one empty slab is already cached).
-    fn release_object(&mut self, id: SlabId, i: u32) -> Result<(), RegionError> {
-        let s = self.slab.slab_mut(id);
+    fn release_object(
+        &mut self,
+        space: &mut AddressSpace,
+        phys: &mut Phys<'_>,
+        id: SlabId,
+        i: u32,
+    ) -> Result<(), SlabError> {
+        let s = self.slab_mut(id);
         set_bit(&mut s.quarantined, i, false);
         s.set_handed(i, false);
         s.in_use -= 1;
         let (class, node, in_use, objects, owned) =
             (s.class, s.node.0 as usize, s.in_use, s.objects, s.owner.is_some());
-        let cache = &mut self.slab.caches[class];
+        let cache = &mut self.caches[class];
         if owned {
             return Ok(());
         }
@@ -357,18 +336,18 @@ impl MemoryManager {
             if cache.empty[node].is_none() {
                 cache.empty[node] = Some(id);
             } else {
-                self.release_slab(id)?;
+                self.release_slab(space, phys, id)?;
             }
         }
         Ok(())
     }
 
     /// SLAB_INFO: the size of the handed-out object at `ptr`.
-    pub fn slab_info(&self, ptr: u64) -> Result<u32, RegionError> {
-        let (id, i) = self.slab.locate(ptr)?;
-        let s = self.slab.slab(id);
+    pub fn object_size(&self, ptr: u64) -> Result<u32, SlabError> {
+        let (id, i) = self.locate(ptr)?;
+        let s = self.slab(id);
         if !s.is_handed(i) || s.is_quarantined(i) {
-            return Err(RegionError::DoubleFree);
+            return Err(SlabError::DoubleFree);
         }
         Ok(CLASSES[s.class])
     }
@@ -376,17 +355,25 @@ impl MemoryManager {
     /// Up to `want` objects of `class` for `cpu`: from its current slab, then a partial slab of
     /// its node, the node's cached empty slab, a new slab (on the node, else nearby), and last
     /// other nodes' partial slabs.
-    fn slab_take(&mut self, cpu: u32, node: NodeId, class: usize, want: usize) -> Result<Vec<u64>, RegionError> {
+    fn take(
+        &mut self,
+        space: &mut AddressSpace,
+        phys: &mut Phys<'_>,
+        cpu: u32,
+        node: NodeId,
+        class: usize,
+        want: usize,
+    ) -> Result<Vec<u64>, SlabError> {
         let size = u64::from(CLASSES[class]);
         let c = cpu as usize;
         let mut out = Vec::with_capacity(want);
         while out.len() < want {
-            let cache = &mut self.slab.caches[class];
+            let cache = &mut self.caches[class];
             if cache.cpu_slab.len() <= c {
                 cache.cpu_slab.resize(c + 1, None);
             }
             if let Some(id) = cache.cpu_slab[c] {
-                let s = self.slab.slab_mut(id);
+                let s = self.slab_mut(id);
                 let va = s.va;
                 while out.len() < want {
                     let Some(i) = s.next_free() else { break };
@@ -399,28 +386,35 @@ impl MemoryManager {
                 }
                 // Exhausted (full): give it up; frees will put it on the partial list.
                 s.last_owner = s.owner.take();
-                self.slab.caches[class].cpu_slab[c] = None;
+                self.caches[class].cpu_slab[c] = None;
             }
-            let Some(next) = self.next_slab(class, node, cpu)? else { break };
-            let s = self.slab.slab_mut(next);
+            let Some(next) = self.next_slab(space, phys, class, node, cpu)? else { break };
+            let s = self.slab_mut(next);
             s.owner = Some(cpu);
-            self.slab.caches[class].cpu_slab[c] = Some(next);
+            self.caches[class].cpu_slab[c] = Some(next);
         }
         let n = out.len() as u64;
-        self.slab.caches[class].active += n;
-        self.slab.counters.objects_out += n;
+        self.caches[class].active += n;
+        self.counters.objects_out += n;
         if out.is_empty() && want > 0 {
-            return Err(RegionError::NoMemory);
+            return Err(SlabError::NoMemory);
         }
         Ok(out)
     }
 
     /// A slab with free objects for vCPU `cpu` on `node` to own next: preferably one it owned
     /// before.
-    fn next_slab(&mut self, class: usize, node: NodeId, cpu: u32) -> Result<Option<SlabId>, RegionError> {
+    fn next_slab(
+        &mut self,
+        space: &mut AddressSpace,
+        phys: &mut Phys<'_>,
+        class: usize,
+        node: NodeId,
+        cpu: u32,
+    ) -> Result<Option<SlabId>, SlabError> {
         let n = node.0 as usize;
-        let arena = &self.slab.arena;
-        let cache = &mut self.slab.caches[class];
+        let arena = &self.arena;
+        let cache = &mut self.caches[class];
         let own = cache.partial[n]
             .iter()
             .take(16)
@@ -433,17 +427,17 @@ impl MemoryManager {
         if let Some(va) = cache.empty[n].take() {
             return Ok(Some(va));
         }
-        match self.new_slab(class, node) {
+        match self.new_slab(space, phys, class, node) {
             Ok(va) => return Ok(Some(va)),
-            Err(RegionError::NoMemory) => {}
+            Err(SlabError::NoMemory) => {}
             Err(e) => return Err(e),
         }
         // Out of memory: release the quarantine, then take another node's partial or empty
         // slab rather than fail.
-        while let Some((id, i)) = self.slab.caches[class].quarantine.pop_front() {
-            self.release_object(id, i)?;
+        while let Some((id, i)) = self.caches[class].quarantine.pop_front() {
+            self.release_object(space, phys, id, i)?;
         }
-        let cache = &mut self.slab.caches[class];
+        let cache = &mut self.caches[class];
         for other in 0..cache.partial.len() {
             if let Some(va) = cache.partial[other].pop_first().or_else(|| cache.empty[other].take()) {
                 return Ok(Some(va));
@@ -453,49 +447,40 @@ impl MemoryManager {
     }
 
     /// Maps a new slab on `node` (or, if it is full, the nearest node with room).
-    fn new_slab(&mut self, class: usize, node: NodeId) -> Result<SlabId, RegionError> {
+    fn new_slab(
+        &mut self,
+        space: &mut AddressSpace,
+        phys: &mut Phys<'_>,
+        class: usize,
+        node: NodeId,
+    ) -> Result<SlabId, SlabError> {
         let size = CLASSES[class];
-        let pages = slab_pages(size);
-        let va = self.map_slab(pages, Policy::Preferred(node), node)?;
-        let objects = objects_per_slab(size);
-        let first = self.regions[&va].frame(0).expect("slabs have frames");
-        let node = NodeId(u32::try_from(self.pool.states.node(first).expect("RAM")).expect("few nodes"));
-        let id = self.slab.insert(Slab {
-            va,
-            class,
-            node,
-            objects,
-            in_use: 0,
-            handed: vec![0; objects.div_ceil(64) as usize],
-            quarantined: vec![0; objects.div_ceil(64) as usize],
-            owner: None,
-            last_owner: None,
-            cursor: 0,
-        });
-        let cache = &mut self.slab.caches[class];
-        cache.slabs += 1;
-        self.slab.counters.slabs_created += 1;
+        let va = space.map_slab(phys, slab_pages(size), Policy::Preferred(node), node)?;
+        let first = space.region(va).and_then(|r| r.frame(0)).expect("slabs have frames");
+        let node = phys.frames.node_of(first).expect("slab frames are RAM");
+        let id = self.insert(Slab::new(va, class, node, objects_per_slab(size)));
+        self.caches[class].slabs += 1;
+        self.counters.slabs_created += 1;
         Ok(id)
     }
 
     /// Unmaps an empty slab and gives its frames back (at the next flush).
-    fn release_slab(&mut self, id: SlabId) -> Result<(), RegionError> {
-        let s = self.slab.remove(id);
+    fn release_slab(&mut self, space: &mut AddressSpace, phys: &mut Phys<'_>, id: SlabId) -> Result<(), SlabError> {
+        let s = self.remove(id);
         debug_assert_eq!(s.in_use, 0);
-        self.slab.caches[s.class].slabs -= 1;
-        self.slab.counters.slabs_released += 1;
-        let region = self.regions.remove(&s.va).expect("slabs are regions");
-        self.drop_region(region)
+        self.caches[s.class].slabs -= 1;
+        self.counters.slabs_released += 1;
+        Ok(space.unmap_slab(phys, s.va)?)
     }
 
     /// Checks every slab against its region and lists, and the per-class counts.
-    pub(super) fn check_slabs(&self) -> Result<(), String> {
+    pub fn check_invariants(&self, space: &AddressSpace) -> Result<(), String> {
         let mut slabs = [0u64; NR_CLASSES];
         let mut active = [0u64; NR_CLASSES];
         let mut quarantined = [0u64; NR_CLASSES];
-        for (id, s) in self.slab.live() {
+        for (id, s) in self.live() {
             let va = s.va;
-            if self.slab.locate(va).ok().map(|l| l.0) != Some(id) {
+            if self.locate(va).ok().map(|l| l.0) != Some(id) {
                 return Err(format!("slab {va:#x}: its slot does not lead to it"));
             }
             let handed: u32 = s.handed.iter().map(|w| w.count_ones()).sum();
@@ -507,14 +492,14 @@ impl MemoryManager {
             }
             let q: u32 = s.quarantined.iter().map(|w| w.count_ones()).sum();
             quarantined[s.class] += u64::from(q);
-            let r = self.regions.get(&va).ok_or(format!("slab {va:#x} has no region"))?;
+            let r = space.region(va).ok_or(format!("slab {va:#x} has no region"))?;
             if r.kind != RegionKind::Slab
                 || r.len != slab_pages(CLASSES[s.class]) * PAGE_SIZE
                 || r.prot_at(0) != prot::READ | prot::WRITE
             {
                 return Err(format!("slab {va:#x}: region does not match"));
             }
-            let cache = &self.slab.caches[s.class];
+            let cache = &self.caches[s.class];
             let n = s.node.0 as usize;
             let in_partial = cache.partial[n].contains(&id);
             let is_empty = cache.empty[n] == Some(id);
@@ -537,7 +522,7 @@ impl MemoryManager {
             slabs[s.class] += 1;
             active[s.class] += u64::from(s.in_use - q);
         }
-        for (c, cache) in self.slab.caches.iter().enumerate() {
+        for (c, cache) in self.caches.iter().enumerate() {
             if cache.slabs != slabs[c] || cache.active != active[c] || cache.quarantine.len() as u64 != quarantined[c] {
                 return Err(format!(
                     "class {}: counts {} slabs / {} active / {} quarantined, found {} / {} / {}",
@@ -552,7 +537,7 @@ impl MemoryManager {
             }
             for (cpu, s) in cache.cpu_slab.iter().enumerate() {
                 if let Some(id) = *s
-                    && self.slab.arena[id as usize].as_ref().and_then(|s| s.owner)
+                    && self.arena[id as usize].as_ref().and_then(|s| s.owner)
                         != Some(u32::try_from(cpu).expect("few vCPUs"))
                 {
                     return Err(format!("class {}: vCPU {cpu}'s slab {id} is not owned by it", CLASSES[c]));
@@ -566,12 +551,12 @@ impl MemoryManager {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::memory::MemoryManager;
     use proptest::prelude::*;
-    use std::collections::BTreeSet;
 
     /// A two-node memory manager over real (unregistered) guest RAM, without KVM.
     fn manager() -> MemoryManager {
-        crate::memory::manager::standalone(&[16 << 20, 16 << 20]).unwrap()
+        crate::memory::standalone(&[16 << 20, 16 << 20]).unwrap()
     }
 
     #[derive(Debug, Clone)]

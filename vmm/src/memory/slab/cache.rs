@@ -1,0 +1,126 @@
+//! One slab (its objects, which are handed out, which wait in quarantine) and one size class's
+//! lists (per-vCPU current slabs, per-node partial lists, one cached empty slab, the quarantine).
+//! The metadata lives here, never in guest RAM.
+
+use std::collections::{BTreeSet, VecDeque};
+
+use protocol::layout::SLAB_SLOT;
+
+use crate::memory::addr::{NodeId, PAGE_SIZE};
+
+/// Pages per slab for `size`: at least 16 objects and 16 KiB (so page tables stay under 1% of
+/// slab memory), a power of two, at most a slot.
+pub fn slab_pages(size: u32) -> u64 {
+    (u64::from(size) * 16).div_ceil(PAGE_SIZE).next_power_of_two().clamp(4, SLAB_SLOT / PAGE_SIZE)
+}
+
+/// Slab id: index into the arena.
+pub(super) type SlabId = u32;
+
+/// One slab.
+#[derive(Debug)]
+pub struct Slab {
+    pub va: u64,
+    pub class: usize,
+    pub node: NodeId,
+    pub objects: u32,
+    /// Objects handed out (in a magazine or in use by the guest).
+    pub in_use: u32,
+    /// Bit `i`: object `i` is not available (handed out, or in quarantine).
+    pub(super) handed: Vec<u64>,
+    /// Bit `i`: object `i` is in quarantine.
+    pub(super) quarantined: Vec<u64>,
+    /// The vCPU whose current slab this is.
+    pub owner: Option<u32>,
+    /// The vCPU that owned it last: it gets the slab back first, so a slab whose objects may
+    /// still sit in that vCPU's magazines does not move to another vCPU.
+    pub last_owner: Option<u32>,
+    /// Where the search for a free object starts (next-fit).
+    pub(super) cursor: u32,
+}
+
+impl Slab {
+    /// An empty slab of `objects` objects of `class` at `va`, on `node`.
+    pub(super) fn new(va: u64, class: usize, node: NodeId, objects: u32) -> Slab {
+        let words = objects.div_ceil(64) as usize;
+        Slab {
+            va,
+            class,
+            node,
+            objects,
+            in_use: 0,
+            handed: vec![0; words],
+            quarantined: vec![0; words],
+            owner: None,
+            last_owner: None,
+            cursor: 0,
+        }
+    }
+
+    pub(super) fn is_handed(&self, i: u32) -> bool {
+        self.handed[i as usize / 64] & (1 << (i % 64)) != 0
+    }
+
+    pub(super) fn set_handed(&mut self, i: u32, on: bool) {
+        set_bit(&mut self.handed, i, on);
+    }
+
+    pub(super) fn is_quarantined(&self, i: u32) -> bool {
+        self.quarantined[i as usize / 64] & (1 << (i % 64)) != 0
+    }
+
+    /// The next free object at or after the cursor (wrapping), if any.
+    pub(super) fn next_free(&mut self) -> Option<u32> {
+        let words = self.handed.len();
+        let start = self.cursor as usize / 64;
+        for k in 0..=words {
+            let w = (start + k) % words;
+            // On the first word, ignore the bits below the cursor; they come last.
+            let mask = if k == 0 { !0u64 << (self.cursor % 64) } else { !0u64 };
+            let free = !self.handed[w] & mask;
+            if free != 0 {
+                let i = u32::try_from(w * 64).ok()? + free.trailing_zeros();
+                if i < self.objects {
+                    self.cursor = (i + 1) % self.objects;
+                    return Some(i);
+                }
+            }
+        }
+        None
+    }
+}
+
+pub(super) fn set_bit(words: &mut [u64], i: u32, on: bool) {
+    let w = &mut words[i as usize / 64];
+    if on {
+        *w |= 1 << (i % 64);
+    } else {
+        *w &= !(1 << (i % 64));
+    }
+}
+
+/// Objects of `size` a class keeps in quarantine: two exchange batches.
+pub fn quarantine_len(size: u32) -> usize {
+    2 * protocol::slab::batch(size)
+}
+
+/// Objects per slab of `size`.
+pub fn objects_per_slab(size: u32) -> u32 {
+    u32::try_from(slab_pages(size) * PAGE_SIZE / u64::from(size)).expect("a slab holds few objects")
+}
+
+/// Per-class state.
+#[derive(Debug, Default)]
+pub(super) struct Cache {
+    /// Current slab of each vCPU (by id).
+    pub(super) cpu_slab: Vec<Option<SlabId>>,
+    /// Per node: slabs with free objects that no vCPU owns.
+    pub(super) partial: Vec<BTreeSet<SlabId>>,
+    /// Per node: one empty slab kept for reuse.
+    pub(super) empty: Vec<Option<SlabId>>,
+    /// Freed objects waiting to become reusable, oldest first: (slab, object index).
+    pub(super) quarantine: VecDeque<(SlabId, u32)>,
+    pub(super) slabs: u64,
+    /// Objects handed to the guest (not counting the quarantine).
+    pub(super) active: u64,
+}

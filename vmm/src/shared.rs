@@ -1,0 +1,110 @@
+//! What the vCPU threads and the main thread share while the VM runs: guest RAM, the memory
+//! manager, exit and memory-call counters, and the guest's console and result lines.
+
+use std::io::Write;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use vm_memory::GuestAddress;
+
+use crate::memcall::MemCallCounters;
+use crate::memory::MemoryManager;
+use crate::memory::backing::ram::GuestRam;
+use crate::metrics::{Counter, Timing};
+use crate::sync::lock;
+
+/// Exit counts by kind.
+#[derive(Debug, Default)]
+pub struct ExitCounters {
+    pub exits: Counter,
+    pub console: Counter,
+    pub trap_info: Counter,
+    pub nop: Counter,
+    pub bad_port: Counter,
+}
+
+/// A snapshot of [`ExitCounters`] (the stats JSON's `exits`).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ExitCounts {
+    pub total: u64,
+    pub console: u64,
+    pub trap_info: u64,
+    pub nop: u64,
+    pub bad_port: u64,
+}
+
+impl ExitCounters {
+    pub fn snapshot(&self) -> ExitCounts {
+        ExitCounts {
+            total: self.exits.get(),
+            console: self.console.get(),
+            trap_info: self.trap_info.get(),
+            nop: self.nop.get(),
+            bad_port: self.bad_port.get(),
+        }
+    }
+}
+
+/// What vCPU threads share.
+pub struct VmShared {
+    pub ram: Arc<GuestRam>,
+    pub mm: Mutex<MemoryManager>,
+    pub counters: ExitCounters,
+    pub timing: Timing,
+    /// Exclusive ranges of executable image pages (valid exception-handler targets).
+    pub exec_ranges: Vec<(u64, u64)>,
+    /// Guest-physical address of the IDT.
+    pub idt_gpa: GuestAddress,
+    pub memcalls: MemCallCounters,
+    pub nr_vcpus: u32,
+    /// `@result` lines from the guest, in order.
+    results: Mutex<Vec<String>>,
+}
+
+impl VmShared {
+    /// Shares `mm` (and its guest RAM) with the vCPU threads.
+    pub fn new(
+        mm: MemoryManager,
+        timing: Timing,
+        exec_ranges: Vec<(u64, u64)>,
+        idt_gpa: GuestAddress,
+        nr_vcpus: u32,
+    ) -> Self {
+        VmShared {
+            ram: Arc::clone(mm.ram()),
+            mm: Mutex::new(mm),
+            counters: ExitCounters::default(),
+            timing,
+            exec_ranges,
+            idt_gpa,
+            memcalls: MemCallCounters::default(),
+            nr_vcpus,
+            results: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// One complete console line from `cpu`: printed (tagged when several vCPUs run), and kept
+    /// when it is a machine-readable result.
+    pub fn console_line(&self, cpu: u32, text: &str) {
+        if text.starts_with(protocol::RESULT_PREFIX) {
+            lock(&self.results).push(text.to_string());
+        }
+        let mut out = std::io::stdout().lock();
+        let _ = if self.nr_vcpus > 1 { writeln!(out, "[cpu{cpu}] {text}") } else { writeln!(out, "{text}") };
+    }
+
+    /// The memory manager.
+    pub fn mm(&self) -> MutexGuard<'_, MemoryManager> {
+        lock(&self.mm)
+    }
+
+    /// The guest's result lines so far.
+    pub fn results(&self) -> Vec<String> {
+        lock(&self.results).clone()
+    }
+}
+
+impl std::fmt::Debug for VmShared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmShared").field("nr_vcpus", &self.nr_vcpus).finish_non_exhaustive()
+    }
+}
