@@ -348,7 +348,7 @@ impl MemoryManager {
         self.frames.check_invariants()?;
         self.backing.check_invariants()?;
         self.space.check_invariants(&self.frames, &self.backing)?;
-        self.slab.check_invariants(&self.space)
+        self.slab.check_invariants(&self.space, &self.frames, &self.backing)
     }
 
     /// Every layer's figures.

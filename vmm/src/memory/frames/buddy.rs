@@ -166,6 +166,39 @@ impl BuddyAllocator {
         Ok(())
     }
 
+    /// Checks that `[gfn, gfn + pages)` is made of whole allocated blocks, however they were
+    /// allocated (the frames of several runs that happen to be adjacent, say).
+    pub fn check_range(&self, gfn: Gfn, pages: u64) -> Result<(), BuddyError> {
+        if pages == 0 || !self.contains(gfn) || gfn.plus(pages) > self.end {
+            return Err(BuddyError::OutOfRange { gfn });
+        }
+        let end = gfn.plus(pages);
+        let mut at = gfn;
+        while at < end {
+            let k = self.allocated_order(at).ok_or(BuddyError::NotAllocated { gfn: at })?;
+            if at.plus(k.pages()) > end {
+                return Err(BuddyError::WrongOrder { gfn: at, allocated: k.get(), given: 0 });
+            }
+            at = at.plus(k.pages());
+        }
+        Ok(())
+    }
+
+    /// Frees every block of `[gfn, gfn + pages)` (see [`check_range`](Self::check_range)).
+    /// Nothing changes on error.
+    pub fn free_range(&mut self, gfn: Gfn, pages: u64) -> Result<(), BuddyError> {
+        self.check_range(gfn, pages)?;
+        let end = gfn.plus(pages);
+        let mut at = gfn;
+        while at < end {
+            let k = self.allocated_order(at).expect("checked above");
+            self.set_head(at, 0);
+            self.release(at, k);
+            at = at.plus(k.pages());
+        }
+        Ok(())
+    }
+
     /// Frames currently free.
     pub fn free_pages(&self) -> u64 {
         self.free_pages
@@ -360,6 +393,24 @@ pub fn decompose(start: Gfn, pages: u64) -> impl Iterator<Item = (Gfn, Order)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ranges_free_whole_blocks_of_any_runs() {
+        let mut b = BuddyAllocator::new(Gfn(0), Gfn(64)).unwrap();
+        b.add_free_range(Gfn(0), Gfn(64));
+        let a = b.alloc_exact(3).unwrap();
+        let c = b.alloc_exact(1).unwrap();
+        assert_eq!((a, c), (Gfn(0), Gfn(3)));
+        // Half a block is refused, and changes nothing.
+        assert!(b.free_range(Gfn(0), 1).is_err());
+        assert!(b.free_range(Gfn(2), 3).is_err());
+        assert_eq!(b.free_pages(), 60);
+        // Two runs that touch are freed as one range.
+        b.free_range(Gfn(0), 4).unwrap();
+        assert_eq!(b.free_pages(), 64);
+        b.check_invariants().unwrap();
+        assert!(b.free_range(Gfn(0), 4).is_err(), "double free");
+    }
     use proptest::prelude::*;
     use std::collections::BTreeMap;
 

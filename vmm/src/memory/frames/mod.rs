@@ -168,22 +168,23 @@ impl Frames {
         Ok(gfn)
     }
 
-    /// First step of a free: checks that `[gfn, gfn + pages)` is one allocated run and marks it
+    /// First step of a free: checks that `[gfn, gfn + pages)` is whole allocated blocks of one
+    /// node (one run from [`alloc`](Self::alloc), or several that touch) and marks it
     /// `Free` in the state map (waiting out an in-flight fill). Returns how many of its frames
     /// were resident: their host backing must be dropped before [`release`](Self::release).
     /// Nothing changes on error.
     pub fn unassign(&mut self, gfn: Gfn, pages: u64) -> Result<u64, FrameError> {
         let bad = |source| FrameError::Free { gfn, pages, source };
         let node = self.states.node(gfn).ok_or(bad(BuddyError::OutOfRange { gfn }))?;
-        self.nodes[node].buddy.check_exact(gfn, pages).map_err(bad)?;
+        self.nodes[node].buddy.check_range(gfn, pages).map_err(bad)?;
         Ok(self.states.set_range(gfn, pages, FrameState::Free))
     }
 
-    /// Second step of a free: the buddy allocator takes the run back.
+    /// Second step of a free: the buddy allocator takes the range back.
     pub fn release(&mut self, gfn: Gfn, pages: u64) -> Result<(), FrameError> {
         let bad = |source| FrameError::Free { gfn, pages, source };
         let node = self.states.node(gfn).ok_or(bad(BuddyError::OutOfRange { gfn }))?;
-        self.nodes[node].buddy.free_exact(gfn, pages).map_err(bad)
+        self.nodes[node].buddy.free_range(gfn, pages).map_err(bad)
     }
 
     /// Frees runs that nobody ever backed or mapped (a request that failed half-way).
@@ -194,6 +195,21 @@ impl Frames {
             self.release(g, n)?;
         }
         Ok(())
+    }
+
+    /// Splits runs where they cross from one RAM range (or node) into the next: a freed run
+    /// must lie in one buddy allocator.
+    pub fn split_at_ranges(&self, runs: Vec<Run>) -> Vec<Run> {
+        let mut out = Vec::with_capacity(runs.len());
+        for (g, n) in runs {
+            let (mut at, end) = (g, g.plus(n));
+            while at < end {
+                let stop = self.states.range_of(at).map_or(end, |(_, e)| e.min(end));
+                out.push((at, stop.0 - at.0));
+                at = stop;
+            }
+        }
+        out
     }
 
     /// The node of a RAM frame.

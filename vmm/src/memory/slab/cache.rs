@@ -1,6 +1,6 @@
-//! One slab (its objects, which are handed out, which wait in quarantine) and one size class's
-//! lists (per-vCPU current slabs, per-node partial lists, one cached empty slab, the quarantine).
-//! The metadata lives here, never in guest RAM.
+//! One slab (its objects, which are handed out) and one size class's lists (per-vCPU current
+//! slabs, per-node partial lists, one cached empty slab, the quarantine). The metadata lives
+//! here, never in guest RAM: a few dozen bytes per slab (32 KiB or more) plus one bit per object.
 
 use std::collections::{BTreeSet, VecDeque};
 
@@ -8,10 +8,11 @@ use protocol::layout::SLAB_SLOT;
 
 use crate::memory::addr::{NodeId, PAGE_SIZE};
 
-/// Pages per slab for `size`: at least 16 objects and 16 KiB (so page tables stay under 1% of
-/// slab memory), a power of two, at most a slot.
+/// Pages per slab for `size`: at least 16 objects and 32 KiB (so page tables stay under 1% of
+/// slab memory, and the VMM's own bytes per slab under 1/300 of it), a power of two, at most a
+/// slot.
 pub fn slab_pages(size: u32) -> u64 {
-    (u64::from(size) * 16).div_ceil(PAGE_SIZE).next_power_of_two().clamp(4, SLAB_SLOT / PAGE_SIZE)
+    (u64::from(size) * 16).div_ceil(PAGE_SIZE).next_power_of_two().clamp(8, SLAB_SLOT / PAGE_SIZE)
 }
 
 /// Slab id: index into the arena.
@@ -27,9 +28,7 @@ pub struct Slab {
     /// Objects handed out (in a magazine or in use by the guest).
     pub in_use: u32,
     /// Bit `i`: object `i` is not available (handed out, or in quarantine).
-    pub(super) handed: Vec<u64>,
-    /// Bit `i`: object `i` is in quarantine.
-    pub(super) quarantined: Vec<u64>,
+    pub(super) handed: Box<[u64]>,
     /// The vCPU whose current slab this is.
     pub owner: Option<u32>,
     /// The vCPU that owned it last: it gets the slab back first, so a slab whose objects may
@@ -49,8 +48,7 @@ impl Slab {
             node,
             objects,
             in_use: 0,
-            handed: vec![0; words],
-            quarantined: vec![0; words],
+            handed: vec![0; words].into_boxed_slice(),
             owner: None,
             last_owner: None,
             cursor: 0,
@@ -63,10 +61,6 @@ impl Slab {
 
     pub(super) fn set_handed(&mut self, i: u32, on: bool) {
         set_bit(&mut self.handed, i, on);
-    }
-
-    pub(super) fn is_quarantined(&self, i: u32) -> bool {
-        self.quarantined[i as usize / 64] & (1 << (i % 64)) != 0
     }
 
     /// The next free object at or after the cursor (wrapping), if any.
@@ -90,7 +84,7 @@ impl Slab {
     }
 }
 
-pub(super) fn set_bit(words: &mut [u64], i: u32, on: bool) {
+fn set_bit(words: &mut [u64], i: u32, on: bool) {
     let w = &mut words[i as usize / 64];
     if on {
         *w |= 1 << (i % 64);

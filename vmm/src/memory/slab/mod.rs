@@ -27,19 +27,19 @@
 
 mod cache;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 
 use protocol::layout::{SLAB_SLOT, SLAB_VA_END, SLAB_VA_START};
-use protocol::memcall::prot;
 use protocol::slab::{CLASSES, NR_CLASSES};
 
-use crate::memory::addr::{NodeId, PAGE_SIZE, to_usize};
+use crate::memory::addr::{NodeId, to_usize};
+use crate::memory::backing::Backing;
+use crate::memory::frames::Frames;
 use crate::memory::frames::policy::Policy;
-use crate::memory::space::region::RegionKind;
 use crate::memory::space::{AddressSpace, Phys, SpaceError};
 use crate::memory::zeroed::ZeroedVec;
 
-use cache::{Cache, Slab, SlabId, set_bit};
+use cache::{Cache, Slab, SlabId};
 
 pub use cache::{objects_per_slab, quarantine_len, slab_pages};
 
@@ -131,6 +131,8 @@ pub struct SlabAllocator {
     free_ids: Vec<SlabId>,
     /// Per 64 KiB slot of the slab zone: the id of the slab there, plus one (0: none).
     slots: ZeroedVec<u32>,
+    /// Objects in the classes' quarantines (at most two batches per class).
+    quarantined: HashSet<u64>,
     counters: SlabCounters,
 }
 
@@ -144,6 +146,7 @@ impl SlabAllocator {
             arena: Vec::new(),
             free_ids: Vec::new(),
             slots: ZeroedVec::new(to_usize((SLAB_VA_END - SLAB_VA_START) / SLAB_SLOT)),
+            quarantined: HashSet::new(),
             counters: SlabCounters::default(),
         }
     }
@@ -290,13 +293,11 @@ impl SlabAllocator {
             self.counters.bad_frees += 1;
             return located.map(|_| ());
         };
-        let s = self.slab_mut(id);
-        if !s.is_handed(i) || s.is_quarantined(i) {
+        if !self.slab(id).is_handed(i) || !self.quarantined.insert(ptr) {
             self.counters.bad_frees += 1;
             return Err(SlabError::DoubleFree);
         }
-        set_bit(&mut s.quarantined, i, true);
-        let class = s.class;
+        let class = self.slab(id).class;
         let cache = &mut self.caches[class];
         cache.active -= 1;
         cache.quarantine.push_back((id, i));
@@ -317,8 +318,9 @@ impl SlabAllocator {
         id: SlabId,
         i: u32,
     ) -> Result<(), SlabError> {
+        let s = self.slab(id);
+        self.quarantined.remove(&(s.va + u64::from(i) * u64::from(CLASSES[s.class])));
         let s = self.slab_mut(id);
-        set_bit(&mut s.quarantined, i, false);
         s.set_handed(i, false);
         s.in_use -= 1;
         let (class, node, in_use, objects, owned) =
@@ -346,7 +348,7 @@ impl SlabAllocator {
     pub fn object_size(&self, ptr: u64) -> Result<u32, SlabError> {
         let (id, i) = self.locate(ptr)?;
         let s = self.slab(id);
-        if !s.is_handed(i) || s.is_quarantined(i) {
+        if !s.is_handed(i) || self.quarantined.contains(&ptr) {
             return Err(SlabError::DoubleFree);
         }
         Ok(CLASSES[s.class])
@@ -455,8 +457,7 @@ impl SlabAllocator {
         node: NodeId,
     ) -> Result<SlabId, SlabError> {
         let size = CLASSES[class];
-        let va = space.map_slab(phys, slab_pages(size), Policy::Preferred(node), node)?;
-        let first = space.region(va).and_then(|r| r.frame(0)).expect("slabs have frames");
+        let (va, first) = space.map_slab(phys, slab_pages(size), Policy::Preferred(node), node)?;
         let node = phys.frames.node_of(first).expect("slab frames are RAM");
         let id = self.insert(Slab::new(va, class, node, objects_per_slab(size)));
         self.caches[class].slabs += 1;
@@ -470,11 +471,11 @@ impl SlabAllocator {
         debug_assert_eq!(s.in_use, 0);
         self.caches[s.class].slabs -= 1;
         self.counters.slabs_released += 1;
-        Ok(space.unmap_slab(phys, s.va)?)
+        Ok(space.unmap_slab(phys, s.va, slab_pages(CLASSES[s.class]))?)
     }
 
     /// Checks every slab against its region and lists, and the per-class counts.
-    pub fn check_invariants(&self, space: &AddressSpace) -> Result<(), String> {
+    pub fn check_invariants(&self, space: &AddressSpace, frames: &Frames, backing: &Backing) -> Result<(), String> {
         let mut slabs = [0u64; NR_CLASSES];
         let mut active = [0u64; NR_CLASSES];
         let mut quarantined = [0u64; NR_CLASSES];
@@ -487,17 +488,12 @@ impl SlabAllocator {
             if handed != s.in_use {
                 return Err(format!("slab {va:#x}: {} handed bits, in_use {}", handed, s.in_use));
             }
-            if s.quarantined.iter().zip(&s.handed).any(|(q, h)| q & !h != 0) {
-                return Err(format!("slab {va:#x}: a quarantined object is marked free"));
-            }
-            let q: u32 = s.quarantined.iter().map(|w| w.count_ones()).sum();
+            let size = u64::from(CLASSES[s.class]);
+            let q = (0..s.objects).filter(|&i| self.quarantined.contains(&(va + u64::from(i) * size))).count();
+            let q = u32::try_from(q).expect("fewer objects than u32");
             quarantined[s.class] += u64::from(q);
-            let r = space.region(va).ok_or(format!("slab {va:#x} has no region"))?;
-            if r.kind != RegionKind::Slab
-                || r.len != slab_pages(CLASSES[s.class]) * PAGE_SIZE
-                || r.prot_at(0) != prot::READ | prot::WRITE
-            {
-                return Err(format!("slab {va:#x}: region does not match"));
+            if space.slab_frames(frames, backing, va, slab_pages(CLASSES[s.class])).is_none() {
+                return Err(format!("slab {va:#x}: not mapped read-write to its frames"));
             }
             let cache = &self.caches[s.class];
             let n = s.node.0 as usize;
@@ -521,6 +517,12 @@ impl SlabAllocator {
             }
             slabs[s.class] += 1;
             active[s.class] += u64::from(s.in_use - q);
+        }
+        for &ptr in &self.quarantined {
+            let (id, i) = self.locate(ptr).map_err(|_| format!("quarantined {ptr:#x} is no object"))?;
+            if !self.slab(id).is_handed(i) {
+                return Err(format!("quarantined object {ptr:#x} is marked free"));
+            }
         }
         for (c, cache) in self.caches.iter().enumerate() {
             if cache.slabs != slabs[c] || cache.active != active[c] || cache.quarantine.len() as u64 != quarantined[c] {

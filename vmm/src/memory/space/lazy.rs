@@ -4,12 +4,13 @@
 
 use protocol::memcall::{flags, prot};
 
-use crate::memory::addr::{Gva, NodeId, PAGE_SIZE};
+use crate::memory::addr::{Gfn, NodeId, PAGE_SIZE};
 use crate::memory::frames::policy::Policy;
 use crate::memory::frames::{Frames, Placement};
 
+use super::mapping::Span;
 use super::pagetable::PageSize;
-use super::region::{Region, RegionKind, leaf_flags};
+use super::region::{PageEntry, Region, RegionKind};
 use super::{AddressSpace, Phys, SpaceError};
 
 impl AddressSpace {
@@ -28,58 +29,71 @@ impl AddressSpace {
         }
         let pages = size.div_ceil(PAGE_SIZE);
         let va = self.va_small.alloc(pages * PAGE_SIZE).ok_or(SpaceError::NoMemory)?;
-        let p = prot::READ | prot::WRITE | if fl & flags::EXEC != 0 { prot::EXEC } else { 0 };
-        let dma32 = fl & flags::DMA32 != 0;
-        let region =
-            Region::new(va, pages * PAGE_SIZE, PageSize::Size4K, RegionKind::Lazy, policy, local, dma32, Vec::new(), p);
+        let base = prot::READ | prot::WRITE | if fl & flags::EXEC != 0 { prot::EXEC } else { 0 };
+        let region = Region {
+            len: pages * PAGE_SIZE,
+            page: PageSize::Size4K,
+            kind: RegionKind::Lazy,
+            policy,
+            home: local,
+            dma32: fl & flags::DMA32 != 0,
+            base,
+        };
         self.regions.insert(va, region);
         self.counters.regions_created += 1;
-        Ok((va, pages * PAGE_SIZE))
+        Ok((va, region.len))
     }
 
     /// FAULT: gives the page at `va` in a lazy region a frame (and its untouched neighbours in
-    /// the same fault-around window). Returns the pages mapped (0: it already was).
+    /// the same fault-around window). Returns the pages mapped (0: it already had one).
     pub fn fault_lazy(&mut self, phys: &mut Phys<'_>, va: u64) -> Result<u64, SpaceError> {
         let start = self.region_containing(va).ok_or(SpaceError::NotFound)?;
-        let r = &self.regions[&start];
+        let r = self.regions[&start];
         if r.kind != RegionKind::Lazy {
             return Err(SpaceError::NotFound);
         }
         let page = (va - start) / PAGE_SIZE;
-        if r.lazy.contains_key(&page) {
-            return Ok(0);
+        match r.page_entry(self.entry(phys.frames, phys.backing, start, r.page, page)?) {
+            PageEntry::Mapped(..) | PageEntry::Parked(..) => return Ok(0),
+            PageEntry::Untouched(p) if p != prot::NONE => {}
+            PageEntry::Untouched(_) | PageEntry::Foreign => return Err(SpaceError::NotFound),
         }
-        if r.prot_at(page) == prot::NONE {
-            return Err(SpaceError::NotFound);
+        let first = page - page % self.lazy_window;
+        let span = Span { base: start, size: r.page, first, end: (first + self.lazy_window).min(r.pages()) };
+        // Neighbours are best effort; the faulting page itself must get a frame.
+        let mut wanted = Vec::new();
+        for i in span.first..span.end {
+            if let PageEntry::Untouched(p) = r.page_entry(self.entry(phys.frames, phys.backing, start, r.page, i)?)
+                && p != prot::NONE
+            {
+                wanted.push(i);
+            }
         }
         let placement = Placement { policy: r.policy, local: r.home, dma32: r.dma32, contiguous: true };
-        let first = page - page % self.lazy_window;
-        let window: Vec<u64> = (first..(first + self.lazy_window).min(r.pages()))
-            .filter(|&p| !r.lazy.contains_key(&p) && r.prot_at(p) != prot::NONE)
-            .collect();
-        let mut mapped = 0;
-        for p in window {
-            let runs = match self.take_frames(phys, 1, placement) {
-                Ok(runs) => runs,
-                // Neighbours are best effort; the faulting page itself must succeed.
-                Err(SpaceError::NoMemory) if p != page => continue,
-                Err(e) => return Err(e),
-            };
-            let gfn = runs[0].0;
-            let pva = start + p * PAGE_SIZE;
-            if let Err(e) = self.ensure_tables(phys, pva, PAGE_SIZE, PageSize::Size4K) {
-                phys.give_back(&runs)?;
-                if p == page {
+        let mut got: Vec<(u64, Gfn)> = Vec::with_capacity(wanted.len());
+        for i in wanted {
+            match self.take_frames(phys, 1, placement) {
+                Ok(runs) => got.push((i, runs[0].0)),
+                Err(SpaceError::NoMemory) if i != page => {}
+                Err(e) => {
+                    phys.give_back(&got.iter().map(|&(_, g)| (g, 1)).collect::<Vec<_>>())?;
                     return Err(e);
                 }
-                continue;
             }
-            let r = self.regions.get_mut(&start).expect("looked up above");
-            r.lazy.insert(p, gfn);
-            let flags = leaf_flags(r.prot_at(p)).expect("checked accessible");
-            self.map_one(phys, Gva(pva), gfn, PageSize::Size4K, flags)?;
-            mapped += 1;
         }
+        if let Err(e) = self.ensure_tables(phys, start + span.first * PAGE_SIZE, PAGE_SIZE, r.page) {
+            phys.give_back(&got.iter().map(|&(_, g)| (g, 1)).collect::<Vec<_>>())?;
+            return Err(e);
+        }
+        let mut next = got.iter().peekable();
+        self.edit(phys, span, true, |i, old| match next.peek() {
+            Some(&&(j, g)) if j == i => {
+                next.next();
+                r.entry_for(Some(g), r.page_entry(old).prot())
+            }
+            _ => old,
+        })?;
+        let mapped = got.len() as u64;
         self.counters.lazy_faults += 1;
         self.counters.lazy_pages += mapped;
         Ok(mapped)

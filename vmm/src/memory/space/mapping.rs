@@ -1,20 +1,40 @@
-//! Installing and clearing leaves: page tables built on demand, present leaves counted per leaf
-//! table (an emptied table loses its host memory), and translations dropped after a present leaf
-//! changed.
+//! Leaf entries: page tables built on demand, occupied entries (present leaves and software
+//! entries) counted per leaf table so that an emptied table loses its host memory, and
+//! translations dropped after a present leaf changed.
+//!
+//! Every change to a range of a region's entries goes through [`AddressSpace::edit`], which
+//! walks the range one leaf table at a time and hands each entry to a closure that returns its
+//! replacement.
 
 use std::sync::Arc;
 
 use crate::memory::addr::{Gfn, Gva, PAGE_SIZE};
-use crate::memory::frames::Run;
+use crate::memory::backing::Backing;
 use crate::memory::frames::page_state::FrameState;
+use crate::memory::frames::{Frames, Run};
 
 use super::pagetable::{self, PageSize, PtError, Pte, PteFlags};
-use super::region::{Region, coalesce};
+use super::region::coalesce;
 use super::{AddressSpace, Phys, SpaceError};
 
 /// Wraps a page-table failure at `va`.
 fn pt_error(va: Gva) -> impl FnOnce(PtError) -> SpaceError {
     move |source| SpaceError::PageTable { va, source }
+}
+
+/// A range of pages for [`AddressSpace::edit`]: pages `first..end` of `size` from `base`.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Span {
+    pub base: u64,
+    pub size: PageSize,
+    pub first: u64,
+    pub end: u64,
+}
+
+impl Span {
+    fn va(&self, i: u64) -> Gva {
+        Gva(self.base + i * self.size.bytes())
+    }
 }
 
 impl AddressSpace {
@@ -53,26 +73,6 @@ impl AddressSpace {
         Ok(())
     }
 
-    /// Changes the permissions of the leaf at `va`; returns the old entry (`None`: not mapped).
-    pub(super) fn protect_one(
-        &mut self,
-        phys: &Phys<'_>,
-        va: Gva,
-        size: PageSize,
-        flags: PteFlags,
-    ) -> Result<Option<Pte>, SpaceError> {
-        let mem = phys.backing.ram().mem();
-        let Some(t) = self.pt.leaf_table(mem, va, size) else { return Ok(None) };
-        if phys.frames.states().get(t) != FrameState::Resident {
-            return Ok(None);
-        }
-        match self.pt.protect(mem, va, size, flags) {
-            Ok(old) => Ok(Some(old)),
-            Err(PtError::NotMapped { .. }) => Ok(None),
-            Err(source) => Err(SpaceError::PageTable { va, source }),
-        }
-    }
-
     /// Builds every page table `[va, va + len)` needs, before anything is mapped, so a request
     /// that cannot get its tables fails cleanly with `NoMemory`.
     pub(super) fn ensure_tables(
@@ -97,93 +97,104 @@ impl AddressSpace {
         Ok(())
     }
 
-    /// Maps `(page index, frame)` pairs of `region` with `flags`, one leaf table at a time.
-    pub(super) fn map_pages_of(
+    /// Replaces the entries of the pages of `span`, one leaf table at a time: `f(page, old)`
+    /// returns each page's new entry. With `create`, missing tables are built (the caller ran
+    /// [`ensure_tables`](Self::ensure_tables) first, so this cannot run out of memory half-way)
+    /// and discarded ones backed again; without it, pages under a missing or discarded table
+    /// read as empty and must stay empty. Leaf tables whose last entry goes lose their host
+    /// memory. Returns the frames of present leaves that changed: their translations must be
+    /// dropped (by a discard or [`invalidate`](Self::invalidate)).
+    pub(super) fn edit(
         &mut self,
         phys: &mut Phys<'_>,
-        region: &Region,
-        pages: &[(u64, Gfn)],
-        flags: PteFlags,
-    ) -> Result<(), SpaceError> {
-        let size = region.page;
+        span: Span,
+        create: bool,
+        mut f: impl FnMut(u64, Pte) -> Pte,
+    ) -> Result<Vec<Run>, SpaceError> {
+        let size = span.size;
+        let frames_per_page = size.bytes() / PAGE_SIZE;
         let ram = Arc::clone(phys.backing.ram());
         let mem = ram.mem();
-        let mut i = 0;
-        while i < pages.len() {
-            let va = region.page_va(pages[i].0);
-            // The leaf table for this stretch: created if missing, backed if discarded.
-            let mut alloc = || phys.alloc_table();
-            let table = self
-                .pt
-                .walk_to_leaf_table(mem, Some(&mut alloc), va, size)
-                .map_err(pt_error(va))?
-                .expect("tables are created");
-            phys.backing.make_resident(table)?;
-            let span_end = (va.0 / pagetable::table_span(size) + 1) * pagetable::table_span(size);
-            let mut count = 0;
-            while i < pages.len() && region.page_va(pages[i].0).0 < span_end {
-                let (idx, gfn) = pages[i];
-                let v = region.page_va(idx);
-                let slot = pagetable::leaf_slot(table, v, size);
-                let ok =
-                    pagetable::install_entry(mem, slot, pagetable::leaf_pte(gfn, size, flags)).map_err(pt_error(v))?;
-                if !ok {
-                    return Err(SpaceError::PageTable { va: v, source: PtError::AlreadyMapped { va: v } });
-                }
-                count += 1;
-                i += 1;
-            }
-            *self.leaves.entry(table).or_default() += count;
-        }
-        Ok(())
-    }
-
-    /// Clears the leaves of pages `[a, b)` of `region`, one leaf table at a time, collecting
-    /// the frames that were mapped into `present`. Empty tables lose their backing.
-    pub(super) fn unmap_pages_of(
-        &mut self,
-        phys: &Phys<'_>,
-        region: &Region,
-        a: u64,
-        b: u64,
-        present: &mut Vec<Run>,
-    ) -> Result<(), SpaceError> {
-        let size = region.page;
-        let mem = phys.backing.ram().mem();
-        let span = pagetable::table_span(size);
-        let mut i = a;
-        while i < b {
-            let va = region.page_va(i);
-            let span_end = (va.0 / span + 1) * span;
-            let last = ((span_end - region.va) / size.bytes()).min(b);
-            let table = self.pt.leaf_table(mem, va, size);
-            if let Some(t) = table.filter(|&t| phys.frames.states().get(t) == FrameState::Resident) {
-                let mut cleared = 0;
+        let table_span = pagetable::table_span(size);
+        let mut changed = Vec::new();
+        let mut i = span.first;
+        while i < span.end {
+            let va = span.va(i);
+            let stop = ((va.0 / table_span + 1) * table_span - span.base) / size.bytes();
+            let last = stop.min(span.end);
+            let table = if create {
+                let mut alloc = || phys.alloc_table();
+                let t = self
+                    .pt
+                    .walk_to_leaf_table(mem, Some(&mut alloc), va, size)
+                    .map_err(pt_error(va))?
+                    .expect("tables are created");
+                phys.backing.make_resident(t)?;
+                Some(t)
+            } else {
+                self.pt.leaf_table(mem, va, size).filter(|&t| phys.frames.states().get(t) == FrameState::Resident)
+            };
+            let Some(t) = table else {
                 for j in i..last {
-                    let v = region.page_va(j);
-                    let old: Pte =
-                        pagetable::clear_entry(mem, pagetable::leaf_slot(t, v, size)).map_err(pt_error(v))?;
-                    if old.is_present() {
-                        present.push((old.gfn(), region.frames_per_page()));
-                        cleared += 1;
+                    let new = f(j, Pte(0));
+                    if new.is_occupied() {
+                        return Err(SpaceError::PageTable { va: span.va(j), source: PtError::NotMapped { va } });
                     }
                 }
-                if cleared > 0 {
-                    let n = self.leaves.get_mut(&t).expect("mapped leaves are counted");
-                    *n -= cleared;
-                    if *n == 0 {
-                        self.leaves.remove(&t);
-                        // An empty leaf table keeps its place (its parent entry never changes)
-                        // but not its host memory: KVM's walks through it read the zero page.
-                        if phys.backing.zero(t)? {
-                            self.counters.tables_discarded += 1;
-                        }
+                i = last;
+                continue;
+            };
+            let (mut added, mut removed) = (0u32, 0u32);
+            for j in i..last {
+                let v = span.va(j);
+                let slot = pagetable::leaf_slot(t, v, size);
+                let old = pagetable::read_entry(mem, slot).map_err(pt_error(v))?;
+                let new = f(j, old);
+                if new == old {
+                    continue;
+                }
+                let old = pagetable::replace_entry(mem, slot, new).map_err(pt_error(v))?;
+                if old.is_present() {
+                    changed.push((old.gfn(), frames_per_page));
+                }
+                match (old.is_occupied(), new.is_occupied()) {
+                    (false, true) => added += 1,
+                    (true, false) => removed += 1,
+                    _ => {}
+                }
+            }
+            if added != removed {
+                let n = self.leaves.entry(t).or_default();
+                *n = *n + added - removed;
+                if *n == 0 {
+                    self.leaves.remove(&t);
+                    // An empty leaf table keeps its place (its parent entry never changes) but
+                    // not its host memory: KVM's walks through it read the shared zero page.
+                    if phys.backing.zero(t)? {
+                        self.counters.tables_discarded += 1;
                     }
                 }
             }
             i = last;
         }
-        Ok(())
+        Ok(changed)
+    }
+
+    /// The entry of page `i` of the pages of `size` from `base` (empty where no table holds it).
+    pub(super) fn entry(
+        &self,
+        frames: &Frames,
+        backing: &Backing,
+        base: u64,
+        size: PageSize,
+        i: u64,
+    ) -> Result<Pte, SpaceError> {
+        let va = Gva(base + i * size.bytes());
+        let mem = backing.ram().mem();
+        match self.pt.leaf_table(mem, va, size).filter(|&t| frames.states().get(t) == FrameState::Resident) {
+            Some(t) => pagetable::read_entry(mem, pagetable::leaf_slot(t, va, size)).map_err(pt_error(va)),
+            None => Ok(Pte(0)),
+        }
     }
 
     /// Drops every translation of frames whose present leaf changed.

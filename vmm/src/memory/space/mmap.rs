@@ -3,12 +3,14 @@
 use protocol::layout::{SLAB_SLOT, SLAB_VA_END, SLAB_VA_START};
 use protocol::memcall::{flags, prot};
 
-use crate::memory::addr::{Gfn, HUGE_PAGE_SIZE, NodeId, Order, PAGE_SIZE};
+use crate::memory::addr::{Gfn, HUGE_PAGE_SIZE, NodeId, Order, PAGE_SIZE, to_usize};
+use crate::memory::backing::Backing;
 use crate::memory::frames::policy::Policy;
 use crate::memory::frames::{Frames, Placement, Run};
 
-use super::pagetable::PageSize;
-use super::region::{Region, RegionKind, leaf_flags};
+use super::mapping::Span;
+use super::pagetable::{PageSize, Pte};
+use super::region::{Region, RegionKind};
 use super::{AddressSpace, Phys, SpaceError};
 
 impl AddressSpace {
@@ -24,10 +26,14 @@ impl AddressSpace {
     ) -> Result<(u64, u64), SpaceError> {
         self.check_request(phys.frames, size, fl, policy)?;
         let dma32 = fl & flags::DMA32 != 0;
-        let p = prot::READ | prot::WRITE | if fl & flags::EXEC != 0 { prot::EXEC } else { 0 };
+        let base = prot::READ | prot::WRITE | if fl & flags::EXEC != 0 { prot::EXEC } else { 0 };
+        let region = |len, page| Region { len, page, kind: RegionKind::Alloc, policy, home: local, dma32, base };
         if fl & flags::HUGE != 0 && !dma32 {
-            match self.alloc_huge(phys, size, p, policy, local, fl & flags::CONTIGUOUS != 0) {
-                Ok(r) => return self.finish_alloc(phys, r, fl),
+            match self.alloc_huge(phys, size, policy, local, fl & flags::CONTIGUOUS != 0) {
+                Ok((va, runs, page)) => {
+                    let len = runs.iter().map(|r| r.1).sum::<u64>() * PAGE_SIZE;
+                    return self.install(phys, va, region(len, page), &runs, fl);
+                }
                 Err(SpaceError::NoMemory) => self.counters.huge_fallbacks += 1,
                 Err(e) => return Err(e),
             }
@@ -39,45 +45,48 @@ impl AddressSpace {
             phys.give_back(&runs)?;
             return Err(SpaceError::NoMemory);
         };
-        let region =
-            Region::new(va, pages * PAGE_SIZE, PageSize::Size4K, RegionKind::Alloc, policy, local, dma32, runs, p);
-        self.finish_alloc(phys, region, fl)
+        self.install(phys, va, region(pages * PAGE_SIZE, PageSize::Size4K), &runs, fl)
     }
 
-    /// Maps a new region and records it. If its page tables cannot be built, everything is
-    /// given back and the request fails with `NoMemory`.
-    fn finish_alloc(&mut self, phys: &mut Phys<'_>, region: Region, fl: u32) -> Result<(u64, u64), SpaceError> {
-        if let Err(e) = self.ensure_tables(phys, region.va, region.len, region.page) {
-            phys.give_back(&region.runs)?;
-            self.release_va(region.va, region.len, region.page);
+    /// Maps a new region's pages to `runs`, in order, and records it. If its page tables cannot
+    /// be built, everything is given back and the request fails with `NoMemory`.
+    fn install(
+        &mut self,
+        phys: &mut Phys<'_>,
+        va: u64,
+        region: Region,
+        runs: &[Run],
+        fl: u32,
+    ) -> Result<(u64, u64), SpaceError> {
+        if let Err(e) = self.ensure_tables(phys, va, region.len, region.page) {
+            phys.give_back(runs)?;
+            self.release_va(va, region.len, region.page);
             return Err(e);
         }
-        let flags = leaf_flags(region.prot_at(0)).expect("allocations start accessible");
-        let pages: Vec<(u64, Gfn)> =
-            (0..region.pages()).map(|i| (i, region.frame(i).expect("every page has a frame"))).collect();
-        self.map_pages_of(phys, &region, &pages, flags)?;
+        let step = region.frames_per_page();
+        let mut frames = runs.iter().flat_map(|&(g, n)| (0..n).step_by(to_usize(step)).map(move |k| g.plus(k)));
+        let span = Span { base: va, size: region.page, first: 0, end: region.pages() };
+        self.edit(phys, span, true, |_, _| region.entry_for(frames.next(), region.base))?;
         if fl & flags::POPULATE != 0 {
-            for &(g, n) in &region.runs {
+            for &(g, n) in runs {
                 phys.backing.populate(g, n)?;
             }
         }
-        let (va, len) = (region.va, region.len);
         self.regions.insert(va, region);
         self.counters.regions_created += 1;
-        Ok((va, len))
+        Ok((va, region.len))
     }
 
-    /// 2 MiB pages from order-9 blocks; `NoMemory` if any block is missing (the caller falls
-    /// back to 4 KiB pages).
+    /// 2 MiB blocks from order-9 buddies, and where to map them; `NoMemory` if any block is
+    /// missing (the caller falls back to 4 KiB pages).
     fn alloc_huge(
         &mut self,
         phys: &mut Phys<'_>,
         size: u64,
-        p: u32,
         policy: Policy,
         local: NodeId,
         contiguous: bool,
-    ) -> Result<Region, SpaceError> {
+    ) -> Result<(u64, Vec<Run>, PageSize), SpaceError> {
         let blocks = size.div_ceil(HUGE_PAGE_SIZE);
         let runs = if contiguous {
             // One run of whole 2 MiB blocks (an exact run is aligned to at least its first block).
@@ -97,73 +106,89 @@ impl AddressSpace {
             phys.give_back(&runs)?;
             return Err(SpaceError::NoMemory);
         };
-        Ok(Region::new(va, blocks * HUGE_PAGE_SIZE, page, RegionKind::Alloc, policy, local, false, runs, p))
+        Ok((va, runs, page))
     }
 
     /// FREE: unmaps a region and releases its frames (at the next [`flush`](Self::flush)) and
     /// its addresses.
     pub fn free_region(&mut self, phys: &mut Phys<'_>, va: u64) -> Result<(), SpaceError> {
-        if self.regions.get(&va).is_some_and(|r| r.kind == RegionKind::Slab) {
-            return Err(SpaceError::NotFound);
-        }
         let Some(region) = self.regions.remove(&va) else {
             if self.va_small.recently_freed(va) || self.va_huge.recently_freed(va) {
                 return Err(SpaceError::DoubleFree);
             }
             return Err(SpaceError::NotFound);
         };
-        self.drop_region(phys, region)
-    }
-
-    /// Unmaps a region that was taken out of the map and releases its frames (at the next
-    /// flush) and addresses.
-    fn drop_region(&mut self, phys: &mut Phys<'_>, region: Region) -> Result<(), SpaceError> {
-        let mut present = Vec::new();
-        self.unmap_pages_of(phys, &region, 0, region.pages(), &mut present)?;
-        self.pending_free.extend(region.owned_runs());
-        self.release_va(region.va, region.len, region.page);
+        self.clear(phys, va, region.page, region.pages())?;
+        self.release_va(va, region.len, region.page);
         self.counters.regions_freed += 1;
         Ok(())
     }
 
+    /// Clears every entry of `pages` pages of `size` at `va` and queues the frames they held
+    /// for the next flush, whose discard also drops their translations.
+    fn clear(&mut self, phys: &mut Phys<'_>, va: u64, size: PageSize, pages: u64) -> Result<(), SpaceError> {
+        let step = size.bytes() / PAGE_SIZE;
+        let mut frames = Vec::new();
+        let span = Span { base: va, size, first: 0, end: pages };
+        self.edit(phys, span, false, |_, old| {
+            let frame = if old.is_present() { Some(old.gfn()) } else { old.soft_frame() };
+            if let Some(g) = frame {
+                frames.push((g, step));
+            }
+            Pte(0)
+        })?;
+        self.pending_free.extend(frames);
+        Ok(())
+    }
+
     /// A slab: `pages` contiguous frames placed by `policy`, mapped read-write in one slot of
-    /// the slab zone, owned by the VMM (the guest cannot free, protect or move it). Returns its
-    /// address.
+    /// the slab zone. Slabs are the slab allocator's, not regions: the guest cannot free,
+    /// protect or move them. Returns the address and the first frame.
     pub fn map_slab(
         &mut self,
         phys: &mut Phys<'_>,
         pages: u64,
         policy: Policy,
         local: NodeId,
-    ) -> Result<u64, SpaceError> {
+    ) -> Result<(u64, Gfn), SpaceError> {
         let placement = Placement { policy, local, dma32: false, contiguous: true };
         let runs = self.take_frames(phys, pages, placement)?;
         let Some(va) = self.va_slab.alloc(SLAB_SLOT) else {
             phys.give_back(&runs)?;
             return Err(SpaceError::NoMemory);
         };
-        let region = Region::new(
-            va,
-            pages * PAGE_SIZE,
-            PageSize::Size4K,
-            RegionKind::Slab,
-            policy,
-            local,
-            false,
-            runs,
-            prot::READ | prot::WRITE,
-        );
-        self.finish_alloc(phys, region, 0).map(|(va, _)| va)
+        if let Err(e) = self.ensure_tables(phys, va, pages * PAGE_SIZE, PageSize::Size4K) {
+            phys.give_back(&runs)?;
+            self.va_slab.free(va, SLAB_SLOT);
+            return Err(e);
+        }
+        let first = runs[0].0;
+        let flags = super::region::leaf_flags(prot::READ | prot::WRITE).expect("accessible");
+        let span = Span { base: va, size: PageSize::Size4K, first: 0, end: pages };
+        self.edit(phys, span, true, |i, _| super::pagetable::leaf_pte(first.plus(i), PageSize::Size4K, flags))?;
+        Ok((va, first))
     }
 
-    /// Unmaps the slab at `va` and releases its frames (at the next flush).
-    pub fn unmap_slab(&mut self, phys: &mut Phys<'_>, va: u64) -> Result<(), SpaceError> {
-        match self.regions.get(&va) {
-            Some(r) if r.kind == RegionKind::Slab => {}
-            _ => return Err(SpaceError::NotFound),
-        }
-        let region = self.regions.remove(&va).expect("checked above");
-        self.drop_region(phys, region)
+    /// Unmaps the `pages`-page slab at `va` and releases its frames (at the next flush).
+    pub fn unmap_slab(&mut self, phys: &mut Phys<'_>, va: u64, pages: u64) -> Result<(), SpaceError> {
+        self.clear(phys, va, PageSize::Size4K, pages)?;
+        self.va_slab.free(va, SLAB_SLOT);
+        Ok(())
+    }
+
+    /// The frames the slab at `va` maps, if it maps `pages` contiguous frames read-write.
+    pub fn slab_frames(&self, frames: &Frames, backing: &Backing, va: u64, pages: u64) -> Option<Gfn> {
+        let entry = |i| self.entry(frames, backing, va, PageSize::Size4K, i);
+        let first = entry(0).ok().filter(|e| e.is_present())?.gfn();
+        (0..pages)
+            .all(|i| {
+                entry(i).is_ok_and(|e| {
+                    e.is_present()
+                        && e.gfn() == first.plus(i)
+                        && super::region::prot_of(e.flags()) == prot::READ | prot::WRITE
+                })
+            })
+            .then_some(first)
     }
 
     pub(super) fn check_request(&self, frames: &Frames, size: u64, fl: u32, policy: Policy) -> Result<(), SpaceError> {
@@ -178,7 +203,7 @@ impl AddressSpace {
         {
             return Err(SpaceError::Invalid("no such node"));
         }
-        if size > frames.total_pages() * PAGE_SIZE {
+        if size > frames.total_pages() * PAGE_SIZE || self.regions.len() >= self.max_regions {
             return Err(SpaceError::NoMemory);
         }
         Ok(())

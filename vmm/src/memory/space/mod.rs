@@ -32,7 +32,6 @@ use std::collections::{BTreeMap, HashMap};
 use protocol::layout::{
     HEAP_VA_END, HEAP_VA_START, HUGE_HEAP_VA_END, HUGE_HEAP_VA_START, SLAB_SLOT, SLAB_VA_END, SLAB_VA_START,
 };
-use protocol::memcall::prot;
 use vm_memory::GuestAddress;
 
 use crate::memory::addr::{Gfn, Gva, HUGE_PAGE_SIZE, PAGE_SIZE};
@@ -40,14 +39,19 @@ use crate::memory::backing::{Backing, BackingError};
 use crate::memory::frames::page_state::FrameState;
 use crate::memory::frames::{FrameError, Frames, Run};
 
-use pagetable::{PageTables, PtError, Pte, PteFlags};
-use region::{Region, coalesce};
+use pagetable::{PageTables, PtError, Pte};
+use region::{PageEntry, Region, RegionKind, coalesce};
 use zone::VaZone;
 
 pub use phys::Phys;
 
 /// Most frames one lazy-region fault maps.
 const LAZY_WINDOW_MAX: u64 = 16;
+
+/// Regions the guest may hold with `ram` bytes of RAM: 1024, plus one per 128 KiB.
+pub fn region_limit(ram: u64) -> usize {
+    usize::try_from(1024 + ram / (128 << 10)).unwrap_or(usize::MAX)
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpaceError {
@@ -135,6 +139,9 @@ pub struct AddressSpace {
     pending_free: Vec<Run>,
     /// Frames a lazy-region fault maps at once.
     lazy_window: u64,
+    /// Most regions the guest may hold (each costs the VMM a few dozen bytes and may cost the
+    /// guest no frames at all).
+    max_regions: usize,
     /// Map HUGE allocations with 2 MiB leaves. Off under shadow paging: there KVM's shadow
     /// entries are 4 KiB whatever the guest leaf size, and this host's shadow MMU (PVM) keeps
     /// translations of guest 2 MiB leaves across MMU-notifier invalidations, so a freed or moved
@@ -146,8 +153,10 @@ pub struct AddressSpace {
 
 impl AddressSpace {
     /// An empty address space: a root table from `phys`, nothing mapped. Lazy regions map up to
-    /// the `fault_around` window (at most 16 pages) per fault.
+    /// the `fault_around` window (at most 16 pages) per fault; the guest may hold
+    /// [`region_limit`] regions.
     pub fn new(phys: &mut Phys<'_>, fault_around: u64) -> Result<Self, SpaceError> {
+        let max_regions = region_limit(phys.frames.total_pages() * PAGE_SIZE);
         let root = phys.alloc_table().ok_or(SpaceError::NoMemory)?;
         Ok(AddressSpace {
             pt: PageTables::new(root),
@@ -158,6 +167,7 @@ impl AddressSpace {
             va_slab: VaZone::with_guard(SLAB_VA_START, SLAB_VA_END, SLAB_SLOT, false),
             pending_free: Vec::new(),
             lazy_window: (fault_around / PAGE_SIZE).clamp(1, LAZY_WINDOW_MAX),
+            max_regions,
             huge_leaves: false,
             counters: SpaceCounters::default(),
         })
@@ -181,6 +191,11 @@ impl AddressSpace {
     /// The region starting at `va`.
     pub fn region(&self, va: u64) -> Option<&Region> {
         self.regions.get(&va)
+    }
+
+    /// Most regions the guest may hold.
+    pub fn max_regions(&self) -> usize {
+        self.max_regions
     }
 
     /// Live regions.
@@ -210,11 +225,12 @@ impl AddressSpace {
         if self.pending_free.is_empty() {
             return Ok(());
         }
-        let runs = std::mem::take(&mut self.pending_free);
+        // Frames of several regions that touch become one stretch: one call each below.
+        let runs = phys.frames.split_at_ranges(coalesce(std::mem::take(&mut self.pending_free)));
         for &(g, n) in &runs {
             phys.frames.unassign(g, n)?;
         }
-        let (calls, pages) = phys.backing.discard_runs(&coalesce(runs.clone()))?;
+        let (calls, pages) = phys.backing.discard_runs(&runs)?;
         self.counters.discard_calls += calls;
         self.counters.discarded_pages += pages;
         for (g, n) in runs {
@@ -248,7 +264,6 @@ impl AddressSpace {
 
     fn check_regions(&self, frames: &Frames, backing: &Backing) -> Result<(), String> {
         let states = frames.states();
-        let mem = backing.ram().mem();
         let mut owner: BTreeMap<u64, u64> = BTreeMap::new();
         let mut end = 0;
         for (&va, r) in &self.regions {
@@ -256,29 +271,23 @@ impl AddressSpace {
                 return Err(format!("region {va:#x} overlaps the previous one"));
             }
             end = va + r.len;
-            for (g, n) in r.owned_runs() {
-                for i in 0..n {
-                    let f = g.plus(i);
+            for i in 0..r.pages() {
+                let e = self.entry(frames, backing, va, r.page, i).map_err(|e| e.to_string())?;
+                let page = r.page_entry(e);
+                let Some(g) = page.frame() else {
+                    if page == PageEntry::Foreign || r.kind == RegionKind::Alloc {
+                        return Err(format!("page {i} of region {va:#x}: entry {e:?}"));
+                    }
+                    continue;
+                };
+                for k in 0..r.frames_per_page() {
+                    let f = g.plus(k);
                     if states.get(f) == FrameState::Free {
                         return Err(format!("region {va:#x} owns free frame {f}"));
                     }
                     if let Some(other) = owner.insert(f.0, va) {
                         return Err(format!("frame {f} owned by regions {other:#x} and {va:#x}"));
                     }
-                }
-            }
-            for i in 0..r.pages() {
-                let mapped = self.pt.translate(mem, r.page_va(i));
-                let want = r.frame(i).filter(|_| r.prot_at(i) != prot::NONE);
-                match (mapped, want) {
-                    (None, None) => {}
-                    (Some((pte, size)), Some(g)) if pte.gfn() == g && size == r.page => {
-                        let w = pte.flags().contains(PteFlags::WRITABLE);
-                        if w != (r.prot_at(i) & prot::WRITE != 0) {
-                            return Err(format!("page {i} of region {va:#x}: writable {w}, prot {:#x}", r.prot_at(i)));
-                        }
-                    }
-                    (m, w) => return Err(format!("page {i} of region {va:#x}: mapped {m:?}, expected frame {w:?}")),
                 }
             }
         }
@@ -291,16 +300,16 @@ impl AddressSpace {
             if frames.states().get(t) != FrameState::Resident {
                 return Err(format!("leaf table {t} holds {count} entries but is not resident"));
             }
-            let mut present = 0;
+            let mut occupied = 0;
             for i in 0..512u64 {
                 let v: u64 =
                     vm_memory::Bytes::read_obj(mem, GuestAddress(t.gpa().0 + i * 8)).map_err(|e| e.to_string())?;
-                if Pte(v).is_present() {
-                    present += 1;
+                if Pte(v).is_occupied() {
+                    occupied += 1;
                 }
             }
-            if present != count {
-                return Err(format!("leaf table {t}: count {count}, {present} present entries"));
+            if occupied != count {
+                return Err(format!("leaf table {t}: count {count}, {occupied} occupied entries"));
             }
         }
         Ok(())

@@ -1,49 +1,50 @@
 //! MOVE: mapping a region's frames at a new address (like `mremap`).
 
-use std::collections::BTreeMap;
-
-use crate::memory::addr::Gfn;
-
-use super::pagetable::{PageSize, PteFlags};
-use super::region::{RegionKind, leaf_flags};
+use super::mapping::Span;
+use super::pagetable::{PageSize, Pte};
 use super::{AddressSpace, Phys, SpaceError};
 
+/// Pages moved per step (one leaf table's worth of 4 KiB pages).
+const CHUNK: u64 = 512;
+
 impl AddressSpace {
-    /// MOVE: maps the region's frames at a new address and unmaps the old one.
+    /// MOVE: maps the region's frames at a new address, each page with its own access, and
+    /// unmaps the old one.
     pub fn move_region(&mut self, phys: &mut Phys<'_>, va: u64) -> Result<u64, SpaceError> {
-        if self.regions.get(&va).is_some_and(|r| r.kind == RegionKind::Slab) {
-            return Err(SpaceError::NotFound);
-        }
-        let mut region = self.regions.remove(&va).ok_or(SpaceError::NotFound)?;
+        let region = *self.regions.get(&va).ok_or(SpaceError::NotFound)?;
         let zone = match region.page {
             PageSize::Size4K => &mut self.va_small,
             PageSize::Size2M => &mut self.va_huge,
         };
-        let Some(new_va) = zone.alloc(region.len) else {
-            self.regions.insert(va, region);
-            return Err(SpaceError::NoMemory);
-        };
+        let new_va = zone.alloc(region.len).ok_or(SpaceError::NoMemory)?;
         if let Err(e) = self.ensure_tables(phys, new_va, region.len, region.page) {
             self.release_va(new_va, region.len, region.page);
-            self.regions.insert(va, region);
             return Err(e);
         }
-        let mut present = Vec::new();
-        self.unmap_pages_of(phys, &region, 0, region.pages(), &mut present)?;
-        let old_va = region.va;
-        region.va = new_va;
-        // Map every page that has a frame and is accessible, with its own access.
-        let mut by_flags: BTreeMap<u64, Vec<(u64, Gfn)>> = BTreeMap::new();
-        for i in 0..region.pages() {
-            if let (Some(g), Some(f)) = (region.frame(i), leaf_flags(region.prot_at(i))) {
-                by_flags.entry(f.bits()).or_default().push((i, g));
-            }
+        let mut changed = Vec::new();
+        let mut moved: Vec<Pte> = Vec::with_capacity(crate::memory::addr::to_usize(CHUNK));
+        let mut first = 0;
+        while first < region.pages() {
+            let end = (first + CHUNK).min(region.pages());
+            moved.clear();
+            let old = Span { base: va, size: region.page, first, end };
+            changed.extend(self.edit(phys, old, false, |_, e| {
+                moved.push(e);
+                Pte(0)
+            })?);
+            let new = Span { base: new_va, size: region.page, first, end };
+            let mut it = moved.iter();
+            self.edit(phys, new, true, |_, _| {
+                let e = *it.next().expect("one entry per page");
+                // A present leaf keeps its frame and access; the CPU's accessed/dirty bits
+                // start afresh at the new address.
+                if e.is_present() { region.entry_for(Some(e.gfn()), super::region::prot_of(e.flags())) } else { e }
+            })?;
+            first = end;
         }
-        for (bits, pages) in by_flags {
-            self.map_pages_of(phys, &region, &pages, PteFlags::from_bits_truncate(bits))?;
-        }
-        self.invalidate(phys, present)?;
-        self.release_va(old_va, region.len, region.page);
+        self.invalidate(phys, changed)?;
+        self.release_va(va, region.len, region.page);
+        let region = self.regions.remove(&va).expect("looked up above");
         self.regions.insert(new_va, region);
         Ok(new_va)
     }

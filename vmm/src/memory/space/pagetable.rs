@@ -11,7 +11,14 @@
 //!   2 MiB leaf slot never gets a page table. Table pages are never freed or repurposed. Together
 //!   these keep shadow-paging hosts (which cache walks by table frame) from using a stale walk.
 //! - Changing or clearing a present leaf is not enough on its own: the caller must then drop
-//!   the host mapping of the old frame (`memory::Mm` does) so that every cached translation goes.
+//!   the host mapping of the old frame (the address space does) so that every cached
+//!   translation goes.
+//!
+//! A leaf entry that is not present may be a *software entry* ([`Pte::soft`]), the way Linux
+//! keeps swap entries and `PROT_NONE` pages in its page tables: the CPU ignores every bit of a
+//! non-present entry but the present bit, so the VMM keeps a page's access rights there, and the
+//! frame of a page the guest may not access right now. The guest cannot reach its page tables,
+//! and the VMM needs no per-page memory of its own for what the tables already hold.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -50,6 +57,13 @@ bitflags! {
 
 /// Physical-address bits of an entry (bits 12..51).
 const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
+/// A non-present software entry (bit 9, ignored by the CPU).
+const SOFT: u64 = 1 << 9;
+/// A software entry that holds a frame (bit 10).
+const SOFT_FRAME: u64 = 1 << 10;
+/// Where a software entry keeps `protocol::memcall::prot` bits (bits 52..54).
+const SOFT_PROT_SHIFT: u32 = 52;
+const SOFT_PROT_MASK: u64 = 0x7 << SOFT_PROT_SHIFT;
 /// Flags of every non-leaf entry.
 const TABLE_FLAGS: PteFlags = PteFlags::PRESENT.union(PteFlags::WRITABLE).union(PteFlags::USER);
 /// Bits the CPU sets on its own; preserved or reported, never chosen by the VMM.
@@ -78,6 +92,36 @@ impl Pte {
     /// Whether the entry is present.
     pub fn is_present(self) -> bool {
         self.flags().contains(PteFlags::PRESENT)
+    }
+
+    /// A non-present software entry: access rights `prot` (`protocol::memcall::prot` bits) and,
+    /// optionally, the frame the page keeps while it is inaccessible.
+    pub fn soft(prot: u32, frame: Option<Gfn>) -> Pte {
+        let frame = frame.map_or(0, |g| (g.gpa().0 & ADDR_MASK) | SOFT_FRAME);
+        Pte(SOFT | (u64::from(prot & 0x7) << SOFT_PROT_SHIFT) | frame)
+    }
+
+    /// Whether this is a software entry.
+    pub fn is_soft(self) -> bool {
+        !self.is_present() && self.0 & SOFT != 0
+    }
+
+    /// A software entry's access rights.
+    pub fn soft_prot(self) -> u32 {
+        // Three bits.
+        #[allow(clippy::cast_possible_truncation)]
+        let p = ((self.0 & SOFT_PROT_MASK) >> SOFT_PROT_SHIFT) as u32;
+        p
+    }
+
+    /// A software entry's frame, if it holds one.
+    pub fn soft_frame(self) -> Option<Gfn> {
+        (self.is_soft() && self.0 & SOFT_FRAME != 0).then(|| Gfn::containing(GuestAddress(self.0 & ADDR_MASK)))
+    }
+
+    /// Whether the entry holds anything (a present leaf or a software entry).
+    pub fn is_occupied(self) -> bool {
+        self.0 != 0
     }
 }
 
@@ -352,7 +396,18 @@ pub fn install_entry(mem: &GuestMemoryMmap, slot: u64, new: Pte) -> Result<bool,
 
 /// Clears the entry at `slot`; returns the old one (with the CPU's accessed/dirty bits).
 pub fn clear_entry(mem: &GuestMemoryMmap, slot: u64) -> Result<Pte, PtError> {
-    with_entry(mem, slot, |e| Pte(e.swap(0, Ordering::AcqRel)))
+    replace_entry(mem, slot, Pte(0))
+}
+
+/// Replaces the entry at `slot` with `new`; returns the old one (with the CPU's accessed/dirty
+/// bits).
+pub fn replace_entry(mem: &GuestMemoryMmap, slot: u64, new: Pte) -> Result<Pte, PtError> {
+    with_entry(mem, slot, |e| Pte(e.swap(new.0, Ordering::AcqRel)))
+}
+
+/// The entry at `slot`.
+pub fn read_entry(mem: &GuestMemoryMmap, slot: u64) -> Result<Pte, PtError> {
+    with_entry(mem, slot, |e| Pte(e.load(Ordering::Acquire)))
 }
 
 /// Replaces the permission bits of the present entry at `slot`, keeping its frame and the CPU's
@@ -425,6 +480,19 @@ mod tests {
         assert_eq!(pt.unmap(&mem, va, PageSize::Size4K).unwrap().gfn(), Gfn(0x1234));
         assert!(pt.translate(&mem, va).is_none());
         assert_eq!(pt.unmap(&mem, va, PageSize::Size4K), Err(PtError::NotMapped { va }));
+    }
+
+    #[test]
+    fn software_entries() {
+        let e = Pte::soft(5, Some(Gfn(0x1234)));
+        assert!(e.is_soft() && e.is_occupied() && !e.is_present());
+        assert_eq!((e.soft_prot(), e.soft_frame()), (5, Some(Gfn(0x1234))));
+        let m = Pte::soft(0, None);
+        assert!(m.is_soft() && m.is_occupied());
+        assert_eq!((m.soft_prot(), m.soft_frame()), (0, None));
+        assert!(!Pte(0).is_occupied() && !Pte(0).is_soft());
+        let present = leaf_pte(Gfn(7), PageSize::Size4K, PteFlags::USER);
+        assert!(!present.is_soft() && present.soft_frame().is_none());
     }
 
     #[test]
