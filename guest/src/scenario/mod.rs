@@ -12,6 +12,7 @@ mod numa;
 mod oom;
 mod pages;
 mod ptstress;
+mod race;
 mod segv;
 mod slabcheck;
 mod stress;
@@ -68,6 +69,7 @@ pub fn run(cpu: u32, bi: &'static BootInfo) -> ! {
         "touch" => touch::run(&ctx),
         "lazy" => lazy::run(&ctx),
         "ptstress" => ptstress::run(&ctx),
+        "race" => race::run(&ctx),
         "badcalls" => badcalls::run(&ctx),
         "numa" => numa::run(&ctx),
         "segv" => segv::run(&ctx),

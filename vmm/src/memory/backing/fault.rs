@@ -9,10 +9,15 @@
 //!   fault-around window with one `UFFDIO_COPY` per contiguous run (one 64 KiB copy costs about a
 //!   ninth of sixteen 4 KiB ones here).
 //! - `Populating` / `Resident`: another path is installing it or already did; wake the thread.
-//! - `Free` (never handed out, or freed while a vCPU was touching it): install a zero page and
-//!   drop it again at once. The `MADV_DONTNEED` makes KVM retry its walk of the guest's tables,
-//!   which now lack the mapping, so the guest gets its own #PF. A frame that keeps faulting is a
-//!   translation the VMM cannot explain: the VM stops with an error naming the address.
+//! - `Free`, and handed out at some time before: a vCPU whose walk of the guest's tables found
+//!   the frame before the VMM unmapped and freed it (the guest's own race between an access and
+//!   a FREE, MOVE or PROTECT on another vCPU). Install a zero page and drop it again at once: the
+//!   `MADV_DONTNEED` makes KVM retry its walk, which now finds no mapping, so the guest gets its
+//!   own #PF. The same vCPU may fault here again (the drop can win the race with its retry);
+//!   each one is served the same way, and the frame is never handed to anyone meanwhile.
+//! - `Free` and never handed out since boot: no translation the VMM ever made leads there, so
+//!   nothing can explain the access. The VM stops with an error naming the address. This is
+//!   exact, not a guess: the page-state map remembers which frames were ever handed out.
 //! - Write-protect faults (a write during a translation invalidation) are resolved by lifting
 //!   the protection.
 //!
@@ -33,11 +38,6 @@ use super::ram::GuestRam;
 use super::uffd::{UFFD_EVENT_PAGEFAULT, UFFD_PAGEFAULT_FLAG_WP, UFFD_PAGEFAULT_FLAG_WRITE, Uffd, UffdError, UffdMsg};
 use crate::memory::addr::{Gfn, PAGE_SIZE};
 use crate::memory::frames::page_state::{FrameState, PageStates};
-
-/// Faults on the same free frame in a row before the VM is stopped...
-const FREE_FRAME_FAULT_LIMIT: u32 = 3;
-/// ...each within this long of the previous one. A race with a free causes one.
-const FREE_FRAME_FAULT_WINDOW: std::time::Duration = std::time::Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum FaultError {
@@ -81,7 +81,7 @@ pub struct FaultStats {
     pub pages: Counter,
     /// Faults on frames another path was installing or had installed.
     pub spurious: Counter,
-    /// Faults on free frames (a guest race with a free).
+    /// Faults on free frames that had been handed out (the guest's race with a free).
     pub free_frame: Counter,
     /// Write-protect faults during translation invalidations.
     pub write_protect: Counter,
@@ -148,8 +148,6 @@ pub struct FaultHandler {
     /// Per faulting thread (vCPU): where its last window ended and how big it was.
     streams: Mutex<HashMap<u32, (Gfn, u64)>>,
     stats: Arc<FaultStats>,
-    /// Recent faults per free frame: count and time of the last one.
-    free_faults: Mutex<HashMap<Gfn, (u32, Instant)>>,
 }
 
 impl FaultHandler {
@@ -177,7 +175,6 @@ impl FaultHandler {
             max_window,
             streams: Mutex::new(HashMap::new()),
             stats,
-            free_faults: Mutex::new(HashMap::new()),
         }
     }
 
@@ -240,7 +237,6 @@ impl FaultHandler {
                     self.wake(page)?;
                 }
                 self.stats.latency.record(u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX));
-                lock(&self.free_faults).remove(&gfn);
                 Ok(())
             }
             FrameState::Populating => {
@@ -311,21 +307,13 @@ impl FaultHandler {
             .map_err(|source| FaultError::Populate { gpa: gfn.gpa().0, source })
     }
 
-    /// A fault on a frame nobody owns: install and drop a zero page so KVM retries its walk;
-    /// stop the VM if it keeps happening.
+    /// A fault on a frame nobody owns: install and drop a zero page so KVM retries its walk,
+    /// or stop the VM if the frame was never handed out.
     fn free_frame(&self, gfn: Gfn, gpa: GuestAddress, page: u64) -> Result<(), FaultError> {
-        self.stats.free_frame.inc();
-        {
-            let now = Instant::now();
-            let mut seen = lock(&self.free_faults);
-            seen.retain(|_, (_, at)| now.duration_since(*at) < FREE_FRAME_FAULT_WINDOW);
-            let (n, at) = seen.entry(gfn).or_insert((0, now));
-            *n += 1;
-            *at = now;
-            if *n >= FREE_FRAME_FAULT_LIMIT {
-                return Err(FaultError::NeverHandedOut { gpa: gpa.0 });
-            }
+        if !self.states.ever_handed_out(gfn) {
+            return Err(FaultError::NeverHandedOut { gpa: gpa.0 });
         }
+        self.stats.free_frame.inc();
         // Claim it so the allocator cannot hand it out while the zero page is in place
         // (`PageStates::set_range` waits out `Populating`).
         if !self.states.transition(gfn, FrameState::Free, FrameState::Populating) {
@@ -386,7 +374,7 @@ mod tests {
     /// Real guest RAM registered with a real userfaultfd, served by real handler threads; the
     /// "vCPU" is a plain thread touching the memory.
     #[test]
-    fn serves_allocated_frames_and_stops_on_a_frame_never_handed_out() {
+    fn serves_allocated_and_freed_frames_and_stops_on_a_frame_never_handed_out() {
         let ranges = ram_ranges(&[8 << 20]).unwrap();
         let ram = Arc::new(GuestRam::new(&ranges, &[None]).unwrap());
         let states = Arc::new(PageStates::new(Gfn(2048), vec![(Gfn(0), Gfn(2048), 0)], 1).unwrap());
@@ -433,11 +421,29 @@ mod tests {
         }
         assert_eq!(states.census(Gfn(96), 16), [4, 0, 0, 12, 0]);
 
-        // A frame nobody was given: the handler reports the guest-physical address (after a
-        // few retries that a real race with a free would not need) instead of hanging.
+        // A frame handed out and freed again while a "vCPU" still touches it: served (it reads
+        // zero), however often it comes back, and nothing stops.
+        states.set_range(Gfn(500), 1, FrameState::Allocated);
+        states.set_range(Gfn(500), 1, FrameState::Free);
+        for _ in 0..20 {
+            let p = base + 500 * 4096;
+            let v = std::thread::spawn(move || {
+                // SAFETY: inside the 8 MiB guest RAM mapping, kept alive by `ram`.
+                unsafe { std::ptr::read_volatile(p as *const u64) }
+            })
+            .join()
+            .unwrap();
+            assert_eq!(v, 0);
+        }
+        assert!(stats.free_frame.get() >= 20);
+        assert!(rx.try_recv().is_err(), "a race with a free stops nothing");
+        assert_eq!(states.get(Gfn(500)), FrameState::Free, "nothing stays installed");
+
+        // A frame nobody was ever given: the handler reports the guest-physical address at the
+        // first fault instead of hanging.
         let p = base + 1000 * 4096;
         std::thread::spawn(move || {
-            // Like a vCPU whose translation still points there, keep touching it.
+            // Like a vCPU whose translation points there, keep touching it.
             loop {
                 // SAFETY: inside the guest RAM mapping; this thread stays blocked once the
                 // handler stops, and the test process exits around it.

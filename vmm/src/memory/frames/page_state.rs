@@ -52,6 +52,9 @@ impl FrameState {
 #[derive(Debug)]
 pub struct PageStates {
     states: ZeroedVec<AtomicU8>,
+    /// One bit per frame, set the first time the frame is handed out and never cleared: a
+    /// guest access to a frame without it cannot come from any translation the VMM ever made.
+    handed_out: ZeroedVec<AtomicU64>,
     /// `(first frame, one past last frame, node)` for every RAM range, ascending.
     node_of: Vec<(Gfn, Gfn, usize)>,
     resident: Vec<AtomicU64>,
@@ -62,6 +65,7 @@ impl PageStates {
     pub fn new(end: Gfn, ranges: Vec<(Gfn, Gfn, usize)>, nodes: usize) -> std::io::Result<Self> {
         Ok(PageStates {
             states: ZeroedVec::try_new(to_usize(end.0))?,
+            handed_out: ZeroedVec::try_new(to_usize(end.0.div_ceil(64)))?,
             node_of: ranges,
             resident: (0..nodes).map(|_| AtomicU64::new(0)).collect(),
         })
@@ -97,11 +101,23 @@ impl PageStates {
         ok
     }
 
+    /// Whether `gfn` was ever handed out (it has been `Allocated` at least once).
+    pub fn ever_handed_out(&self, gfn: Gfn) -> bool {
+        let i = to_usize(gfn.0);
+        self.handed_out.get(i / 64).is_some_and(|w| w.load(Ordering::Acquire) & (1 << (i % 64)) != 0)
+    }
+
     /// Sets every frame of `[gfn, gfn + n)` to `to`, waiting out in-flight population, and
     /// returns how many were `Resident` before (their host backing must be discarded).
     /// The frames must belong to the caller (allocated to it, or free and being allocated).
     pub fn set_range(&self, gfn: Gfn, n: u64, to: FrameState) -> u64 {
         let mut was_resident = 0;
+        if to == FrameState::Allocated {
+            for i in 0..n {
+                let g = to_usize(gfn.0 + i);
+                self.handed_out[g / 64].fetch_or(1 << (g % 64), Ordering::AcqRel);
+            }
+        }
         for i in 0..n {
             let g = gfn.plus(i);
             let slot = &self.states[to_usize(g.0)];
@@ -151,7 +167,7 @@ impl PageStates {
 
     /// Bytes reserved for the map (resident only where touched).
     pub fn metadata_bytes(&self) -> u64 {
-        self.states.len() as u64
+        self.states.len() as u64 + self.handed_out.len() as u64 * 8
     }
 
     fn count(&self, gfn: Gfn, from: FrameState, to: FrameState) {
@@ -182,6 +198,9 @@ mod tests {
         assert_eq!(s.resident(1), 0);
         assert_eq!(s.census(Gfn(0), 100), [100, 0, 0, 0, 0]);
         assert_eq!(s.node(Gfn(70)), Some(1));
+        // Handed out once, remembered after the free.
+        assert!(s.ever_handed_out(Gfn(40)) && s.ever_handed_out(Gfn(59)));
+        assert!(!s.ever_handed_out(Gfn(39)) && !s.ever_handed_out(Gfn(60)));
         assert_eq!(s.get(Gfn(1000)), FrameState::Free);
     }
 }
