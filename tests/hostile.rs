@@ -36,3 +36,45 @@ fn guest_races_between_access_and_free_end_in_data_or_a_fault_never_a_vm_stop() 
     // serve without stopping happened.
     assert!(free_frame_faults > 0, "no fault raced with a free");
 }
+
+#[test]
+fn a_guest_cannot_pass_for_the_vmms_own_failures() {
+    for status in [0, 5, 63] {
+        let r = run(&["--guest-args", &format!("scenario=exit status={status}")]);
+        assert_eq!(r.code, status, "{}", r.stderr);
+        assert!(!r.stderr.contains("error"), "{}", r.stderr);
+    }
+    // 64-74 are the VMM's own codes (73: "the guest touched memory it was never given"), and
+    // anything above 63 is outside the guest's range: one error line, the protocol code.
+    for status in [64, 73, 255, 256, 70000] {
+        let r = run(&["--guest-args", &format!("scenario=exit status={status}")]);
+        assert_eq!(r.code, i32::from(vmm::exit_code::GUEST_PROTOCOL), "{}", r.stderr);
+        // The usual two-line report, then exactly one error line.
+        let errors: Vec<&str> = r.stderr.lines().filter(|l| l.starts_with("vmm: error: ")).collect();
+        assert_eq!(errors.len(), 1, "{}", r.stderr);
+        assert!(errors[0].contains(&format!("the guest exited with status {status}, outside its range 0-63")));
+        assert!(r.stderr.trim_end().ends_with(errors[0]) && !r.stderr.contains("panicked"), "{}", r.stderr);
+        let exit = &r.stats.as_ref().unwrap()["exit"];
+        assert_eq!(exit["code"], u64::from(vmm::exit_code::GUEST_PROTOCOL), "{exit}");
+    }
+}
+
+#[test]
+fn writable_memory_is_never_executable() {
+    // The guest's calls: ALLOC/MAP_LAZY with EXEC and PROTECT(WRITE|EXEC) are refused, reserved
+    // arguments must be zero, and code written then made read+exec runs and refuses writes.
+    let r = run(&["-v", "--guest-args", "scenario=badcalls"]);
+    r.assert_ok();
+    let x = r.result("scenario", "badcalls").expect("result");
+    assert_eq!(n(&x, "failures"), 0, "{}", r.stdout);
+    // An image whose segment is writable and executable is refused before anything runs.
+    let mut elf = std::fs::read(common::guest_image()).unwrap();
+    let phoff = usize::try_from(u64::from_le_bytes(elf[32..40].try_into().unwrap())).unwrap();
+    // The first program header's p_flags: read, write, execute.
+    elf[phoff + 4..phoff + 8].copy_from_slice(&7u32.to_le_bytes());
+    let path = common::scratch("wx.elf");
+    std::fs::write(&path, &elf).unwrap();
+    run(&["--kernel", path.to_str().unwrap()])
+        .assert_error(i32::from(vmm::exit_code::BAD_IMAGE), "writable and executable (W^X)");
+    let _ = std::fs::remove_file(path);
+}

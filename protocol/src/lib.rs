@@ -23,7 +23,9 @@ pub mod port {
     pub const CONSOLE_PUTC: u16 = 0x400;
     /// `out32 len`: `len` bytes from [`super::CpuPage::console`] go to the console.
     pub const CONSOLE_WRITE: u16 = 0x401;
-    /// `out32 status`: the guest is done; the VMM exits with `status & 0xff`.
+    /// `out32 status`: the guest is done; the VMM exits with `status` (0 to
+    /// [`super::exit::GUEST_MAX`]). Any other status is a protocol error: the VMM reports it
+    /// and exits with its own code for that, so a guest cannot pass for the VMM's failures.
     pub const EXIT: u16 = 0x402;
     /// `out32 0`: the VMM stores the vCPU's CR2 (unreadable at CPL3) in
     /// [`super::CpuPage::trap_cr2`].
@@ -68,7 +70,7 @@ pub mod exit {
     pub const BAD_ARGS: u32 = 4;
     /// A memory call failed where the scenario did not expect it.
     pub const MEMCALL_FAILED: u32 = 5;
-    /// Statuses below this are the guest's; the VMM's own exit codes start here.
+    /// The largest status a guest may exit with; the VMM's own exit codes start above it.
     pub const GUEST_MAX: u32 = 63;
 }
 
@@ -339,7 +341,8 @@ pub mod memcall {
     const _: () = assert!(core::mem::size_of::<MemCall>() == 64);
     const _: () = assert!(AREA_OFFSET + (MAX_BATCH * 64) as u64 <= 3 * super::PAGE_SIZE);
 
-    /// Operations.
+    /// Operations. Every argument, flag and bit the operation does not name is reserved and
+    /// must be 0: anything else gets EINVAL, so that it can be given a meaning later.
     pub mod op {
         /// Does nothing (status OK): measures the batch path itself.
         pub const NOP: u32 = 0;
@@ -404,13 +407,15 @@ pub mod memcall {
         pub const HUGE: u32 = 1 << 3;
         /// Back the memory with host memory now instead of on first touch.
         pub const POPULATE: u32 = 1 << 4;
-        /// Map executable (default: no-execute).
+        /// Reserved, refused with EINVAL: new memory is writable, and writable memory is never
+        /// executable (W^X). To run code, write it, then PROTECT it `READ | EXEC`.
         pub const EXEC: u32 = 1 << 5;
-        /// Every defined flag.
-        pub const ALL: u32 = ZERO | CONTIGUOUS | DMA32 | HUGE | POPULATE | EXEC;
+        /// Every flag ALLOC accepts (MAP_LAZY takes ZERO and DMA32).
+        pub const ALL: u32 = ZERO | CONTIGUOUS | DMA32 | HUGE | POPULATE;
     }
 
-    /// PROTECT access bits.
+    /// PROTECT access bits. `WRITE | EXEC` together is refused with EINVAL (W^X): memory is
+    /// writable or executable, never both.
     pub mod prot {
         /// No access: pages unmapped, contents kept.
         pub const NONE: u32 = 0;

@@ -254,10 +254,12 @@ fn dispatch(
     let a = call.args;
     let res: Result<[u64; 2], Refusal> = match call.op {
         op::NOP => unused(call, 0).map(|()| [0; 2]),
-        op::ALLOC => parse_policy(a[1], a[2])
+        op::ALLOC => reserved(a[3])
+            .and_then(|()| parse_policy(a[1], a[2]))
             .and_then(|p| Ok(mm.alloc_region(a[0], call.flags, p, local)?))
             .map(|(va, len)| [va, len]),
-        op::MAP_LAZY => parse_policy(a[1], a[2])
+        op::MAP_LAZY => reserved(a[3])
+            .and_then(|()| parse_policy(a[1], a[2]))
             .and_then(|p| Ok(mm.map_lazy(a[0], call.flags, p, local)?))
             .map(|(va, len)| [va, len]),
         op::FREE => unused(call, 1).and_then(|()| Ok(mm.free_region(a[0])?)).map(|()| [0; 2]),
@@ -358,6 +360,11 @@ fn slab_exchange(
         return Err(Refusal::Status(status::ENOMEM));
     }
     Ok([u64::from(new_count), bad.len() as u64])
+}
+
+/// Checks that a reserved argument is zero.
+fn reserved(arg: u64) -> Result<(), Refusal> {
+    if arg != 0 { Err(invalid()) } else { Ok(()) }
 }
 
 /// Checks that flags and the arguments from `used` on are zero.

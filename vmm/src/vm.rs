@@ -112,7 +112,14 @@ impl Ending {
     /// How the run ends when vCPU `cpu` stops with `end`.
     fn of_vcpu(cpu: u32, end: VcpuEnd) -> Ending {
         match end {
-            VcpuEnd::GuestExit { status } => Ending::Guest(status),
+            VcpuEnd::GuestExit { status } if status <= protocol::exit::GUEST_MAX => Ending::Guest(status),
+            VcpuEnd::GuestExit { status } => Ending::Fatal {
+                code: exit_code::GUEST_PROTOCOL,
+                message: format!(
+                    "the guest exited with status {status}, outside its range 0-{}",
+                    protocol::exit::GUEST_MAX
+                ),
+            },
             VcpuEnd::Crashed { reason, regs } => {
                 Ending::Fatal { code: exit_code::GUEST_CRASH, message: format!("guest {reason} on vCPU {cpu}: {regs}") }
             }

@@ -8,7 +8,46 @@ use protocol::status::{EALREADY, EFAULT, EINVAL, ENOMEM, ENOSYS, OK};
 
 use super::{Ctx, fail};
 use crate::mem::{self, Batch, mk};
+use crate::trap::{self, pf};
 use crate::{arch, println};
+
+/// W^X done right: write code into writable memory, make it read+exec, run it; writing it then
+/// faults. Returns the number of failed checks.
+fn load_and_run_code() -> u32 {
+    // mov eax, 42; ret
+    const CODE: [u8; 6] = [0xb8, 0x2a, 0x00, 0x00, 0x00, 0xc3];
+    let mut failures = 0;
+    let Ok((va, _)) = mem::alloc(4096, policy::LOCAL, 0, 0) else {
+        println!("guest: badcalls: no page for code");
+        return 1;
+    };
+    for (i, &b) in CODE.iter().enumerate() {
+        // SAFETY: va is a fresh read-write page of ours.
+        unsafe { core::ptr::write_volatile((va + i as u64) as *mut u8, b) };
+    }
+    if mem::protect(va, 4096, prot::READ | prot::EXEC).is_err() {
+        println!("guest: badcalls: cannot make the code page read+exec");
+        return 1;
+    }
+    // SAFETY: the page holds a complete function (`mov eax, 42; ret`) following the C ABI,
+    // mapped read+exec.
+    let f: extern "C" fn() -> u32 = unsafe { core::mem::transmute(va as usize) };
+    if f() != 42 {
+        println!("guest: badcalls: the loaded code did not run");
+        failures += 1;
+    }
+    match trap::write(va, 0) {
+        Err(f) if f.error & (pf::PRESENT | pf::WRITE) == (pf::PRESENT | pf::WRITE) => {}
+        _ => {
+            println!("guest: badcalls: executable memory took a write");
+            failures += 1;
+        }
+    }
+    if mem::free(va).is_err() {
+        failures += 1;
+    }
+    failures
+}
 
 pub fn run(ctx: &Ctx) {
     if ctx.cpu != 0 {
@@ -49,6 +88,12 @@ pub fn run(ctx: &Ctx) {
         ("translate non-canonical", op::TRANSLATE, 0, [1 << 48, 0, 0, 0], EINVAL),
         ("translate unmapped", op::TRANSLATE, 0, [0x1234_5000, 0, 0, 0], EFAULT),
         ("stats of a missing node", op::STATS, 0, [nodes, 0, 0, 0], EINVAL),
+        ("alloc with a reserved argument", op::ALLOC, 0, [4096, 0, 0, 1], EINVAL),
+        ("lazy with a reserved argument", op::MAP_LAZY, 0, [4096, 0, 0, 1], EINVAL),
+        ("alloc writable and executable (W^X)", op::ALLOC, flags::EXEC, [4096, 0, 0, 0], EINVAL),
+        ("lazy writable and executable (W^X)", op::MAP_LAZY, flags::EXEC, [4096, 0, 0, 0], EINVAL),
+        ("protect write+exec (W^X)", op::PROTECT, prot::WRITE | prot::EXEC, [good, 4096, 0, 0], EINVAL),
+        ("protect read+write+exec (W^X)", op::PROTECT, prot::ALL, [good, 4096, 0, 0], EINVAL),
     ];
     let mut failures = 0;
     // All in one batch: one exit, each call judged on its own.
@@ -88,6 +133,7 @@ pub fn run(ctx: &Ctx) {
         println!("guest: badcalls: good regions were disturbed");
         failures += 1;
     }
+    failures += load_and_run_code();
     let after = mem::stats(ALL_NODES).unwrap_or_default();
     if super::util::data_frames(&after) != super::util::data_frames(&before) {
         println!("guest: badcalls: frames leaked");

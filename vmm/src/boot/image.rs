@@ -171,6 +171,20 @@ impl Image {
                 return Err(bad(format!("segments at {:#x} and {:#x} overlap", w[0].va, w[1].va)));
             }
         }
+        // W^X: no page may end up writable and executable, whether one segment asks for both or
+        // two segments share a page.
+        if let Some(s) = segments.iter().find(|s| s.writable && s.executable) {
+            return Err(bad(format!("the segment at {:#x} is writable and executable (W^X)", s.va)));
+        }
+        for w in segments.windows(2) {
+            let shared = (w[0].va + w[0].mem_len - 1) / PAGE_SIZE == w[1].va / PAGE_SIZE;
+            if shared && (w[0].writable || w[1].writable) && (w[0].executable || w[1].executable) {
+                return Err(bad(format!(
+                    "segments at {:#x} and {:#x} share a page that would be writable and executable (W^X)",
+                    w[0].va, w[1].va
+                )));
+            }
+        }
         let va_start = segments[0].va & !(PAGE_SIZE - 1);
         let last = segments.last().expect("non-empty");
         let va_end = (last.va + last.mem_len).next_multiple_of(PAGE_SIZE);

@@ -29,7 +29,7 @@ impl AddressSpace {
         }
         let pages = size.div_ceil(PAGE_SIZE);
         let va = self.va_small.alloc(pages * PAGE_SIZE).ok_or(SpaceError::NoMemory)?;
-        let base = prot::READ | prot::WRITE | if fl & flags::EXEC != 0 { prot::EXEC } else { 0 };
+        let base = prot::READ | prot::WRITE;
         let region = Region {
             len: pages * PAGE_SIZE,
             page: PageSize::Size4K,

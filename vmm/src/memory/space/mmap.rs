@@ -26,7 +26,7 @@ impl AddressSpace {
     ) -> Result<(u64, u64), SpaceError> {
         self.check_request(phys.frames, size, fl, policy)?;
         let dma32 = fl & flags::DMA32 != 0;
-        let base = prot::READ | prot::WRITE | if fl & flags::EXEC != 0 { prot::EXEC } else { 0 };
+        let base = prot::READ | prot::WRITE;
         let region = |len, page| Region { len, page, kind: RegionKind::Alloc, policy, home: local, dma32, base };
         if fl & flags::HUGE != 0 && !dma32 {
             match self.alloc_huge(phys, size, policy, local, fl & flags::CONTIGUOUS != 0) {

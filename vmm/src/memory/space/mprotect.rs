@@ -15,6 +15,9 @@ impl AddressSpace {
         if p & !prot::ALL != 0 {
             return Err(SpaceError::Invalid("unknown protection bits"));
         }
+        if p & (prot::WRITE | prot::EXEC) == prot::WRITE | prot::EXEC {
+            return Err(SpaceError::Invalid("memory is never writable and executable at once (W^X)"));
+        }
         let start = self.region_containing(va).ok_or(SpaceError::NotFound)?;
         let r = self.regions[&start];
         let ps = r.page.bytes();
