@@ -78,3 +78,46 @@ fn writable_memory_is_never_executable() {
         .assert_error(i32::from(vmm::exit_code::BAD_IMAGE), "writable and executable (W^X)");
     let _ = std::fs::remove_file(path);
 }
+
+/// The documented bound on the VMM's own memory (README, "Bounded VMM memory"), in KiB, for a
+/// guest of `ram` bytes holding `objects` slab objects of `size` bytes.
+fn own_memory_bound_kib(ram: u64, objects: u64) -> u64 {
+    8 * 1024 + 4 * 1024 * ram / (1 << 30) + objects / 8 / 1024
+}
+
+#[test]
+fn a_hostile_guest_cannot_grow_the_vmm_beyond_its_bound_and_frees_give_it_back() {
+    for (mem, ram) in [("256M", 256u64 << 20), ("1G", 1 << 30)] {
+        let r = run(&["--memory", &format!("size={mem}"), "--guest-args", "scenario=hog lines=100000 objects=1048576"]);
+        r.assert_ok();
+        let phase = |p: &str| {
+            r.results()
+                .into_iter()
+                .find(|x| x["scenario"] == "hog" && x["phase"] == p)
+                .unwrap_or_else(|| panic!("no hog phase {p}: {}", r.stdout))
+        };
+        let base = n(&phase("base"), "own_kib");
+        let bound = own_memory_bound_kib(ram, 1 << 20);
+        for p in ["lazy", "protect", "alloc", "results", "slab"] {
+            let x = phase(p);
+            assert!(n(&x, "own_kib") <= bound, "{mem}: phase {p} holds {} KiB, bound {bound} KiB", n(&x, "own_kib"));
+            if x.get("after_kib").is_some() {
+                // What the guest freed, the VMM gave back (within a little heap slack).
+                assert!(n(&x, "after_kib") <= base + 1024, "{mem}: after {p}: {x}, base {base} KiB");
+            }
+        }
+        // Regions that cost no guest memory ran into the region limit, not the host's memory.
+        let limit = vmm::memory::space::region_limit(ram) as u64;
+        let lazy = phase("lazy");
+        assert_eq!(n(&lazy, "enomem"), 1, "{lazy}");
+        assert!(n(&lazy, "regions") + 8 >= limit && n(&lazy, "regions") <= limit, "{lazy} vs limit {limit}");
+        assert_eq!(n(&phase("alloc"), "enomem"), 1);
+        assert_eq!(n(&phase("protect"), "ok"), n(&phase("protect"), "calls"));
+        assert_eq!(n(&phase("end"), "ok"), 1);
+        // The flood of result lines: the newest kept, the rest counted.
+        let stats = r.stats.as_ref().unwrap();
+        let kept = r.results().iter().filter(|x| x["scenario"] == "hog-flood").count() as u64;
+        assert_eq!(kept, vmm::console::KEEP_PER_SCENARIO as u64);
+        assert_eq!(n(&stats["guest"]["results_dropped"], "hog-flood"), 100_000 - kept);
+    }
+}

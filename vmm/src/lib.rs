@@ -6,6 +6,7 @@
 pub mod boot;
 pub mod cli;
 pub mod config;
+pub mod console;
 pub mod host;
 pub mod layout;
 pub mod memcall;

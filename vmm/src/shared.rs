@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use vm_memory::GuestAddress;
 
+use crate::console::ResultLog;
 use crate::memcall::MemCallCounters;
 use crate::memory::MemoryManager;
 use crate::memory::backing::ram::GuestRam;
@@ -56,8 +57,8 @@ pub struct VmShared {
     pub idt_gpa: GuestAddress,
     pub memcalls: MemCallCounters,
     pub nr_vcpus: u32,
-    /// `@result` lines from the guest, in order.
-    results: Mutex<Vec<String>>,
+    /// `@result` lines from the guest (bounded).
+    results: Mutex<ResultLog>,
 }
 
 impl VmShared {
@@ -78,7 +79,7 @@ impl VmShared {
             idt_gpa,
             memcalls: MemCallCounters::default(),
             nr_vcpus,
-            results: Mutex::new(Vec::new()),
+            results: Mutex::new(ResultLog::default()),
         }
     }
 
@@ -86,7 +87,7 @@ impl VmShared {
     /// when it is a machine-readable result.
     pub fn console_line(&self, cpu: u32, text: &str) {
         if text.starts_with(protocol::RESULT_PREFIX) {
-            lock(&self.results).push(text.to_string());
+            lock(&self.results).push(text);
         }
         let mut out = std::io::stdout().lock();
         let _ = if self.nr_vcpus > 1 { writeln!(out, "[cpu{cpu}] {text}") } else { writeln!(out, "{text}") };
@@ -97,9 +98,10 @@ impl VmShared {
         lock(&self.mm)
     }
 
-    /// The guest's result lines so far.
-    pub fn results(&self) -> Vec<String> {
-        lock(&self.results).clone()
+    /// The guest's result lines kept so far, in order, and how many were dropped per scenario.
+    pub fn results(&self) -> (Vec<String>, std::collections::BTreeMap<String, u64>) {
+        let r = lock(&self.results);
+        (r.lines(), r.dropped().clone())
     }
 }
 

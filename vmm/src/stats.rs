@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use crate::boot::image::LoadedImage;
 use crate::config::VmConfig;
+use crate::console::parse_result;
 use crate::layout::RamRange;
 use crate::memcall::MemCallReport;
 use crate::memory::backing::fault::FaultReport;
@@ -121,8 +122,11 @@ pub struct MemoryCounters {
 
 #[derive(Debug, Serialize)]
 pub struct GuestInfo {
-    /// Each `@result` line as key/value pairs (numbers where they parse as numbers).
+    /// Each `@result` line kept as key/value pairs (numbers where they parse as numbers): the
+    /// newest lines of each scenario (see `console`).
     pub results: Vec<BTreeMap<String, serde_json::Value>>,
+    /// Result lines dropped per scenario to keep the bound.
+    pub results_dropped: BTreeMap<String, u64>,
 }
 
 /// What the stats are assembled from: each part a snapshot its owner took.
@@ -139,7 +143,8 @@ pub struct Sources<'a> {
     /// "ok" or the first broken invariant, when they were checked.
     pub invariants: Option<String>,
     pub memcalls: MemCallReport,
-    pub results: Vec<String>,
+    /// The kept result lines, and how many were dropped per scenario.
+    pub results: (Vec<String>, BTreeMap<String, u64>),
 }
 
 /// Assembles the stats.
@@ -204,28 +209,11 @@ pub fn assemble(src: Sources<'_>) -> Stats {
         faults: m.backing.faults,
         memcalls: src.memcalls,
         slab: m.slab,
-        guest: GuestInfo { results: src.results.iter().map(|l| parse_result(l)).collect() },
+        guest: GuestInfo {
+            results: src.results.0.iter().map(|l| parse_result(l)).collect(),
+            results_dropped: src.results.1,
+        },
     }
-}
-
-/// `@result a=1 b=x` as `{"a": 1, "b": "x"}`.
-pub fn parse_result(line: &str) -> BTreeMap<String, serde_json::Value> {
-    let body = line.strip_prefix(protocol::RESULT_PREFIX).unwrap_or(line);
-    body.split_whitespace()
-        .filter_map(|kv| kv.split_once('='))
-        .map(|(k, v)| {
-            let value = if let Ok(n) = v.parse::<u64>() {
-                serde_json::Value::from(n)
-            } else if let Ok(n) = v.parse::<i64>() {
-                serde_json::Value::from(n)
-            } else if let Ok(f) = v.parse::<f64>() {
-                serde_json::Value::from(f)
-            } else {
-                serde_json::Value::from(v)
-            };
-            (k.to_string(), value)
-        })
-        .collect()
 }
 
 /// The short final report printed at exit: peak RSS, exits, faults, slabs, buddy.

@@ -10,6 +10,7 @@ use vm_memory::{Bytes, GuestAddress};
 use protocol::{CONSOLE_BUF, CPU_PAGE_ARGS, CPU_PAGE_CONSOLE, CPU_PAGE_TRAP_CR2, layout::BOOT_INFO_VA, port, status};
 
 use crate::boot::{CpuBoot, GuestBoot, idt_from_handlers, tables};
+use crate::console::LineBuffer;
 use crate::memcall::{MemCallCtx, MemCallError};
 use crate::shared::VmShared;
 
@@ -152,7 +153,7 @@ pub struct Vcpu {
     fd: VcpuFd,
     shared: Arc<VmShared>,
     /// Console line being assembled.
-    line: Vec<u8>,
+    line: LineBuffer,
 }
 
 impl std::fmt::Debug for Vcpu {
@@ -163,7 +164,7 @@ impl std::fmt::Debug for Vcpu {
 
 impl Vcpu {
     pub fn new(boot: CpuBoot, fd: VcpuFd, shared: Arc<VmShared>) -> Self {
-        Vcpu { boot, fd, shared, line: Vec::new() }
+        Vcpu { boot, fd, shared, line: LineBuffer::default() }
     }
 
     /// Runs until the guest exits or something fails.
@@ -314,22 +315,13 @@ impl Vcpu {
     }
 
     fn console_bytes(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            if b == b'\n' {
-                self.flush_console();
-            } else if self.line.len() < 4096 {
-                self.line.push(b);
-            }
-        }
+        let (shared, cpu) = (&self.shared, self.boot.id);
+        self.line.push(bytes, |l| shared.console_line(cpu, l));
     }
 
     fn flush_console(&mut self) {
-        if self.line.is_empty() {
-            return;
-        }
-        let text = String::from_utf8_lossy(&self.line).into_owned();
-        self.line.clear();
-        self.shared.console_line(self.boot.id, &text);
+        let (shared, cpu) = (&self.shared, self.boot.id);
+        self.line.flush(|l| shared.console_line(cpu, l));
     }
 
     /// The vCPU's registers, for fatal-error reports.

@@ -6,6 +6,7 @@ mod cachescratch;
 mod churn;
 mod fastpath;
 mod frag;
+mod hog;
 mod larson;
 mod lazy;
 mod numa;
@@ -78,6 +79,7 @@ pub fn run(cpu: u32, bi: &'static BootInfo) -> ! {
         "xmalloc" => xmalloc::run(&ctx),
         "cache-scratch" => cachescratch::run(&ctx),
         "frag" => frag::run(&ctx),
+        "hog" => hog::run(&ctx),
         "slabcheck" => slabcheck::run(&ctx),
         "fastpath" => fastpath::run(&ctx),
         // Exits at once with `status=N`, whatever it is (the VMM judges it).

@@ -49,8 +49,10 @@ use slab::{Exchanged, SlabAllocator, SlabError, SlabSnapshot};
 use space::pagetable::{PageSize, PteFlags};
 use space::{AddressSpace, Phys, SpaceError, SpaceSnapshot};
 
-/// Frames freed between two trims of the VMM's own memory.
+/// Frames freed between two trims of the VMM's own memory...
 const TRIM_AFTER_FRAMES: u64 = 8192;
+/// ...or regions freed (their metadata, however little guest memory they held).
+const TRIM_AFTER_REGIONS: u64 = 4096;
 
 /// A memory-manager failure: a layer's error. Errors the guest caused carry a status code for
 /// it ([`MemoryError::guest_status`]); the rest are host failures that stop the VM.
@@ -108,8 +110,8 @@ pub struct MemoryManager {
     space: AddressSpace,
     slab: SlabAllocator,
     trims: TrimCounters,
-    /// `space.counters().frames_freed` at the last trim.
-    freed_at_trim: u64,
+    /// `space.counters()`'s `frames_freed` and `regions_freed` at the last trim.
+    freed_at_trim: (u64, u64),
 }
 
 /// A memory manager over real, unregistered guest RAM of `node_sizes` (no KVM), with distance 10
@@ -139,7 +141,7 @@ impl MemoryManager {
             Backing::new(ranges, bindings, Arc::clone(frames.states()), vm, fault_around, fault_around_max)?;
         let space = AddressSpace::new(&mut Phys { frames: &mut frames, backing: &mut backing }, fault_around)?;
         let slab = SlabAllocator::new(frames.nr_nodes());
-        Ok(MemoryManager { frames, backing, space, slab, trims: TrimCounters::default(), freed_at_trim: 0 })
+        Ok(MemoryManager { frames, backing, space, slab, trims: TrimCounters::default(), freed_at_trim: (0, 0) })
     }
 
     /// The two bottom layers, borrowed together.
@@ -326,7 +328,10 @@ impl MemoryManager {
     pub fn flush(&mut self) -> Result<(), MemoryError> {
         let (mut phys, space, _) = self.phys();
         space.flush(&mut phys)?;
-        if self.space.counters().frames_freed - self.freed_at_trim >= TRIM_AFTER_FRAMES {
+        let c = self.space.counters();
+        if c.frames_freed - self.freed_at_trim.0 >= TRIM_AFTER_FRAMES
+            || c.regions_freed - self.freed_at_trim.1 >= TRIM_AFTER_REGIONS
+        {
             self.trim();
         }
         Ok(())
@@ -335,7 +340,8 @@ impl MemoryManager {
     /// Gives the host back the VMM's own memory that guest frees left idle: all-zero allocator
     /// metadata pages and free heap memory.
     pub fn trim(&mut self) {
-        self.freed_at_trim = self.space.counters().frames_freed;
+        let c = self.space.counters();
+        self.freed_at_trim = (c.frames_freed, c.regions_freed);
         let released = self.frames.trim_metadata();
         self.trims.trims += 1;
         self.trims.trimmed_bytes += released;
