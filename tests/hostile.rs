@@ -121,3 +121,41 @@ fn a_hostile_guest_cannot_grow_the_vmm_beyond_its_bound_and_frees_give_it_back()
         assert_eq!(n(&stats["guest"]["results_dropped"], "hog-flood"), 100_000 - kept);
     }
 }
+
+/// Starts `vmm` with `args` and a stats file, lets it run a moment, sends `signal`, and returns
+/// its exit code, stderr and stats.
+fn stop_with(signal: libc::c_int, args: &[&str]) -> (i32, String, Value) {
+    let stats = common::scratch("stop-stats.json");
+    let mut all = args.to_vec();
+    all.extend(["--stats-file", stats.to_str().unwrap()]);
+    let child = common::spawn(&all);
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    let pid = libc::pid_t::try_from(child.id()).expect("pid fits");
+    let sent = std::time::Instant::now();
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
+    let out = child.wait_with_output().unwrap();
+    assert!(sent.elapsed() < std::time::Duration::from_secs(5), "the stop took {:?}", sent.elapsed());
+    let stats: Value = serde_json::from_str(&std::fs::read_to_string(&stats).expect("stats written")).unwrap();
+    let _ = std::fs::remove_file(common::scratch("stop-stats.json"));
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned(), stats)
+}
+
+#[test]
+fn sigterm_and_sigint_stop_the_vm_cleanly_with_the_stats_written() {
+    // Busy vCPUs that never exit, and vCPUs in the middle of memory calls and faults.
+    for (signal, name, guest) in [
+        (libc::SIGTERM, "SIGTERM", "scenario=spin"),
+        (libc::SIGINT, "SIGINT", "scenario=race rounds=100000000"),
+        (libc::SIGTERM, "SIGTERM", "scenario=churn ops=100000000"),
+    ] {
+        let (code, stderr, stats) = stop_with(signal, &["--cpus", "2", "-v", "--guest-args", guest]);
+        assert_eq!(code, i32::from(vmm::exit_code::STOPPED), "{guest}: {stderr}");
+        assert!(stderr.contains(&format!("vmm: stopped by {name} before the guest finished")), "{stderr}");
+        assert!(!stderr.contains("did not stop") && !stderr.contains("panicked"), "{stderr}");
+        assert_eq!(stats["exit"]["code"], u64::from(vmm::exit_code::STOPPED));
+        assert_eq!(stats["exit"]["error"], format!("stopped by {name} before the guest finished"));
+        // The vCPUs were out of KVM_RUN when the allocator was checked.
+        assert_eq!(stats["memory"]["invariants"], "ok", "{guest}");
+    }
+}

@@ -39,6 +39,8 @@ pub mod exit_code {
     pub const GUEST_MEMORY: u8 = 73;
     /// Writing the stats file failed.
     pub const IO: u8 = 74;
+    /// Stopped from outside (SIGTERM, SIGINT) before the guest finished.
+    pub const STOPPED: u8 = 75;
     /// The guest broke the protocol: it exited with a status outside its range (0-63).
     pub const GUEST_PROTOCOL: u8 = 76;
 }

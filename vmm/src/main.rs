@@ -72,9 +72,13 @@ fn run(cfg: vmm::config::VmConfig, start: Instant) -> Result<u8, (u8, anyhow::Er
     } else {
         eprintln!("{}", vmm::stats::summary(&stats));
     }
-    if let Ending::Fatal { message, code } = &ending {
-        eprintln!("vmm: error: {message}");
-        return Ok(*code);
+    match &ending {
+        Ending::Fatal { message, code } => {
+            eprintln!("vmm: error: {message}");
+            return Ok(*code);
+        }
+        Ending::Stopped(signal) => eprintln!("vmm: stopped by {signal} before the guest finished"),
+        Ending::Guest(_) => {}
     }
     Ok(ending.exit_code())
 }

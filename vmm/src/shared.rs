@@ -2,6 +2,7 @@
 //! manager, exit and memory-call counters, and the guest's console and result lines.
 
 use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use vm_memory::GuestAddress;
@@ -57,6 +58,8 @@ pub struct VmShared {
     pub idt_gpa: GuestAddress,
     pub memcalls: MemCallCounters,
     pub nr_vcpus: u32,
+    /// Set when the VM is being stopped: vCPUs leave their run loop at their next exit.
+    stop: AtomicBool,
     /// `@result` lines from the guest (bounded).
     results: Mutex<ResultLog>,
 }
@@ -79,6 +82,7 @@ impl VmShared {
             idt_gpa,
             memcalls: MemCallCounters::default(),
             nr_vcpus,
+            stop: AtomicBool::new(false),
             results: Mutex::new(ResultLog::default()),
         }
     }
@@ -91,6 +95,16 @@ impl VmShared {
         }
         let mut out = std::io::stdout().lock();
         let _ = if self.nr_vcpus > 1 { writeln!(out, "[cpu{cpu}] {text}") } else { writeln!(out, "{text}") };
+    }
+
+    /// Asks every vCPU to leave its run loop at its next exit.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Release);
+    }
+
+    /// Whether the VM is being stopped.
+    pub fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Acquire)
     }
 
     /// The memory manager.

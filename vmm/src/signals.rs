@@ -1,7 +1,20 @@
-//! SIGUSR1 dumps the stats while the VM runs.
+//! Signals to the VMM process: SIGUSR1 dumps the stats while the VM runs; SIGTERM and SIGINT stop
+//! it cleanly. And the signal that kicks a vCPU thread out of `KVM_RUN`.
 
-use signal_hook::consts::SIGUSR1;
+use std::os::raw::{c_int, c_void};
+
+use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
 use signal_hook::iterator::{Handle, Signals};
+use vmm_sys_util::signal::{SIGRTMIN, register_signal_handler};
+
+/// What a process signal asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Request {
+    /// SIGUSR1: print the stats.
+    DumpStats,
+    /// SIGTERM or SIGINT (named): stop the VM cleanly.
+    Stop(&'static str),
+}
 
 /// Stops forwarding when dropped.
 #[derive(Debug)]
@@ -15,24 +28,41 @@ impl Drop for SignalForwarder {
     }
 }
 
-/// Starts a thread that calls `on_signal` for each SIGUSR1. If the handler cannot be
-/// installed, the VM runs without it (and says so once).
-pub fn forward_sigusr1(on_signal: impl Fn() + Send + 'static) -> SignalForwarder {
-    let mut signals = match Signals::new([SIGUSR1]) {
+/// Starts a thread that calls `on_signal` for each SIGUSR1, SIGTERM and SIGINT. If the handlers
+/// cannot be installed, the VM runs without them (and says so once).
+pub fn forward(on_signal: impl Fn(Request) + Send + 'static) -> SignalForwarder {
+    let mut signals = match Signals::new([SIGUSR1, SIGTERM, SIGINT]) {
         Ok(s) => s,
         Err(e) => {
-            log::warn!("SIGUSR1 stats dumps are unavailable: {e}");
+            log::warn!("signal handling is unavailable: {e}");
             return SignalForwarder(None);
         }
     };
     let handle = signals.handle();
     let spawned = std::thread::Builder::new().name("signals".into()).spawn(move || {
-        for _ in signals.forever() {
-            on_signal();
+        for s in signals.forever() {
+            on_signal(match s {
+                SIGUSR1 => Request::DumpStats,
+                SIGTERM => Request::Stop("SIGTERM"),
+                _ => Request::Stop("SIGINT"),
+            });
         }
     });
     if let Err(e) = spawned {
-        log::warn!("SIGUSR1 stats dumps are unavailable: {e}");
+        log::warn!("signal handling is unavailable: {e}");
     }
     SignalForwarder(Some(handle))
+}
+
+/// The signal that kicks a vCPU thread out of `KVM_RUN` (its handler does nothing; the
+/// interrupted ioctl returns `EINTR`).
+pub fn vcpu_kick() -> c_int {
+    SIGRTMIN()
+}
+
+extern "C" fn ignore(_: c_int, _: *mut libc::siginfo_t, _: *mut c_void) {}
+
+/// Installs the (empty) handler of [`vcpu_kick`], so that the signal interrupts without killing.
+pub fn install_vcpu_kick() -> std::io::Result<()> {
+    register_signal_handler(vcpu_kick(), ignore).map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
 }

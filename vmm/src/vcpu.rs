@@ -77,6 +77,8 @@ pub enum VcpuEnd {
     KvmFailed { reason: String, regs: String },
     /// The VMM failed serving this vCPU.
     Failed(VcpuError),
+    /// The VM is being stopped from outside; this vCPU left `KVM_RUN`.
+    Stopped,
 }
 
 /// The host's supported CPUID, to be patched per vCPU.
@@ -184,6 +186,9 @@ impl Vcpu {
             self.shared.timing.mark_first_run();
         }
         loop {
+            if self.shared.stopping() {
+                return VcpuEnd::Stopped;
+            }
             let exit = match self.fd.run() {
                 Ok(e) => Self::copy_exit(e),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Exit::Intr,

@@ -2,7 +2,10 @@
 
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use vmm_sys_util::signal::Killable;
 
 use kvm_ioctls::Kvm;
 
@@ -20,6 +23,7 @@ use crate::memory::backing::uffd::UffdError;
 use crate::memory::{MemoryError, MemoryManager};
 use crate::metrics::Timing;
 use crate::shared::VmShared;
+use crate::signals::Request;
 use crate::stats::{self, ExitInfo, Stats};
 use crate::sync::lock;
 use crate::vcpu::{self, Vcpu, VcpuEnd, VcpuError};
@@ -82,11 +86,14 @@ impl VmError {
 pub enum VmEvent {
     /// A vCPU stopped.
     Vcpu { cpu: u32, end: VcpuEnd },
-    /// SIGUSR1: dump stats while running.
-    DumpStats,
+    /// A process signal.
+    Signal(Request),
     /// A fault handler thread failed.
     FaultFailed(FaultError),
 }
+
+/// How long a clean stop waits for the vCPUs to leave `KVM_RUN`.
+const STOP_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The main thread's inbox; every thread holds a sender.
 #[derive(Debug, Clone)]
@@ -106,6 +113,8 @@ pub enum Ending {
     Guest(u32),
     /// The guest crashed or KVM failed; the message has the vCPU's registers.
     Fatal { code: u8, message: String },
+    /// Stopped from outside (by this signal) before the guest finished.
+    Stopped(&'static str),
 }
 
 impl Ending {
@@ -126,6 +135,8 @@ impl Ending {
             VcpuEnd::KvmFailed { reason, regs } => {
                 Ending::Fatal { code: exit_code::KVM, message: format!("{reason} on vCPU {cpu}: {regs}") }
             }
+            // Only a stop the main thread asked for ends a vCPU this way.
+            VcpuEnd::Stopped => Ending::Stopped("a stop request"),
             VcpuEnd::Failed(error) => {
                 let error = VmError::Vcpu(error);
                 Ending::Fatal {
@@ -142,11 +153,12 @@ impl Ending {
             code: self.exit_code(),
             guest_status: match self {
                 Ending::Guest(s) => Some(*s),
-                Ending::Fatal { .. } => None,
+                Ending::Fatal { .. } | Ending::Stopped(_) => None,
             },
             error: match self {
                 Ending::Guest(_) => None,
                 Ending::Fatal { message, .. } => Some(message.clone()),
+                Ending::Stopped(signal) => Some(format!("stopped by {signal} before the guest finished")),
             },
         }
     }
@@ -156,6 +168,7 @@ impl Ending {
         match self {
             Ending::Guest(s) => (s & 0xff) as u8,
             Ending::Fatal { code, .. } => *code,
+            Ending::Stopped(_) => exit_code::STOPPED,
         }
     }
 }
@@ -171,6 +184,8 @@ pub struct Vm {
     events: Receiver<VmEvent>,
     sender: Events,
     faults: Option<Arc<FaultHandler>>,
+    /// The vCPU threads, once started.
+    threads: Vec<JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for Vm {
@@ -246,13 +261,14 @@ impl Vm {
             vcpus.push(Vcpu::new(*cb, fd, Arc::clone(&shared)));
         }
         let sender = Events(Arc::new(Mutex::new(tx)));
-        Ok(Vm { cfg, _kvm: kvm, shared, vcpus, boot, ranges, events: rx, sender, faults })
+        Ok(Vm { cfg, _kvm: kvm, shared, vcpus, boot, ranges, events: rx, sender, faults, threads: Vec::new() })
     }
 
     /// Runs the guest to its end. Returns how it ended and the final stats.
     pub fn run(mut self) -> Result<(Ending, Stats), VmError> {
         let events = self.sender.clone();
-        let signals = crate::signals::forward_sigusr1(move || events.send(VmEvent::DumpStats));
+        let signals = crate::signals::forward(move |r| events.send(VmEvent::Signal(r)));
+        crate::signals::install_vcpu_kick().map_err(VmError::Thread)?;
         if let Some(f) = self.faults.take() {
             let events = self.sender.clone();
             let threads = (self.cfg.cpus as usize).clamp(1, 4);
@@ -261,20 +277,22 @@ impl Vm {
         for v in self.vcpus.drain(..) {
             let cpu = v.boot.id;
             let events = self.sender.clone();
-            std::thread::Builder::new()
+            let t = std::thread::Builder::new()
                 .name(format!("vcpu{cpu}"))
                 .spawn(move || {
                     let end = v.run();
                     events.send(VmEvent::Vcpu { cpu, end });
                 })
                 .map_err(VmError::Thread)?;
+            self.threads.push(t);
         }
         let ending = loop {
             let ev = self.events.recv().expect("the VM holds a sender");
             match ev {
-                VmEvent::DumpStats => {
-                    let s = self.stats(None);
-                    eprintln!("{}", serde_json::to_string_pretty(&s).unwrap_or_default());
+                VmEvent::Signal(Request::DumpStats) => self.dump_stats(),
+                VmEvent::Signal(Request::Stop(signal)) => {
+                    self.stop_vcpus();
+                    break Ending::Stopped(signal);
                 }
                 VmEvent::Vcpu { cpu, end } => break Ending::of_vcpu(cpu, end),
                 VmEvent::FaultFailed(e) => {
@@ -286,6 +304,33 @@ impl Vm {
         drop(signals);
         let stats = self.stats(Some(&ending));
         Ok((ending, stats))
+    }
+
+    fn dump_stats(&self) {
+        let s = self.stats(None);
+        eprintln!("{}", serde_json::to_string_pretty(&s).unwrap_or_default());
+    }
+
+    /// Makes every vCPU leave `KVM_RUN` and its run loop: sets the stop flag, then kicks the
+    /// threads (again, until each has reported, since a kick that lands outside `KVM_RUN` is
+    /// lost) for at most [`STOP_TIMEOUT`].
+    fn stop_vcpus(&mut self) {
+        self.shared.stop();
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        let mut running = self.threads.len();
+        while running > 0 && Instant::now() < deadline {
+            for t in self.threads.iter().filter(|t| !t.is_finished()) {
+                let _ = t.kill(crate::signals::vcpu_kick());
+            }
+            match self.events.recv_timeout(Duration::from_millis(10)) {
+                Ok(VmEvent::Vcpu { .. }) => running -= 1,
+                Ok(VmEvent::Signal(Request::DumpStats)) => self.dump_stats(),
+                Ok(_) | Err(_) => {}
+            }
+        }
+        if running > 0 {
+            log::warn!("{running} vCPUs did not stop within {STOP_TIMEOUT:?}");
+        }
     }
 
     /// The stats now; with `ending`, the final ones (allocator invariants checked with `-v`).

@@ -59,6 +59,15 @@ pub fn fail(status: u32) {
     let _ = STATUS.compare_exchange(0, status, Ordering::AcqRel, Ordering::Acquire);
 }
 
+/// `scenario=spin seconds=N`: no exits at all, on every vCPU, for N seconds (0: forever).
+fn spin(ctx: &Ctx) {
+    let seconds = ctx.args.num("seconds", 0).unwrap_or(0);
+    let end = arch::rdtsc().saturating_add(seconds.saturating_mul(ctx.bi.tsc_khz).saturating_mul(1000));
+    while seconds == 0 || arch::rdtsc() < end {
+        arch::pause();
+    }
+}
+
 pub fn run(cpu: u32, bi: &'static BootInfo) -> ! {
     let ctx = Ctx { cpu, cpus: bi.nr_vcpus, bi, args: Args(bootinfo::args(bi)) };
     let name = ctx.args.get("scenario").unwrap_or("stress");
@@ -82,6 +91,8 @@ pub fn run(cpu: u32, bi: &'static BootInfo) -> ! {
         "hog" => hog::run(&ctx),
         "slabcheck" => slabcheck::run(&ctx),
         "fastpath" => fastpath::run(&ctx),
+        // Every vCPU computes without an exit: for `seconds=N` (0: forever).
+        "spin" => spin(&ctx),
         // Exits at once with `status=N`, whatever it is (the VMM judges it).
         "exit" => {
             if cpu == 0 {
