@@ -159,3 +159,43 @@ fn sigterm_and_sigint_stop_the_vm_cleanly_with_the_stats_written() {
         assert_eq!(stats["memory"]["invariants"], "ok", "{guest}");
     }
 }
+
+#[test]
+fn every_vmm_thread_runs_under_seccomp_and_a_forbidden_call_stops_the_vmm() {
+    // The whole suite runs with the filters on (the default); here each kind of thread makes a
+    // call its filter forbids.
+    for kind in ["main", "vcpu", "fault", "signals"] {
+        let out = std::process::Command::new(common::vmm_bin())
+            .args(["run", "--kernel"])
+            .arg(common::guest_image())
+            .args(["--guest-args", "scenario=spin seconds=3"])
+            .env("VMM_SECCOMP_SELFTEST", kind)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(i32::from(vmm::exit_code::SECCOMP)), "{kind}: {stderr}");
+        let name = match kind {
+            "vcpu" => "vCPU",
+            "fault" => "fault handler",
+            k => k,
+        };
+        assert_eq!(
+            stderr.trim_end(),
+            format!(
+                "vmm: error: seccomp: a {name} thread made a forbidden system call, 41 (socket); the VMM stops \
+                 (--seccomp=off disables the filters)"
+            )
+        );
+    }
+    // With the filters off, the same call goes through and the guest finishes.
+    let out = std::process::Command::new(common::vmm_bin())
+        .args(["run", "--seccomp", "off", "--kernel"])
+        .arg(common::guest_image())
+        .args(["--guest-args", "scenario=spin seconds=1"])
+        .env("VMM_SECCOMP_SELFTEST", "vcpu")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    run(&["--seccomp", "maybe"])
+        .assert_error(i32::from(vmm::exit_code::USAGE), "--seccomp `maybe` is not `on` or `off`");
+}

@@ -47,6 +47,9 @@ pub struct RunArgs {
     /// Print a stats table at exit, and log more
     #[arg(short, long)]
     pub verbose: bool,
+    /// Run every VMM thread under its seccomp filter (`off`: for debugging) [default: on]
+    #[arg(long, value_name = "on|off")]
+    pub seccomp: Option<String>,
 }
 
 impl RunArgs {
@@ -61,6 +64,7 @@ impl RunArgs {
             guest_args: self.guest_args,
             stats_file: self.stats_file,
             verbose: self.verbose,
+            seccomp: self.seccomp,
         };
         builder.validate(default_kernel)
     }

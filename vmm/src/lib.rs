@@ -12,6 +12,7 @@ pub mod layout;
 pub mod memcall;
 pub mod memory;
 pub mod metrics;
+pub mod seccomp;
 pub mod shared;
 pub mod signals;
 pub mod stats;
@@ -43,6 +44,8 @@ pub mod exit_code {
     pub const STOPPED: u8 = 75;
     /// The guest broke the protocol: it exited with a status outside its range (0-63).
     pub const GUEST_PROTOCOL: u8 = 76;
+    /// A VMM thread made a system call its seccomp filter forbids.
+    pub const SECCOMP: u8 = 77;
 }
 
 /// An error and its sources on one line, joined by ": ".

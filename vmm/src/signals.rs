@@ -7,6 +7,8 @@ use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
 use signal_hook::iterator::{Handle, Signals};
 use vmm_sys_util::signal::{SIGRTMIN, register_signal_handler};
 
+use crate::sync::ThreadInit;
+
 /// What a process signal asks for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Request {
@@ -28,9 +30,9 @@ impl Drop for SignalForwarder {
     }
 }
 
-/// Starts a thread that calls `on_signal` for each SIGUSR1, SIGTERM and SIGINT. If the handlers
-/// cannot be installed, the VM runs without them (and says so once).
-pub fn forward(on_signal: impl Fn(Request) + Send + 'static) -> SignalForwarder {
+/// Starts a thread that runs `init`, then calls `on_signal` for each SIGUSR1, SIGTERM and
+/// SIGINT. If the handlers cannot be installed, the VM runs without them (and says so once).
+pub fn forward(init: ThreadInit, on_signal: impl Fn(Request) + Send + 'static) -> SignalForwarder {
     let mut signals = match Signals::new([SIGUSR1, SIGTERM, SIGINT]) {
         Ok(s) => s,
         Err(e) => {
@@ -40,6 +42,10 @@ pub fn forward(on_signal: impl Fn(Request) + Send + 'static) -> SignalForwarder 
     };
     let handle = signals.handle();
     let spawned = std::thread::Builder::new().name("signals".into()).spawn(move || {
+        if let Err(e) = init() {
+            log::warn!("signal handling is unavailable: {e}");
+            return;
+        }
         for s in signals.forever() {
             on_signal(match s {
                 SIGUSR1 => Request::DumpStats,

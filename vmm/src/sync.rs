@@ -7,3 +7,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
+
+/// What a thread runs first, before its work (installing its seccomp filter, say); an error
+/// stops the thread before it does anything.
+pub type ThreadInit = std::sync::Arc<dyn Fn() -> Result<(), Box<dyn std::error::Error + Send + Sync>> + Send + Sync>;

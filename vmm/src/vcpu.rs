@@ -64,6 +64,8 @@ pub enum VcpuError {
     },
     #[error(transparent)]
     MemCall(#[from] MemCallError),
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
 }
 
 /// How a vCPU stopped running.

@@ -22,9 +22,11 @@ use crate::memory::backing::ram::RamError;
 use crate::memory::backing::uffd::UffdError;
 use crate::memory::{MemoryError, MemoryManager};
 use crate::metrics::Timing;
+use crate::seccomp::{self, SeccompError, ThreadKind};
 use crate::shared::VmShared;
 use crate::signals::Request;
 use crate::stats::{self, ExitInfo, Stats};
+use crate::sync::ThreadInit;
 use crate::sync::lock;
 use crate::vcpu::{self, Vcpu, VcpuEnd, VcpuError};
 
@@ -52,6 +54,8 @@ pub enum VmError {
     Vcpu(#[from] VcpuError),
     #[error("cannot start a thread")]
     Thread(#[source] std::io::Error),
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
     #[error("cannot write the stats file {path}")]
     StatsFile {
         path: std::path::PathBuf,
@@ -266,13 +270,18 @@ impl Vm {
 
     /// Runs the guest to its end. Returns how it ended and the final stats.
     pub fn run(mut self) -> Result<(Ending, Stats), VmError> {
+        if self.cfg.seccomp {
+            seccomp::enable()?;
+        }
+        let filter = |kind: ThreadKind| -> ThreadInit { Arc::new(move || Ok(seccomp::apply(kind)?)) };
         let events = self.sender.clone();
-        let signals = crate::signals::forward(move |r| events.send(VmEvent::Signal(r)));
+        let signals = crate::signals::forward(filter(ThreadKind::Signals), move |r| events.send(VmEvent::Signal(r)));
         crate::signals::install_vcpu_kick().map_err(VmError::Thread)?;
         if let Some(f) = self.faults.take() {
             let events = self.sender.clone();
             let threads = (self.cfg.cpus as usize).clamp(1, 4);
-            f.spawn(threads, Arc::new(move |e| events.send(VmEvent::FaultFailed(e)))).map_err(VmError::Thread)?;
+            f.spawn(threads, filter(ThreadKind::Fault), Arc::new(move |e| events.send(VmEvent::FaultFailed(e))))
+                .map_err(VmError::Thread)?;
         }
         for v in self.vcpus.drain(..) {
             let cpu = v.boot.id;
@@ -280,12 +289,16 @@ impl Vm {
             let t = std::thread::Builder::new()
                 .name(format!("vcpu{cpu}"))
                 .spawn(move || {
-                    let end = v.run();
+                    let end = match seccomp::apply(ThreadKind::Vcpu) {
+                        Ok(()) => v.run(),
+                        Err(e) => VcpuEnd::Failed(e.into()),
+                    };
                     events.send(VmEvent::Vcpu { cpu, end });
                 })
                 .map_err(VmError::Thread)?;
             self.threads.push(t);
         }
+        seccomp::apply(ThreadKind::Main)?;
         let ending = loop {
             let ev = self.events.recv().expect("the VM holds a sender");
             match ev {

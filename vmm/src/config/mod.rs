@@ -90,6 +90,8 @@ pub enum ConfigError {
     GuestArgsControlChar,
     #[error("--guest-args seed `{0}` is not a number")]
     BadSeed(String),
+    #[error("--seccomp `{0}` is not `on` or `off`")]
+    InvalidSeccomp(String),
 }
 
 /// The validated VM configuration handed to the VMM.
@@ -118,6 +120,8 @@ pub struct VmConfig {
     pub stats_file: Option<PathBuf>,
     /// Print the stats table at exit.
     pub verbose: bool,
+    /// Run the VMM's threads under seccomp filters.
+    pub seccomp: bool,
 }
 
 /// What the user gave, before validation.
@@ -131,6 +135,8 @@ pub struct VmConfigBuilder {
     pub guest_args: Option<String>,
     pub stats_file: Option<PathBuf>,
     pub verbose: bool,
+    /// `--seccomp on|off`.
+    pub seccomp: Option<String>,
 }
 
 impl VmConfigBuilder {
@@ -200,6 +206,11 @@ impl VmConfigBuilder {
             seed,
             stats_file: self.stats_file,
             verbose: self.verbose,
+            seccomp: match self.seccomp.as_deref() {
+                None | Some("on") => true,
+                Some("off") => false,
+                Some(other) => return Err(ConfigError::InvalidSeccomp(other.to_string())),
+            },
         })
     }
 }

@@ -31,7 +31,7 @@ use std::time::Instant;
 use vm_memory::GuestAddress;
 
 use crate::metrics::{Counter, Histogram, LatencySummary};
-use crate::sync::lock;
+use crate::sync::{ThreadInit, lock};
 
 use super::populate::{Populate, PopulateError, ZeroSource};
 use super::ram::GuestRam;
@@ -63,6 +63,8 @@ pub enum FaultError {
     LostResident { gpa: u64 },
     #[error("a fault handler thread panicked")]
     Panicked,
+    #[error("cannot set up a fault handler thread")]
+    ThreadSetup(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 impl FaultError {
@@ -178,19 +180,21 @@ impl FaultHandler {
         }
     }
 
-    /// Starts `threads` handler threads. The first error any of them hits (or a panic) goes to
-    /// `on_error`, and that thread stops.
+    /// Starts `threads` handler threads, each running `init` first. The first error any of
+    /// them hits (or a panic) goes to `on_error`, and that thread stops.
     pub fn spawn(
         self: Arc<Self>,
         threads: usize,
+        init: ThreadInit,
         on_error: Arc<dyn Fn(FaultError) + Send + Sync>,
     ) -> std::io::Result<()> {
         for i in 0..threads {
             let h = Arc::clone(&self);
             let report = Arc::clone(&on_error);
+            let init = Arc::clone(&init);
             std::thread::Builder::new().name(format!("uffd{i}")).spawn(move || {
                 let guard = PanicGuard(Arc::clone(&report));
-                if let Err(e) = h.run() {
+                if let Err(e) = init().map_err(FaultError::ThreadSetup).and_then(|()| h.run()) {
                     report(e);
                 }
                 std::mem::forget(guard);
@@ -391,6 +395,7 @@ mod tests {
         let tx = Mutex::new(tx);
         h.spawn(
             1,
+            Arc::new(|| Ok(())),
             Arc::new(move |e| {
                 let _ = lock(&tx).send(e);
             }),
@@ -437,6 +442,12 @@ mod tests {
         }
         assert!(stats.free_frame.get() >= 20);
         assert!(rx.try_recv().is_err(), "a race with a free stops nothing");
+        // The handler drops the page after the toucher got it; wait for it to finish.
+        let settled = std::time::Instant::now();
+        while states.get(Gfn(500)) == FrameState::Populating {
+            assert!(settled.elapsed() < Duration::from_secs(5), "the frame stays claimed");
+            std::thread::yield_now();
+        }
         assert_eq!(states.get(Gfn(500)), FrameState::Free, "nothing stays installed");
 
         // A frame nobody was ever given: the handler reports the guest-physical address at the
