@@ -1,7 +1,7 @@
 # One command to set up and run, one to test. `.ci/run` calls `make lint test`.
 CARGO ?= cargo
 
-.PHONY: all setup guest run test lint bench clean
+.PHONY: all setup guest run test lint bench fuzz clean
 
 all: run
 
@@ -30,7 +30,13 @@ lint: setup
 bench: guest
 	$(CARGO) bench -p vmm
 
+# A short smoke pass of every fuzz target over its corpus (a minute in all); fuzz/run.sh TARGET
+# -runs=N for long runs.
+fuzz: setup
+	./fuzz/run.sh smoke
+
 clean:
 	$(CARGO) clean
 	cd guest && $(CARGO) clean
+	cd fuzz && $(CARGO) clean
 	rm -rf images/out

@@ -7,6 +7,7 @@ pub mod boot;
 pub mod cli;
 pub mod config;
 pub mod console;
+pub mod fuzz;
 pub mod host;
 pub mod layout;
 pub mod memcall;

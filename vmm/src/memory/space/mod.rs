@@ -32,7 +32,6 @@ use std::collections::{BTreeMap, HashMap};
 use protocol::layout::{
     HEAP_VA_END, HEAP_VA_START, HUGE_HEAP_VA_END, HUGE_HEAP_VA_START, SLAB_SLOT, SLAB_VA_END, SLAB_VA_START,
 };
-use vm_memory::GuestAddress;
 
 use crate::memory::addr::{Gfn, Gva, HUGE_PAGE_SIZE, PAGE_SIZE};
 use crate::memory::backing::{Backing, BackingError};
@@ -264,7 +263,9 @@ impl AddressSpace {
 
     fn check_regions(&self, frames: &Frames, backing: &Backing) -> Result<(), String> {
         let states = frames.states();
-        let mut owner: BTreeMap<u64, u64> = BTreeMap::new();
+        // One bit per frame: owned by a region seen so far.
+        let frames_end = states.ranges().last().map_or(0, |r| r.1.0);
+        let mut owned = vec![0u64; usize::try_from(frames_end.div_ceil(64)).unwrap_or(0)];
         let mut end = 0;
         for (&va, r) in &self.regions {
             if va < end {
@@ -285,8 +286,10 @@ impl AddressSpace {
                     if states.get(f) == FrameState::Free {
                         return Err(format!("region {va:#x} owns free frame {f}"));
                     }
-                    if let Some(other) = owner.insert(f.0, va) {
-                        return Err(format!("frame {f} owned by regions {other:#x} and {va:#x}"));
+                    let (w, bit) = (usize::try_from(f.0 / 64).unwrap_or(usize::MAX), 1u64 << (f.0 % 64));
+                    match owned.get_mut(w) {
+                        Some(word) if *word & bit == 0 => *word |= bit,
+                        _ => return Err(format!("frame {f} owned twice (the second time by region {va:#x})")),
                     }
                 }
             }
@@ -300,14 +303,13 @@ impl AddressSpace {
             if frames.states().get(t) != FrameState::Resident {
                 return Err(format!("leaf table {t} holds {count} entries but is not resident"));
             }
-            let mut occupied = 0;
-            for i in 0..512u64 {
-                let v: u64 =
-                    vm_memory::Bytes::read_obj(mem, GuestAddress(t.gpa().0 + i * 8)).map_err(|e| e.to_string())?;
-                if Pte(v).is_occupied() {
-                    occupied += 1;
-                }
-            }
+            let mut table = [0u8; 4096];
+            vm_memory::Bytes::read_slice(mem, &mut table, t.gpa()).map_err(|e| e.to_string())?;
+            let occupied = table
+                .chunks_exact(8)
+                .filter(|e| Pte(u64::from_le_bytes((*e).try_into().expect("8 bytes"))).is_occupied())
+                .count();
+            let occupied = u32::try_from(occupied).expect("at most 512");
             if occupied != count {
                 return Err(format!("leaf table {t}: count {count}, {occupied} occupied entries"));
             }
