@@ -164,11 +164,13 @@ fn sigterm_and_sigint_stop_the_vm_cleanly_with_the_stats_written() {
 fn every_vmm_thread_runs_under_seccomp_and_a_forbidden_call_stops_the_vmm() {
     // The whole suite runs with the filters on (the default); here each kind of thread makes a
     // call its filter forbids.
-    for kind in ["main", "vcpu", "fault", "signals"] {
+    for kind in ["main", "vcpu", "fault", "signals", "api"] {
+        let socket = common::scratch("seccomp.sock");
         let out = std::process::Command::new(common::vmm_bin())
             .args(["run", "--kernel"])
             .arg(common::guest_image())
-            .args(["--guest-args", "scenario=spin seconds=3"])
+            .args(["--guest-args", "scenario=spin seconds=3", "--api-socket"])
+            .arg(&socket)
             .env("VMM_SECCOMP_SELFTEST", kind)
             .output()
             .unwrap();
@@ -177,12 +179,13 @@ fn every_vmm_thread_runs_under_seccomp_and_a_forbidden_call_stops_the_vmm() {
         let name = match kind {
             "vcpu" => "vCPU",
             "fault" => "fault handler",
+            "api" => "API",
             k => k,
         };
         assert_eq!(
             stderr.trim_end(),
             format!(
-                "vmm: error: seccomp: a {name} thread made a forbidden system call, 41 (socket); the VMM stops \
+                "vmm: error: seccomp: the {name} thread made a forbidden system call, 41 (socket); the VMM stops \
                  (--seccomp=off disables the filters)"
             )
         );

@@ -15,6 +15,7 @@ mod bootinfo;
 mod console;
 mod heap;
 mod mem;
+mod notify;
 mod percpu;
 mod rng;
 mod scenario;
@@ -52,6 +53,7 @@ pub extern "C" fn _start(cpu: u64, _boot_info: u64) -> ! {
     if cpu == 0 {
         zero_bss();
         trap::install();
+        notify::install();
         READY.store(1, Ordering::Release);
     } else {
         while READY.load(Ordering::Acquire) == 0 {

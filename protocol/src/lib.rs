@@ -49,6 +49,19 @@ pub mod port {
     /// [`super::CpuPage::fault_status`] gets `status::OK` when the access can be
     /// retried, `status::EFAULT` when the fault is the guest's own. One exit per #PF.
     pub const LAZY_FAULT: u16 = 0x407;
+    /// `out32 0`: registers the guest's notification handler, [`super::CpuPage::args`]`[0]`
+    /// (it must lie in executable image pages; the VMM writes the status to `args[0]`). The VMM
+    /// notifies the guest when it asks something of it ([`super::shared::SharedPage`] changed:
+    /// the balloon's target, a shutdown request): it interrupts the vCPU that registered and
+    /// enters the handler the way a kernel delivers a signal, on the interrupted stack: `rsp`
+    /// drops by 16, `[rsp]` holds the interrupted RFLAGS and `[rsp + 8]` the interrupted RIP,
+    /// and every other register keeps its interrupted value. The handler saves and restores
+    /// what it uses and returns with `popfq; ret`. It is not entered again until the guest
+    /// reports [`NOTIFY_DONE`].
+    pub const SET_NOTIFY: u16 = 0x408;
+    /// `out32 seq`: the guest handled the notification for [`super::shared::SharedPage::seq`]
+    /// `seq` (its low 32 bits); the VMM may deliver the next one.
+    pub const NOTIFY_DONE: u16 = 0x409;
     /// First port the guest may use.
     pub const FIRST: u16 = 0x400;
     /// Last port the guest may use.
@@ -74,92 +87,7 @@ pub mod exit {
     pub const GUEST_MAX: u32 = 63;
 }
 
-/// Guest-virtual address layout. The VMM builds the page tables; the guest never changes them.
-///
-/// ```text
-/// 0x0000_0000_0000_0000  unmapped (null guard)
-/// 0x0000_0000_0010_0000  BootInfo, read-only                      BOOT_INFO_VA
-/// 0x0000_0000_0018_0000  GDT, IDT, TSSs: supervisor-only           SYSTEM_VA
-/// 0x0000_0000_0040_0000  per-vCPU areas, CPU_AREA_STRIDE each      CPU_AREA_VA
-/// 0x0000_0000_0200_0000  guest image (ELF segments)                IMAGE_VA_START..IMAGE_VA_END
-/// 0x0000_0000_4000_0000  per-vCPU stacks, STACK_STRIDE each        STACK_VA
-/// 0x0000_0010_0000_0000  heap mapped with 4 KiB pages              HEAP_VA_START..HEAP_VA_END
-/// 0x0000_0400_0000_0000  heap mapped with 2 MiB pages              HUGE_HEAP_VA_START..HUGE_HEAP_VA_END
-/// 0x0000_0800_0000_0000  slabs, one per 64 KiB slot                SLAB_VA_START..SLAB_VA_END
-/// ```
-///
-/// The two heaps never share a page-directory entry: a PDE is either always a 2 MiB leaf or
-/// always points to a page table, which keeps shadow-paging hosts from caching a stale walk.
-pub mod layout {
-    use super::{HUGE_PAGE_SIZE, PAGE_SIZE};
-
-    /// The [`super::BootInfo`] block.
-    pub const BOOT_INFO_VA: u64 = 0x10_0000;
-    /// GDT page, IDT page, then the TSS pages. Not accessible from CPL3.
-    pub const SYSTEM_VA: u64 = 0x18_0000;
-    /// Size of the system area.
-    pub const SYSTEM_SIZE: u64 = 0x8_0000;
-    /// Per-vCPU areas: vCPU `i`'s starts at `CPU_AREA_VA + i * CPU_AREA_STRIDE`.
-    pub const CPU_AREA_VA: u64 = 0x40_0000;
-    /// Distance between two vCPUs' areas.
-    pub const CPU_AREA_STRIDE: u64 = 0x1_0000;
-    /// Pages mapped in each vCPU area: the CpuPage, the memory-call request area (2 pages) and
-    /// the slab magazines.
-    pub const CPU_AREA_PAGES: u64 = 16;
-    /// Lowest address a guest image segment may occupy.
-    pub const IMAGE_VA_START: u64 = 0x200_0000;
-    /// End of the image window.
-    pub const IMAGE_VA_END: u64 = 0x4000_0000;
-    /// Per-vCPU stack slots: vCPU `i`'s is `STACK_VA + i * STACK_STRIDE`.
-    pub const STACK_VA: u64 = 0x4000_0000;
-    /// Distance between two vCPUs' stack slots.
-    pub const STACK_STRIDE: u64 = 0x10_0000;
-    /// Offset, inside a slot, of the bottom of the exception (IST) stack; one guard page below it.
-    pub const EXC_STACK_OFFSET: u64 = PAGE_SIZE;
-    /// Size of the exception stack used for double faults.
-    pub const EXC_STACK_SIZE: u64 = 4 * PAGE_SIZE;
-    /// Size of the main stack. It ends at the top of the slot; the page below it is unmapped.
-    pub const STACK_SIZE: u64 = 256 * 1024;
-    /// Heap for 4 KiB-page mappings.
-    pub const HEAP_VA_START: u64 = 0x10_0000_0000;
-    /// End of the 4 KiB-page heap.
-    pub const HEAP_VA_END: u64 = 0x400_0000_0000;
-    /// Heap for 2 MiB-page mappings.
-    pub const HUGE_HEAP_VA_START: u64 = HEAP_VA_END;
-    /// End of the 2 MiB-page heap.
-    pub const HUGE_HEAP_VA_END: u64 = 0x800_0000_0000;
-    /// Slabs (4 KiB pages): slab `i` lives in the 64 KiB slot at `SLAB_VA_START + i * SLAB_SLOT`.
-    pub const SLAB_VA_START: u64 = HUGE_HEAP_VA_END;
-    /// End of the slab zone.
-    pub const SLAB_VA_END: u64 = 0x900_0000_0000;
-    /// Address space per slab (the largest slab).
-    pub const SLAB_SLOT: u64 = 0x1_0000;
-
-    /// Guest-virtual address of vCPU `cpu`'s area.
-    pub const fn cpu_area(cpu: u32) -> u64 {
-        CPU_AREA_VA + cpu as u64 * CPU_AREA_STRIDE
-    }
-
-    /// Top of vCPU `cpu`'s main stack (exclusive).
-    pub const fn stack_top(cpu: u32) -> u64 {
-        STACK_VA + (cpu as u64 + 1) * STACK_STRIDE
-    }
-
-    /// Top of vCPU `cpu`'s exception stack (exclusive).
-    pub const fn exc_stack_top(cpu: u32) -> u64 {
-        STACK_VA + cpu as u64 * STACK_STRIDE + EXC_STACK_OFFSET + EXC_STACK_SIZE
-    }
-
-    const _: () = assert!(BOOT_INFO_VA + PAGE_SIZE <= SYSTEM_VA);
-    const _: () = assert!(SYSTEM_VA + SYSTEM_SIZE <= CPU_AREA_VA);
-    const _: () = assert!(CPU_AREA_VA + super::MAX_VCPUS as u64 * CPU_AREA_STRIDE <= IMAGE_VA_START);
-    const _: () = assert!(CPU_AREA_PAGES * PAGE_SIZE <= CPU_AREA_STRIDE);
-    const _: () = assert!(IMAGE_VA_END <= STACK_VA);
-    const _: () = assert!(STACK_VA + super::MAX_VCPUS as u64 * STACK_STRIDE <= HEAP_VA_START);
-    const _: () = assert!(EXC_STACK_OFFSET + EXC_STACK_SIZE + PAGE_SIZE + STACK_SIZE <= STACK_STRIDE);
-    const _: () = assert!(HUGE_HEAP_VA_START.is_multiple_of(512 * HUGE_PAGE_SIZE));
-    const _: () = assert!(SLAB_VA_END <= 1 << 47 && SLAB_VA_START.is_multiple_of(512 * HUGE_PAGE_SIZE));
-}
+pub mod layout;
 
 /// Most NUMA nodes a guest can have.
 pub const MAX_NODES: usize = 8;
@@ -308,126 +236,8 @@ pub mod status {
     pub const ENOSYS: u64 = 5;
 }
 
-/// Memory calls: the guest asks the VMM for memory, which it owns.
-///
-/// A vCPU writes up to [`memcall::MAX_BATCH`] [`memcall::MemCall`]s into its request area (page 1
-/// and 2 of its CPU area, [`memcall::AREA_OFFSET`]) and rings [`port::MEMCALL`] once: one exit
-/// for the whole batch. The VMM copies each call out of guest memory, validates every field, and
-/// writes back `status` (a [`status`] code) and `ret`.
-///
-/// Addresses are guest-virtual. All memory the VMM hands out is zeroed and is backed by host
-/// memory only when first touched (unless [`memcall::flags::POPULATE`]).
-pub mod memcall {
-    /// Offset of the request area within the vCPU's CPU area.
-    pub const AREA_OFFSET: u64 = super::PAGE_SIZE;
-    /// Most calls per doorbell.
-    pub const MAX_BATCH: usize = 128;
-
-    /// One call. `args` and `ret` depend on `op`.
-    #[repr(C)]
-    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-    pub struct MemCall {
-        /// An [`op`] code.
-        pub op: u32,
-        /// [`flags`] for ALLOC and MAP_LAZY, [`prot`] bits for PROTECT.
-        pub flags: u32,
-        pub args: [u64; 4],
-        /// Written by the VMM: a `status` code.
-        pub status: u64,
-        /// Written by the VMM.
-        pub ret: [u64; 2],
-    }
-
-    const _: () = assert!(core::mem::size_of::<MemCall>() == 64);
-    const _: () = assert!(AREA_OFFSET + (MAX_BATCH * 64) as u64 <= 3 * super::PAGE_SIZE);
-
-    /// Operations. Every argument, flag and bit the operation does not name is reserved and
-    /// must be 0: anything else gets EINVAL, so that it can be given a meaning later.
-    pub mod op {
-        /// Does nothing (status OK): measures the batch path itself.
-        pub const NOP: u32 = 0;
-        /// `args = [size, policy, node, 0]` -> `ret = [address, mapped bytes]`.
-        pub const ALLOC: u32 = 1;
-        /// `args = [address, 0, 0, 0]`: frees an ALLOC or MAP_LAZY region (its start address).
-        pub const FREE: u32 = 2;
-        /// `args = [size, policy, node, 0]` -> `ret = [address, size]`: reserves a region whose
-        /// frames are allocated only when touched (the guest's #PF handler sends FAULT).
-        pub const MAP_LAZY: u32 = 3;
-        /// `args = [address, 0, 0, 0]`: backs the page at `address` in a MAP_LAZY region (with
-        /// fault-around) -> `ret = [pages mapped, 0]`.
-        pub const FAULT: u32 = 4;
-        /// `args = [address, size, 0, 0]`, `flags` = [`super::prot`] bits: changes the access
-        /// of whole pages inside one region. `prot::NONE` unmaps them but keeps their contents.
-        pub const PROTECT: u32 = 5;
-        /// `args = [address, 0, 0, 0]` -> `ret = [new address, 0]`: moves a region to a new
-        /// address (like `mremap`); the old address faults afterwards, the data follows.
-        pub const MOVE: u32 = 6;
-        /// `args = [node or ALL_NODES, 0, 0, 0]`: writes a [`super::MemStats`] into the
-        /// calling vCPU's `CpuPage::args`.
-        pub const STATS: u32 = 7;
-        /// `args = [address, 0, 0, 0]` -> `ret = [guest-physical address, node]` of the page.
-        pub const TRANSLATE: u32 = 8;
-        /// `args = [class, want, 0, 0]`: drains the calling vCPU's free magazine of `class`
-        /// (every object validated; bad ones are skipped and reported in the magazine), then
-        /// refills its alloc magazine up to `want` objects (at most
-        /// [`super::super::slab::batch`]) -> `ret = [objects in the alloc magazine, bad frees]`.
-        pub const SLAB_EXCHANGE: u32 = 9;
-        /// `args = [object, 0, 0, 0]`: frees one slab object now (EFAULT: not an object,
-        /// EALREADY: already free).
-        pub const SLAB_FREE: u32 = 10;
-        /// `args = [object, 0, 0, 0]` -> `ret = [object size, 0]` if it is handed out (EFAULT:
-        /// not an object, EALREADY: free).
-        pub const SLAB_INFO: u32 = 11;
-        /// Number of operations.
-        pub const COUNT: usize = 12;
-    }
-
-    /// NUMA policy of ALLOC and MAP_LAZY (`args[1]`), with the node in `args[2]`.
-    pub mod policy {
-        /// The calling vCPU's node, falling back to the others by distance.
-        pub const LOCAL: u64 = 0;
-        /// Only `node`; ENOMEM when it is full.
-        pub const BIND: u64 = 1;
-        /// `node` first, then the others by distance from it.
-        pub const PREFERRED: u64 = 2;
-        /// Round-robin over all nodes, page by page (or block by block for contiguous memory).
-        pub const INTERLEAVE: u64 = 3;
-    }
-
-    /// ALLOC / MAP_LAZY flags.
-    pub mod flags {
-        /// The memory reads as zero. Always true (freed frames lose their contents); accepted
-        /// so callers can say what they rely on.
-        pub const ZERO: u32 = 1 << 0;
-        /// Physically contiguous, like the kernel's `alloc_pages`.
-        pub const CONTIGUOUS: u32 = 1 << 1;
-        /// Only below 4 GiB guest-physical (like `GFP_DMA32`).
-        pub const DMA32: u32 = 1 << 2;
-        /// Prefer 2 MiB pages (size rounded up to 2 MiB); falls back to 4 KiB pages.
-        pub const HUGE: u32 = 1 << 3;
-        /// Back the memory with host memory now instead of on first touch.
-        pub const POPULATE: u32 = 1 << 4;
-        /// Reserved, refused with EINVAL: new memory is writable, and writable memory is never
-        /// executable (W^X). To run code, write it, then PROTECT it `READ | EXEC`.
-        pub const EXEC: u32 = 1 << 5;
-        /// Every flag ALLOC accepts (MAP_LAZY takes ZERO and DMA32).
-        pub const ALL: u32 = ZERO | CONTIGUOUS | DMA32 | HUGE | POPULATE;
-    }
-
-    /// PROTECT access bits. `WRITE | EXEC` together is refused with EINVAL (W^X): memory is
-    /// writable or executable, never both.
-    pub mod prot {
-        /// No access: pages unmapped, contents kept.
-        pub const NONE: u32 = 0;
-        pub const READ: u32 = 1 << 0;
-        pub const WRITE: u32 = 1 << 1;
-        pub const EXEC: u32 = 1 << 2;
-        pub const ALL: u32 = READ | WRITE | EXEC;
-    }
-
-    /// STATS for every node.
-    pub const ALL_NODES: u64 = u64::MAX;
-}
+pub mod memcall;
+pub mod shared;
 
 /// What STATS writes into `CpuPage::args` (all counts in 4 KiB frames unless named otherwise).
 #[repr(C)]
@@ -461,119 +271,7 @@ pub struct MemStats {
 
 const _: () = assert!(core::mem::size_of::<MemStats>() <= 32 * 8);
 
-/// Small objects: size classes and the per-vCPU magazines through which the guest gets and
-/// returns slab objects without an exit per object.
-///
-/// Each vCPU has, per class, an *alloc* magazine of ready objects (the guest pops from it) and a
-/// *free* magazine (the guest pushes freed objects onto it). When the alloc magazine is empty or
-/// the free magazine full, one SLAB_EXCHANGE call drains and refills it. The guest never reuses
-/// a freed object itself: every object goes back through the VMM, which checks it belongs to a
-/// live slab, sits on an object boundary and is not already free, before it can be handed out
-/// again. Bad frees change nothing and are counted in the magazine.
-pub mod slab {
-    use super::PAGE_SIZE;
-
-    /// Object sizes.
-    pub const CLASSES: [u32; 17] = [8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096];
-    /// Number of classes.
-    pub const NR_CLASSES: usize = CLASSES.len();
-    /// Largest slab object; larger allocations are whole pages (ALLOC).
-    pub const MAX_OBJECT: u32 = 4096;
-    /// Entries per magazine.
-    pub const MAG: usize = 128;
-    /// Offset of the magazines (`[Magazine; NR_CLASSES]`) within the vCPU's CPU area.
-    pub const MAGAZINES_OFFSET: u64 = 3 * PAGE_SIZE;
-
-    /// One class's magazines on one vCPU.
-    #[repr(C)]
-    #[derive(Clone, Copy, Debug)]
-    pub struct Magazine {
-        /// Objects in `alloc` (the guest pops from the end; the VMM refills).
-        pub alloc_count: u32,
-        /// Objects in `free` (the guest pushes; the VMM drains).
-        pub free_count: u32,
-        /// Bad frees found in this magazine so far (VMM).
-        pub free_errors: u32,
-        /// Status of the last bad free (VMM).
-        pub last_status: u32,
-        /// The last bad pointer (VMM).
-        pub last_bad: u64,
-        pub alloc: [u64; MAG],
-        pub free: [u64; MAG],
-    }
-
-    /// Offset of `alloc` in a [`Magazine`].
-    pub const MAG_ALLOC: u64 = core::mem::offset_of!(Magazine, alloc) as u64;
-    /// Offset of `free` in a [`Magazine`].
-    pub const MAG_FREE: u64 = core::mem::offset_of!(Magazine, free) as u64;
-    const _: () = assert!(core::mem::size_of::<Magazine>() == 24 + 16 * MAG);
-    const _: () = assert!(
-        MAGAZINES_OFFSET + (NR_CLASSES * core::mem::size_of::<Magazine>()) as u64
-            <= super::layout::CPU_AREA_PAGES * PAGE_SIZE
-    );
-
-    /// Class of each size in 8-byte steps (for alignments up to 8): `CLASS_OF[size.div_ceil(8)]`.
-    const CLASS_OF: [u8; MAX_OBJECT as usize / 8 + 1] = {
-        let mut t = [0u8; MAX_OBJECT as usize / 8 + 1];
-        let mut i = 0;
-        while i < t.len() {
-            let mut c = 0;
-            while (CLASSES[c] as usize) < i * 8 {
-                c += 1;
-            }
-            // Fewer than 256 classes.
-            #[allow(clippy::cast_possible_truncation)]
-            {
-                t[i] = c as u8;
-            }
-            i += 1;
-        }
-        t
-    };
-
-    /// The smallest class holding `size` bytes at `align`, if any.
-    pub const fn class_for(size: usize, align: usize) -> Option<usize> {
-        if align <= 8 {
-            return if size <= MAX_OBJECT as usize { Some(CLASS_OF[size.div_ceil(8)] as usize) } else { None };
-        }
-        let mut i = 0;
-        while i < NR_CLASSES {
-            let c = CLASSES[i] as usize;
-            // A class's objects are aligned to its largest power-of-two divisor.
-            if c >= size && (1 << c.trailing_zeros()) >= align {
-                return Some(i);
-            }
-            i += 1;
-        }
-        None
-    }
-
-    const _: () = {
-        // The table agrees with the search for every size.
-        let mut size = 0;
-        while size <= MAX_OBJECT as usize {
-            let mut c = 0;
-            while (CLASSES[c] as usize) < size {
-                c += 1;
-            }
-            assert!(CLASS_OF[size.div_ceil(8)] as usize == c);
-            size += 1;
-        }
-    };
-
-    /// How many objects one exchange moves for a class of `size` bytes: about 32 KiB worth,
-    /// between 16 and [`MAG`] (so even 4 KiB objects make 32 operations per exit).
-    pub const fn batch(size: u32) -> usize {
-        let n = 32768 / size as usize;
-        if n < 16 {
-            16
-        } else if n > MAG {
-            MAG
-        } else {
-            n
-        }
-    }
-}
+pub mod slab;
 
 /// Prefix of a console line that carries a machine-readable result. The VMM stores the rest of
 /// the line (`key=value` pairs) in the stats JSON instead of printing it as plain output.

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{ConfigError, VmConfig, VmConfigBuilder, parse_memory_arg};
+use crate::config::{ConfigError, VmConfig, VmConfigBuilder, parse_balloon_arg, parse_memory_arg};
 
 #[derive(Debug, Parser)]
 #[command(name = "vmm", version, about = "A KVM microVM memory manager")]
@@ -18,6 +18,48 @@ pub struct Cli {
 pub enum Command {
     /// Boot a guest and run it to completion; exits with the guest's status.
     Run(RunArgs),
+    /// Talk to a running VM through its control API.
+    Ctl(CtlArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CtlArgs {
+    /// The VM's API socket (`vmm run --api-socket`)
+    #[arg(long = "api-socket", value_name = "PATH")]
+    pub api_socket: PathBuf,
+    /// Print the API's JSON instead of text
+    #[arg(long)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: CtlCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CtlCommand {
+    /// The VM's state and configuration
+    Vm,
+    /// The VM's stats
+    Stats,
+    /// The balloon: its size, or `set SIZE`, or `stats`
+    Balloon {
+        #[command(subcommand)]
+        command: Option<BalloonCommand>,
+    },
+    /// Ask the guest to finish (the VMM stops it after a grace period)
+    Shutdown,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BalloonCommand {
+    /// Set the balloon's size (`512M`, `1G`)
+    Set {
+        size: String,
+        /// Wait until the balloon holds its size (`5s`, `500ms`)
+        #[arg(long, value_name = "DURATION")]
+        wait: Option<String>,
+    },
+    /// The balloon's statistics
+    Stats,
 }
 
 #[derive(Debug, Args)]
@@ -50,6 +92,13 @@ pub struct RunArgs {
     /// Run every VMM thread under its seccomp filter (`off`: for debugging) [default: on]
     #[arg(long, value_name = "on|off")]
     pub seccomp: Option<String>,
+    /// The balloon at boot: size=SIZE[,deflate-on-oom=on|off][,stats-interval=SECS]
+    /// [default: size=0,deflate-on-oom=off,stats-interval=0]
+    #[arg(long, value_name = "size=SIZE,...")]
+    pub balloon: Option<String>,
+    /// Serve the control API (HTTP/1.1, JSON) on this Unix socket
+    #[arg(long = "api-socket", value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
 }
 
 impl RunArgs {
@@ -65,6 +114,8 @@ impl RunArgs {
             stats_file: self.stats_file,
             verbose: self.verbose,
             seccomp: self.seccomp,
+            balloon: self.balloon.as_deref().map(parse_balloon_arg).transpose()?,
+            api_socket: self.api_socket,
         };
         builder.validate(default_kernel)
     }

@@ -193,7 +193,7 @@ pub fn cli(data: &[u8]) {
     }
     let args = std::iter::once("vmm").chain(text.split('\0'));
     let Ok(cli) = crate::cli::Cli::try_parse_from(args) else { return };
-    let crate::cli::Command::Run(run) = cli.command;
+    let crate::cli::Command::Run(run) = cli.command else { return };
     let Ok(cfg) = run.into_config("default.elf".into()) else { return };
     // A valid configuration is consistent.
     assert!(cfg.cpus >= 1 && cfg.memory > 0);

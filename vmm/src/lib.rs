@@ -3,16 +3,20 @@
 //!
 //! The guest runs at CPL3 with the VMM as its kernel; `protocol` is the contract between them.
 
+pub mod api;
 pub mod boot;
 pub mod cli;
 pub mod config;
 pub mod console;
+pub mod control;
+pub mod ctl;
 pub mod fuzz;
 pub mod host;
 pub mod layout;
 pub mod memcall;
 pub mod memory;
 pub mod metrics;
+pub mod notify;
 pub mod seccomp;
 pub mod shared;
 pub mod signals;

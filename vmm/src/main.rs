@@ -34,7 +34,10 @@ fn main() -> ExitCode {
             return ExitCode::from(exit_code::USAGE);
         }
     };
-    let Command::Run(args) = cli.command;
+    let args = match cli.command {
+        Command::Run(args) => args,
+        Command::Ctl(ctl) => return vmm::ctl::run(ctl),
+    };
     let verbose = args.verbose;
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(if verbose { "info" } else { "warn" }))
         .format_timestamp(None)

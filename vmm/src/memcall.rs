@@ -81,6 +81,7 @@ pub const OP_NAMES: [&str; op::COUNT] = [
     "slab_exchange",
     "slab_free",
     "slab_info",
+    "guest_stats",
 ];
 
 /// Per-operation counts.

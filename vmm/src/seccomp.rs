@@ -28,6 +28,7 @@ const KVMIO: u32 = 0xAE;
 ioctl_io_nr!(KVM_RUN, KVMIO, 0x80);
 ioctl_ior_nr!(KVM_GET_REGS, KVMIO, 0x81, kvm_regs);
 ioctl_ior_nr!(KVM_GET_SREGS, KVMIO, 0x83, kvm_sregs);
+ioctl_iow_nr!(KVM_SET_REGS, KVMIO, 0x82, kvm_regs);
 ioctl_iow_nr!(KVM_SET_USER_MEMORY_REGION, KVMIO, 0x46, kvm_userspace_memory_region);
 
 #[derive(Debug, thiserror::Error)]
@@ -54,10 +55,13 @@ pub enum ThreadKind {
     Fault = 3,
     /// The signal-forwarding thread.
     Signals = 4,
+    /// The control API's server.
+    Api = 5,
 }
 
 impl ThreadKind {
-    const ALL: [ThreadKind; 4] = [ThreadKind::Main, ThreadKind::Vcpu, ThreadKind::Fault, ThreadKind::Signals];
+    const ALL: [ThreadKind; 5] =
+        [ThreadKind::Main, ThreadKind::Vcpu, ThreadKind::Fault, ThreadKind::Signals, ThreadKind::Api];
 
     /// The name used in messages.
     pub fn name(self) -> &'static str {
@@ -66,6 +70,7 @@ impl ThreadKind {
             ThreadKind::Vcpu => "vCPU",
             ThreadKind::Fault => "fault handler",
             ThreadKind::Signals => "signals",
+            ThreadKind::Api => "API",
         }
     }
 
@@ -127,22 +132,41 @@ fn uffd_ioctls() -> Vec<u64> {
 fn allowed(kind: ThreadKind) -> (Vec<libc::c_long>, Vec<u64>) {
     let mut calls = COMMON.to_vec();
     let ioctls = match kind {
-        // KVM_RUN and the registers it reads (CR2 for faults, all of them for crash reports),
-        // memslots as the memory manager hands out frames, and userfaultfd as it backs or
-        // invalidates frames.
+        // KVM_RUN and the registers it reads (CR2 for faults, all of them for crash reports)
+        // and writes (entering the guest's notification handler), memslots as the memory
+        // manager hands out frames, and userfaultfd as it backs or invalidates frames.
         ThreadKind::Vcpu => {
-            let mut v = vec![KVM_RUN(), KVM_GET_REGS(), KVM_GET_SREGS(), KVM_SET_USER_MEMORY_REGION()];
+            let mut v = vec![KVM_RUN(), KVM_GET_REGS(), KVM_SET_REGS(), KVM_GET_SREGS(), KVM_SET_USER_MEMORY_REGION()];
             v.extend(uffd_ioctls());
             v
         }
         ThreadKind::Fault => uffd_ioctls(),
         ThreadKind::Main => {
-            // Kicking vCPU threads out of KVM_RUN.
-            calls.extend([libc::SYS_tgkill, libc::SYS_rt_sigaction]);
+            // Kicking vCPU threads out of KVM_RUN; removing the API socket at exit.
+            calls.extend([libc::SYS_tgkill, libc::SYS_rt_sigaction, libc::SYS_unlink, libc::SYS_unlinkat]);
             Vec::new()
         }
         ThreadKind::Signals => {
             calls.extend([libc::SYS_recvfrom, libc::SYS_poll, libc::SYS_ppoll]);
+            Vec::new()
+        }
+        // The server's event loop (epoll, its waker), connections on the listening socket it
+        // was given, and kicks of the vCPU that takes a notification.
+        ThreadKind::Api => {
+            calls.extend([
+                libc::SYS_epoll_wait,
+                libc::SYS_epoll_pwait,
+                libc::SYS_epoll_ctl,
+                libc::SYS_accept4,
+                libc::SYS_recvfrom,
+                libc::SYS_recvmsg,
+                libc::SYS_sendmsg,
+                libc::SYS_writev,
+                libc::SYS_shutdown,
+                libc::SYS_getsockopt,
+                libc::SYS_getrandom,
+                libc::SYS_tgkill,
+            ]);
             Vec::new()
         }
     };
@@ -191,7 +215,7 @@ pub fn apply(kind: ThreadKind) -> Result<(), SeccompError> {
     Ok(())
 }
 
-/// `VMM_SECCOMP_SELFTEST=<kind>` (`main`, `vcpu`, `fault`, `signals`): that kind of thread makes
+/// `VMM_SECCOMP_SELFTEST=<kind>` (`main`, `vcpu`, `fault`, `signals`, `api`): that kind of thread makes
 /// a forbidden system call right after installing its filter. For the tests.
 fn self_test(kind: ThreadKind) {
     let wanted = std::env::var("VMM_SECCOMP_SELFTEST").ok();
@@ -200,6 +224,7 @@ fn self_test(kind: ThreadKind) {
         ThreadKind::Vcpu => "vcpu",
         ThreadKind::Fault => "fault",
         ThreadKind::Signals => "signals",
+        ThreadKind::Api => "api",
     };
     if wanted.as_deref() == Some(name) {
         // SAFETY: socket(2) with constant arguments; it is meant to be refused.
@@ -252,7 +277,7 @@ extern "C" fn on_sigsys(_: c_int, info: *mut libc::siginfo_t, _: *mut c_void) {
         buf[len..len + n].copy_from_slice(&s[..n]);
         len += n;
     };
-    put(b"vmm: error: seccomp: a ");
+    put(b"vmm: error: seccomp: the ");
     put(kind.as_bytes());
     put(b" thread made a forbidden system call, ");
     let mut digits = [0u8; 12];

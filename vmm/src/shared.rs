@@ -7,11 +7,15 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use vm_memory::GuestAddress;
 
+use crate::boot::image::LoadedImage;
+use crate::config::VmConfig;
 use crate::console::ResultLog;
+use crate::layout::RamRange;
 use crate::memcall::MemCallCounters;
 use crate::memory::MemoryManager;
 use crate::memory::backing::ram::GuestRam;
 use crate::metrics::{Counter, Timing};
+use crate::notify::Notifier;
 use crate::sync::lock;
 
 /// Exit counts by kind.
@@ -48,6 +52,12 @@ impl ExitCounters {
 
 /// What vCPU threads share.
 pub struct VmShared {
+    /// The configuration the VM runs with.
+    pub cfg: VmConfig,
+    /// The guest-physical RAM ranges.
+    pub ranges: Vec<RamRange>,
+    /// Where the guest image went.
+    pub image: LoadedImage,
     pub ram: Arc<GuestRam>,
     pub mm: Mutex<MemoryManager>,
     pub counters: ExitCounters,
@@ -57,6 +67,8 @@ pub struct VmShared {
     /// Guest-physical address of the IDT.
     pub idt_gpa: GuestAddress,
     pub memcalls: MemCallCounters,
+    /// The shared page and the guest's notification handler.
+    pub notifier: Notifier,
     pub nr_vcpus: u32,
     /// Set when the VM is being stopped: vCPUs leave their run loop at their next exit.
     stop: AtomicBool,
@@ -66,14 +78,22 @@ pub struct VmShared {
 
 impl VmShared {
     /// Shares `mm` (and its guest RAM) with the vCPU threads.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
+        cfg: VmConfig,
+        ranges: Vec<RamRange>,
+        image: LoadedImage,
         mm: MemoryManager,
         timing: Timing,
         exec_ranges: Vec<(u64, u64)>,
         idt_gpa: GuestAddress,
+        notifier: Notifier,
         nr_vcpus: u32,
     ) -> Self {
         VmShared {
+            cfg,
+            ranges,
+            image,
             ram: Arc::clone(mm.ram()),
             mm: Mutex::new(mm),
             counters: ExitCounters::default(),
@@ -81,6 +101,7 @@ impl VmShared {
             exec_ranges,
             idt_gpa,
             memcalls: MemCallCounters::default(),
+            notifier,
             nr_vcpus,
             stop: AtomicBool::new(false),
             results: Mutex::new(ResultLog::default()),

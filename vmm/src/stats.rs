@@ -14,10 +14,12 @@ use crate::layout::RamRange;
 use crate::memcall::MemCallReport;
 use crate::memory::backing::fault::FaultReport;
 use crate::memory::frames::NodeStats;
+use crate::memory::reclaim::balloon::BalloonSnapshot;
 use crate::memory::slab::SlabSnapshot;
 use crate::memory::space::SpaceCounters;
 use crate::memory::{MemorySnapshot, TrimCounters};
 use crate::metrics::{Timing, micros};
+use crate::notify::NotifyReport;
 use crate::shared::ExitCounts;
 
 /// Bumped when a field changes meaning (never for additions).
@@ -37,6 +39,9 @@ pub struct Stats {
     pub faults: Option<FaultReport>,
     pub memcalls: MemCallReport,
     pub slab: SlabSnapshot,
+    pub balloon: BalloonSnapshot,
+    /// Notifications to the guest (the shared page changed).
+    pub notify: NotifyReport,
     pub guest: GuestInfo,
 }
 
@@ -143,8 +148,33 @@ pub struct Sources<'a> {
     /// "ok" or the first broken invariant, when they were checked.
     pub invariants: Option<String>,
     pub memcalls: MemCallReport,
+    pub notify: NotifyReport,
     /// The kept result lines, and how many were dropped per scenario.
     pub results: (Vec<String>, BTreeMap<String, u64>),
+}
+
+/// The stats JSON's `config` section (also `GET /vm`'s).
+pub fn config_info(cfg: &VmConfig, ranges: &[RamRange]) -> ConfigInfo {
+    ConfigInfo {
+        kernel: cfg.kernel.display().to_string(),
+        memory: cfg.memory,
+        cpus: cfg.cpus,
+        seed: cfg.seed,
+        guest_args: cfg.guest_args.clone(),
+        nodes: cfg
+            .numa
+            .nodes
+            .iter()
+            .map(|n| NodeLayout {
+                id: n.id,
+                size: n.size,
+                cpus: n.cpus.clone(),
+                ranges: ranges.iter().filter(|r| r.node == n.id).map(|r| [r.start, r.len]).collect(),
+                host: n.host,
+            })
+            .collect(),
+        distance: cfg.numa.distance.clone(),
+    }
 }
 
 /// Assembles the stats.
@@ -156,26 +186,7 @@ pub fn assemble(src: Sources<'_>) -> Stats {
     Stats {
         version: STATS_VERSION,
         exit: src.exit,
-        config: ConfigInfo {
-            kernel: cfg.kernel.display().to_string(),
-            memory: cfg.memory,
-            cpus: cfg.cpus,
-            seed: cfg.seed,
-            guest_args: cfg.guest_args.clone(),
-            nodes: cfg
-                .numa
-                .nodes
-                .iter()
-                .map(|n| NodeLayout {
-                    id: n.id,
-                    size: n.size,
-                    cpus: n.cpus.clone(),
-                    ranges: src.ranges.iter().filter(|r| r.node == n.id).map(|r| [r.start, r.len]).collect(),
-                    host: n.host,
-                })
-                .collect(),
-            distance: cfg.numa.distance.clone(),
-        },
+        config: config_info(cfg, src.ranges),
         timing_us: TimingInfo {
             first_run: src.timing.first_run_us(),
             first_exit: src.timing.first_exit_us(),
@@ -209,6 +220,8 @@ pub fn assemble(src: Sources<'_>) -> Stats {
         faults: m.backing.faults,
         memcalls: src.memcalls,
         slab: m.slab,
+        balloon: m.balloon,
+        notify: src.notify,
         guest: GuestInfo {
             results: src.results.0.iter().map(|l| parse_result(l)).collect(),
             results_dropped: src.results.1,

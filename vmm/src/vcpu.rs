@@ -191,6 +191,9 @@ impl Vcpu {
             if self.shared.stopping() {
                 return VcpuEnd::Stopped;
             }
+            if let Some((seq, va)) = self.shared.notifier.pending_for(cpu) {
+                self.enter_notify_handler(seq, va);
+            }
             let exit = match self.fd.run() {
                 Ok(e) => Self::copy_exit(e),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Exit::Intr,
@@ -295,9 +298,47 @@ impl Vcpu {
                 }
             }
             port::NOP => c.nop.inc(),
+            port::SET_NOTIFY => self.set_notify(),
+            port::NOTIFY_DONE => self.shared.notifier.done(v),
             _ => c.bad_port.inc_logged(|| log::warn!("vCPU {}: write to port {p:#x}", self.boot.id)),
         }
         None
+    }
+
+    /// SET_NOTIFY: registers the guest's notification handler on this vCPU, if it lies in
+    /// executable image pages.
+    fn set_notify(&mut self) {
+        let args = GuestAddress(self.boot.cpu_page_gpa.0 + CPU_PAGE_ARGS);
+        let mem = self.shared.ram.mem();
+        let va: u64 = mem.read_obj(args).unwrap_or(0);
+        let st = if self.shared.exec_ranges.iter().any(|&(s, e)| s <= va && va < e) {
+            self.shared.notifier.register(self.boot.id, va);
+            status::OK
+        } else {
+            self.shared.notifier.counters.refused.inc();
+            status::EINVAL
+        };
+        let _ = mem.write_obj(st, args);
+    }
+
+    /// Enters the guest's notification handler for `seq`, like a signal: pushes the interrupted
+    /// RFLAGS and RIP onto its stack (through its own page tables, which must let it write
+    /// there) and resumes at `va`. A stack that cannot take the frame gets no notification.
+    fn enter_notify_handler(&mut self, seq: u64, va: u64) {
+        let ok = match self.fd.get_regs() {
+            Ok(mut regs) => {
+                let sp = regs.rsp.wrapping_sub(16);
+                let mut frame = [0u8; 16];
+                frame[..8].copy_from_slice(&regs.rflags.to_le_bytes());
+                frame[8..].copy_from_slice(&regs.rip.to_le_bytes());
+                let written = self.shared.mm().write_user(sp, &frame).unwrap_or(false);
+                regs.rsp = sp;
+                regs.rip = va;
+                written && self.fd.set_regs(&regs).is_ok()
+            }
+            Err(_) => false,
+        };
+        self.shared.notifier.delivered(seq, ok);
     }
 
     /// Installs the guest's exception handlers into the IDT after checking each one.

@@ -1,5 +1,6 @@
 //! The VM: KVM objects, guest memory, vCPU threads, and how a run ends.
 
+use std::os::unix::thread::JoinHandleExt;
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -9,12 +10,14 @@ use vmm_sys_util::signal::Killable;
 
 use kvm_ioctls::Kvm;
 
+use crate::api::{ApiError, ApiServer};
 use crate::boot::image::ImageError;
-use crate::boot::{self, BootError, GuestBoot};
+use crate::boot::{self, BootError};
 use crate::config::VmConfig;
 use crate::config::{Backing, HugeLeaves};
+use crate::control::{self, VmControl};
 use crate::exit_code;
-use crate::layout::{self, RamRange};
+use crate::layout;
 use crate::memory::backing::BackingError;
 use crate::memory::backing::fault::FaultError;
 use crate::memory::backing::fault::FaultHandler;
@@ -22,13 +25,15 @@ use crate::memory::backing::ram::RamError;
 use crate::memory::backing::uffd::UffdError;
 use crate::memory::{MemoryError, MemoryManager};
 use crate::metrics::Timing;
+use crate::notify::Notifier;
 use crate::seccomp::{self, SeccompError, ThreadKind};
 use crate::shared::VmShared;
 use crate::signals::Request;
-use crate::stats::{self, ExitInfo, Stats};
+use crate::stats::{ExitInfo, Stats};
 use crate::sync::ThreadInit;
 use crate::sync::lock;
 use crate::vcpu::{self, Vcpu, VcpuEnd, VcpuError};
+use protocol::shared::{SHARED_MAGIC, SharedPage};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -56,6 +61,8 @@ pub enum VmError {
     Thread(#[source] std::io::Error),
     #[error(transparent)]
     Seccomp(#[from] SeccompError),
+    #[error(transparent)]
+    Api(#[from] ApiError),
     #[error("cannot write the stats file {path}")]
     StatsFile {
         path: std::path::PathBuf,
@@ -75,6 +82,7 @@ impl VmError {
             | VmError::VmmVcpuLimit(_)
             | VmError::MemoryTooLarge { .. }
             | VmError::NoHostNode { .. }
+            | VmError::Api(ApiError::InUse(_) | ApiError::NotASocket(_) | ApiError::Bind { .. })
             | VmError::Memory(MemoryError::Backing(BackingError::Ram(
                 RamError::Map { .. } | RamError::NoHostNode { .. },
             ))) => exit_code::USAGE,
@@ -92,9 +100,17 @@ pub enum VmEvent {
     Vcpu { cpu: u32, end: VcpuEnd },
     /// A process signal.
     Signal(Request),
+    /// The control API asks for a shutdown (named).
+    Shutdown(&'static str),
+    /// The guest did not finish within [`SHUTDOWN_GRACE`] of a shutdown request.
+    GraceOver,
     /// A fault handler thread failed.
     FaultFailed(FaultError),
 }
+
+/// How long a guest asked to finish (SIGTERM, SIGINT, the shutdown action) has before the VMM
+/// stops it.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
 /// How long a clean stop waits for the vCPUs to leave `KVM_RUN`.
 const STOP_TIMEOUT: Duration = Duration::from_secs(2);
@@ -183,8 +199,6 @@ pub struct Vm {
     _kvm: Kvm,
     shared: Arc<VmShared>,
     vcpus: Vec<Vcpu>,
-    boot: GuestBoot,
-    ranges: Vec<RamRange>,
     events: Receiver<VmEvent>,
     sender: Events,
     faults: Option<Arc<FaultHandler>>,
@@ -258,14 +272,29 @@ impl Vm {
             Backing::Uffd => Some(mm.enable_userfaultfd()?),
         };
         let (tx, rx) = channel();
-        let shared = Arc::new(VmShared::new(mm, Timing::new(start), boot.exec_ranges.clone(), boot.idt_gpa, cfg.cpus));
+        let balloon = mm.configure_balloon(cfg.balloon)?;
+        let mut page = SharedPage { magic: SHARED_MAGIC, ..SharedPage::default() };
+        crate::notify::balloon_fields(&mut page, &balloon, mm.frames().total_pages());
+        let notifier = Notifier::new(boot.shared_gpa, page);
+        notifier.update(mm.ram(), |_| {});
+        let shared = Arc::new(VmShared::new(
+            cfg.clone(),
+            ranges,
+            boot.image,
+            mm,
+            Timing::new(start),
+            boot.exec_ranges.clone(),
+            boot.idt_gpa,
+            notifier,
+            cfg.cpus,
+        ));
         let mut vcpus = Vec::with_capacity(fds.len());
         for (fd, cb) in fds.into_iter().zip(&boot.cpus) {
             vcpu::configure(&fd, &cpuid, &boot, cb)?;
             vcpus.push(Vcpu::new(*cb, fd, Arc::clone(&shared)));
         }
         let sender = Events(Arc::new(Mutex::new(tx)));
-        Ok(Vm { cfg, _kvm: kvm, shared, vcpus, boot, ranges, events: rx, sender, faults, threads: Vec::new() })
+        Ok(Vm { cfg, _kvm: kvm, shared, vcpus, events: rx, sender, faults, threads: Vec::new() })
     }
 
     /// Runs the guest to its end. Returns how it ended and the final stats.
@@ -298,14 +327,42 @@ impl Vm {
                 .map_err(VmError::Thread)?;
             self.threads.push(t);
         }
+        self.shared.notifier.set_threads(self.threads.iter().map(|t| t.as_pthread_t() as libc::pthread_t).collect());
+        let _api = match &self.cfg.api_socket {
+            Some(path) => {
+                let events = self.sender.clone();
+                let control = VmControl::new(
+                    Arc::clone(&self.shared),
+                    Box::new(move || events.send(VmEvent::Shutdown("the shutdown action"))),
+                );
+                Some(ApiServer::start(path, Arc::new(control), filter(ThreadKind::Api))?)
+            }
+            None => None,
+        };
         seccomp::apply(ThreadKind::Main)?;
+        let mut grace: Option<(Instant, &'static str)> = None;
         let ending = loop {
-            let ev = self.events.recv().expect("the VM holds a sender");
+            let ev = match grace {
+                Some((deadline, _)) => {
+                    match self.events.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                        Ok(ev) => ev,
+                        Err(_) => VmEvent::GraceOver,
+                    }
+                }
+                None => self.events.recv().expect("the VM holds a sender"),
+            };
             match ev {
                 VmEvent::Signal(Request::DumpStats) => self.dump_stats(),
-                VmEvent::Signal(Request::Stop(signal)) => {
+                VmEvent::Signal(Request::Stop(reason)) | VmEvent::Shutdown(reason) => {
+                    if grace.is_none() {
+                        // Ask the guest to finish; stop it if it has not by the deadline.
+                        self.shared.notifier.request(&self.shared.ram, |p| p.shutdown = 1);
+                        grace = Some((Instant::now() + SHUTDOWN_GRACE, reason));
+                    }
+                }
+                VmEvent::GraceOver => {
                     self.stop_vcpus();
-                    break Ending::Stopped(signal);
+                    break Ending::Stopped(grace.map_or("a stop request", |g| g.1));
                 }
                 VmEvent::Vcpu { cpu, end } => break Ending::of_vcpu(cpu, end),
                 VmEvent::FaultFailed(e) => {
@@ -348,20 +405,7 @@ impl Vm {
 
     /// The stats now; with `ending`, the final ones (allocator invariants checked with `-v`).
     fn stats(&self, ending: Option<&Ending>) -> Stats {
-        let mm = self.shared.mm();
-        stats::assemble(stats::Sources {
-            cfg: &self.cfg,
-            ranges: &self.ranges,
-            image: self.boot.image,
-            exit: ending.map(Ending::info),
-            timing: &self.shared.timing,
-            exits: self.shared.counters.snapshot(),
-            memory: mm.snapshot(),
-            invariants: (self.cfg.verbose && ending.is_some())
-                .then(|| mm.check_invariants().err().unwrap_or_else(|| "ok".to_string())),
-            memcalls: self.shared.memcalls.report(),
-            results: self.shared.results(),
-        })
+        control::stats(&self.shared, ending.map(Ending::info))
     }
 }
 

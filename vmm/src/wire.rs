@@ -3,6 +3,7 @@
 use vm_memory::ByteValued;
 
 use protocol::memcall::MemCall;
+use protocol::shared::SharedPage;
 use protocol::{BootInfo, MemStats};
 
 /// A protocol struct as bytes (the protocol crate cannot implement vm-memory's trait itself).
@@ -18,3 +19,5 @@ unsafe impl ByteValued for Wire<BootInfo> {}
 unsafe impl ByteValued for Wire<MemCall> {}
 // SAFETY: MemStats is repr(C) and only u64 fields: no padding, every bit pattern valid.
 unsafe impl ByteValued for Wire<MemStats> {}
+// SAFETY: SharedPage is repr(C) and only u64 fields: no padding, every bit pattern valid.
+unsafe impl ByteValued for Wire<SharedPage> {}

@@ -12,9 +12,10 @@ use vm_memory::GuestAddress;
 use crate::wire::Wire;
 
 use protocol::layout::{
-    BOOT_INFO_VA, CPU_AREA_PAGES, EXC_STACK_OFFSET, EXC_STACK_SIZE, STACK_SIZE, STACK_STRIDE, STACK_VA, SYSTEM_SIZE,
-    SYSTEM_VA, cpu_area, exc_stack_top, stack_top,
+    BOOT_INFO_VA, CPU_AREA_PAGES, EXC_STACK_OFFSET, EXC_STACK_SIZE, SHARED_VA, STACK_SIZE, STACK_STRIDE, STACK_VA,
+    SYSTEM_SIZE, SYSTEM_VA, cpu_area, exc_stack_top, stack_top,
 };
+use protocol::shared::{SHARED_MAGIC, SharedPage};
 use protocol::{BOOT_MAGIC, BOOT_VERSION, BootInfo, MAX_NODES, MAX_RANGES_PER_NODE, MAX_VCPUS, MemRange, NodeInfo};
 
 use crate::config::VmConfig;
@@ -58,6 +59,8 @@ pub struct GuestBoot {
     pub idt_va: u64,
     /// Guest-physical address of the IDT (the VMM fills it when the guest installs handlers).
     pub idt_gpa: GuestAddress,
+    /// Guest-physical address of the [`protocol::shared::SharedPage`] (resident for good).
+    pub shared_gpa: GuestAddress,
     pub cpus: Vec<CpuBoot>,
 }
 
@@ -133,6 +136,11 @@ pub fn build(mm: &mut MemoryManager, cfg: &VmConfig, image: Image, tsc_khz: u32)
     mm.write_obj(bi.gpa(), &Wire(info))?;
     mm.map_pages(Gva(BOOT_INFO_VA), bi, 1, PteFlags::USER | PteFlags::NO_EXECUTE)?;
 
+    // The shared page, read-only to the guest; the VMM updates it while the guest runs.
+    let shared = mm.alloc_frames(NodeId(0), 1, None)?;
+    mm.write_obj(shared.gpa(), &Wire(SharedPage { magic: SHARED_MAGIC, ..SharedPage::default() }))?;
+    mm.map_pages(Gva(SHARED_VA), shared, 1, PteFlags::USER | PteFlags::NO_EXECUTE)?;
+
     Ok(GuestBoot {
         image: loaded,
         exec_ranges,
@@ -141,6 +149,7 @@ pub fn build(mm: &mut MemoryManager, cfg: &VmConfig, image: Image, tsc_khz: u32)
         gdt_limit: u16::try_from(gdt_bytes.len() - 1).expect("GDT fits in two pages"),
         idt_va: SYSTEM_VA + IDT_OFFSET,
         idt_gpa: sys.plus(IDT_OFFSET / PAGE_SIZE).gpa(),
+        shared_gpa: shared.gpa(),
         cpus,
     })
 }

@@ -4,6 +4,7 @@
 //! that needs no host access and produces a [`VmConfig`]. Host-dependent limits (KVM's vCPU limit,
 //! the host's NUMA nodes, mappable address space) are checked when the VM is built.
 
+mod balloon;
 mod memory;
 mod numa;
 mod size;
@@ -12,6 +13,7 @@ use std::path::PathBuf;
 
 use protocol::{MAX_GUEST_ARGS, MAX_NODES, MAX_VCPUS, PAGE_SIZE};
 
+pub use balloon::{BalloonConfig, MAX_STATS_INTERVAL_S, parse_balloon_arg};
 pub use memory::{Backing, HugeLeaves, MemoryArg, parse_memory_arg};
 pub use numa::{DistanceSpec, HostBinding, HostPolicy, NumaConfig, NumaNode, NumaNodeSpec, parse_cpu_list};
 pub use size::ByteSize;
@@ -92,6 +94,12 @@ pub enum ConfigError {
     BadSeed(String),
     #[error("--seccomp `{0}` is not `on` or `off`")]
     InvalidSeccomp(String),
+    #[error("invalid --balloon `{spec}`: {reason}")]
+    InvalidBalloon { spec: String, reason: String },
+    #[error("--balloon size {size} is larger than the guest's {memory} bytes of RAM")]
+    BalloonTooLarge { size: u64, memory: u64 },
+    #[error("--api-socket: the path is empty")]
+    EmptyApiSocket,
 }
 
 /// The validated VM configuration handed to the VMM.
@@ -122,6 +130,10 @@ pub struct VmConfig {
     pub verbose: bool,
     /// Run the VMM's threads under seccomp filters.
     pub seccomp: bool,
+    /// The balloon at boot.
+    pub balloon: BalloonConfig,
+    /// Where the control API listens.
+    pub api_socket: Option<PathBuf>,
 }
 
 /// What the user gave, before validation.
@@ -137,6 +149,8 @@ pub struct VmConfigBuilder {
     pub verbose: bool,
     /// `--seccomp on|off`.
     pub seccomp: Option<String>,
+    pub balloon: Option<BalloonConfig>,
+    pub api_socket: Option<PathBuf>,
 }
 
 impl VmConfigBuilder {
@@ -183,6 +197,13 @@ impl VmConfigBuilder {
             numa::validate_numa(self.numa, &self.distances, self.memory.size, self.cpus)?
         };
 
+        let balloon = self.balloon.unwrap_or_default();
+        if balloon.size > memory {
+            return Err(ConfigError::BalloonTooLarge { size: balloon.size, memory });
+        }
+        if self.api_socket.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+            return Err(ConfigError::EmptyApiSocket);
+        }
         Ok(VmConfig {
             kernel: self.kernel.unwrap_or(default_kernel),
             memory,
@@ -211,6 +232,8 @@ impl VmConfigBuilder {
                 Some("off") => false,
                 Some(other) => return Err(ConfigError::InvalidSeccomp(other.to_string())),
             },
+            balloon,
+            api_socket: self.api_socket,
         })
     }
 }

@@ -23,6 +23,7 @@
 pub mod addr;
 pub mod backing;
 pub mod frames;
+pub mod reclaim;
 pub mod slab;
 pub mod space;
 #[cfg(test)]
@@ -39,12 +40,14 @@ use protocol::MemStats;
 use crate::config::HostBinding;
 use crate::layout::RamRange;
 
+use crate::config::BalloonConfig;
 use addr::{Gfn, Gva, NodeId};
 use backing::fault::FaultHandler;
 use backing::ram::GuestRam;
 use backing::{Backing, BackingError, BackingSnapshot};
 use frames::policy::Policy;
 use frames::{FrameError, Frames, FramesSnapshot};
+use reclaim::balloon::{Balloon, BalloonError, BalloonSnapshot};
 use slab::{Exchanged, SlabAllocator, SlabError, SlabSnapshot};
 use space::pagetable::{PageSize, PteFlags};
 use space::{AddressSpace, Phys, SpaceError, SpaceSnapshot};
@@ -66,6 +69,8 @@ pub enum MemoryError {
     Space(#[from] SpaceError),
     #[error(transparent)]
     Slab(#[from] SlabError),
+    #[error(transparent)]
+    Balloon(#[from] BalloonError),
 }
 
 impl MemoryError {
@@ -75,6 +80,7 @@ impl MemoryError {
             MemoryError::Frames(_) | MemoryError::Backing(_) => None,
             MemoryError::Space(e) => e.guest_status(),
             MemoryError::Slab(e) => e.guest_status(),
+            MemoryError::Balloon(_) => Some(protocol::status::EINVAL),
         }
     }
 
@@ -99,6 +105,7 @@ pub struct MemorySnapshot {
     pub backing: BackingSnapshot,
     pub space: SpaceSnapshot,
     pub slab: SlabSnapshot,
+    pub balloon: BalloonSnapshot,
     pub trims: TrimCounters,
 }
 
@@ -109,6 +116,7 @@ pub struct MemoryManager {
     backing: Backing,
     space: AddressSpace,
     slab: SlabAllocator,
+    balloon: Balloon,
     trims: TrimCounters,
     /// `space.counters()`'s `frames_freed` and `regions_freed` at the last trim.
     freed_at_trim: (u64, u64),
@@ -141,7 +149,15 @@ impl MemoryManager {
             Backing::new(ranges, bindings, Arc::clone(frames.states()), vm, fault_around, fault_around_max)?;
         let space = AddressSpace::new(&mut Phys { frames: &mut frames, backing: &mut backing }, fault_around)?;
         let slab = SlabAllocator::new(frames.nr_nodes());
-        Ok(MemoryManager { frames, backing, space, slab, trims: TrimCounters::default(), freed_at_trim: (0, 0) })
+        Ok(MemoryManager {
+            frames,
+            backing,
+            space,
+            slab,
+            balloon: Balloon::default(),
+            trims: TrimCounters::default(),
+            freed_at_trim: (0, 0),
+        })
     }
 
     /// The two bottom layers, borrowed together.
@@ -208,6 +224,25 @@ impl MemoryManager {
         self.write(gpa, v.as_slice())
     }
 
+    /// Writes `data` at guest-virtual `va` through the guest's own page tables, the way a kernel
+    /// writes to user memory: every byte must be in a page the guest may write. Returns
+    /// whether it could (nothing is written otherwise).
+    pub fn write_user(&self, va: u64, data: &[u8]) -> Result<bool, MemoryError> {
+        let mut pieces = Vec::new();
+        let mut done = 0;
+        while done < data.len() {
+            let at = va.wrapping_add(done as u64);
+            let Some(gpa) = self.space.user_writable(&self.backing, at) else { return Ok(false) };
+            let n = data.len().min(done + usize::try_from(4096 - at % 4096).unwrap_or(4096)) - done;
+            pieces.push((gpa, done, n));
+            done += n;
+        }
+        for (gpa, off, n) in pieces {
+            self.backing.write(GuestAddress(gpa), &data[off..off + n])?;
+        }
+        Ok(true)
+    }
+
     /// Gives an `Allocated` frame host backing (zero-filled) so the VMM may write it.
     pub fn make_resident(&self, gfn: Gfn) -> Result<(), MemoryError> {
         Ok(self.backing.make_resident(gfn)?)
@@ -223,6 +258,25 @@ impl MemoryManager {
     pub fn map_one(&mut self, va: Gva, gfn: Gfn, size: PageSize, flags: PteFlags) -> Result<(), MemoryError> {
         let (mut phys, space, _) = self.phys();
         Ok(space.map_one(&mut phys, va, gfn, size, flags)?)
+    }
+
+    // Reclaim.
+
+    /// Sets the balloon (`--balloon`, `PATCH /balloon`): takes free frames at once, then every
+    /// frame the guest frees until it holds its share. Returns its figures.
+    pub fn configure_balloon(&mut self, config: BalloonConfig) -> Result<BalloonSnapshot, MemoryError> {
+        self.balloon.configure(&mut self.frames, config)?;
+        Ok(self.balloon.snapshot(&self.frames))
+    }
+
+    /// The balloon's figures.
+    pub fn balloon(&self) -> BalloonSnapshot {
+        self.balloon.snapshot(&self.frames)
+    }
+
+    /// GUEST_STATS: what only the guest knows.
+    pub fn guest_stats(&mut self, cache_bytes: u64, lazy_faults: u64) {
+        self.balloon.guest_report(cache_bytes, lazy_faults);
     }
 
     // Memory calls.
@@ -324,10 +378,12 @@ impl MemoryManager {
     }
 
     /// Ends a batch of memory calls: discards the host backing of, and frees, every frame the
-    /// batch's frees released, and after large frees gives the VMM's own idle memory back.
+    /// batch's frees released (the balloon takes what it lacks), and after large frees gives
+    /// the VMM's own idle memory back.
     pub fn flush(&mut self) -> Result<(), MemoryError> {
         let (mut phys, space, _) = self.phys();
         space.flush(&mut phys)?;
+        self.frames.balloon_fill();
         let c = self.space.counters();
         if c.frames_freed - self.freed_at_trim.0 >= TRIM_AFTER_FRAMES
             || c.regions_freed - self.freed_at_trim.1 >= TRIM_AFTER_REGIONS
@@ -364,6 +420,7 @@ impl MemoryManager {
             backing: self.backing.snapshot(),
             space: self.space.snapshot(),
             slab: self.slab.snapshot(),
+            balloon: self.balloon.snapshot(&self.frames),
             trims: self.trims.clone(),
         }
     }

@@ -9,7 +9,7 @@
 //!   fault-around window with one `UFFDIO_COPY` per contiguous run (one 64 KiB copy costs about a
 //!   ninth of sixteen 4 KiB ones here).
 //! - `Populating` / `Resident`: another path is installing it or already did; wake the thread.
-//! - `Free`, and handed out at some time before: a vCPU whose walk of the guest's tables found
+//! - `Free` or `Ballooned`, and handed out at some time before: a vCPU whose walk of the guest's tables found
 //!   the frame before the VMM unmapped and freed it (the guest's own race between an access and
 //!   a FREE, MOVE or PROTECT on another vCPU). Install a zero page and drop it again at once: the
 //!   `MADV_DONTNEED` makes KVM retry its walk, which now finds no mapping, so the guest gets its
@@ -266,7 +266,7 @@ impl FaultHandler {
                 }
                 self.wake(page)
             }
-            FrameState::Free => self.free_frame(gfn, gpa, page),
+            st @ (FrameState::Free | FrameState::Ballooned) => self.unowned_frame(gfn, st, gpa, page),
         }
     }
 
@@ -311,16 +311,17 @@ impl FaultHandler {
             .map_err(|source| FaultError::Populate { gpa: gfn.gpa().0, source })
     }
 
-    /// A fault on a frame nobody owns: install and drop a zero page so KVM retries its walk,
-    /// or stop the VM if the frame was never handed out.
-    fn free_frame(&self, gfn: Gfn, gpa: GuestAddress, page: u64) -> Result<(), FaultError> {
+    /// A fault on a frame the guest does not own (free, or taken by the balloon): install and
+    /// drop a zero page so KVM retries its walk, or stop the VM if the frame was never handed
+    /// out.
+    fn unowned_frame(&self, gfn: Gfn, state: FrameState, gpa: GuestAddress, page: u64) -> Result<(), FaultError> {
         if !self.states.ever_handed_out(gfn) {
             return Err(FaultError::NeverHandedOut { gpa: gpa.0 });
         }
         self.stats.free_frame.inc();
         // Claim it so the allocator cannot hand it out while the zero page is in place
         // (`PageStates::set_range` waits out `Populating`).
-        if !self.states.transition(gfn, FrameState::Free, FrameState::Populating) {
+        if !self.states.transition(gfn, state, FrameState::Populating) {
             // Allocated in the meantime: serve it normally.
             return self.serve(page, 0);
         }
@@ -332,7 +333,7 @@ impl FaultHandler {
             .and_then(|()| {
                 self.ram.discard(gpa, PAGE_SIZE).map_err(|source| FaultError::Discard { gpa: gpa.0, source })
             });
-        self.states.transition(gfn, FrameState::Populating, FrameState::Free);
+        self.states.transition(gfn, FrameState::Populating, state);
         res
     }
 
@@ -424,7 +425,7 @@ mod tests {
             assert!(settled.elapsed() < Duration::from_secs(5), "frames stay Populating");
             std::thread::yield_now();
         }
-        assert_eq!(states.census(Gfn(96), 16), [4, 0, 0, 12, 0]);
+        assert_eq!(states.census(Gfn(96), 16), [4, 0, 0, 12, 0, 0]);
 
         // A frame handed out and freed again while a "vCPU" still touches it: served (it reads
         // zero), however often it comes back, and nothing stops.

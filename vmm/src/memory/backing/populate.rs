@@ -102,7 +102,7 @@ impl Populate {
         loop {
             match states.get(gfn) {
                 FrameState::Resident => return Ok(()),
-                FrameState::Free => return Err(PopulateError::NotAllocated(gfn)),
+                FrameState::Free | FrameState::Ballooned => return Err(PopulateError::NotAllocated(gfn)),
                 FrameState::Populating => std::hint::spin_loop(),
                 FrameState::Allocated => {
                     if self.claim_and_fill(ram, states, gfn, 1)? == 1 {

@@ -11,6 +11,7 @@
 //! again: [`Frames::unassign`] (the state map says `Free`), then [`Frames::release`] (the buddy
 //! allocator takes the frames back).
 
+pub mod balloon;
 pub mod bitmap;
 pub mod buddy;
 pub mod page_state;
@@ -106,6 +107,8 @@ pub struct Frames {
     fallback: Fallback,
     /// Interleave position.
     rotor: u64,
+    /// Frames the balloon holds.
+    balloon: balloon::BalloonFrames,
 }
 
 impl Frames {
@@ -132,7 +135,8 @@ impl Frames {
             }
             nodes.push(NodeFrames { id, ranges: own, buddy });
         }
-        Ok(Frames { nodes, states, fallback: Fallback::new(distance), rotor: 0 })
+        let balloon = balloon::BalloonFrames::new(nr_nodes);
+        Ok(Frames { nodes, states, fallback: Fallback::new(distance), rotor: 0, balloon })
     }
 
     /// The page-state map (shared with the backing layer and the fault handler).
@@ -156,8 +160,14 @@ impl Frames {
     }
 
     /// Takes `pages` contiguous frames from `node` (ending at or below `below`) and marks them
-    /// `Allocated`: zero, no host backing, not yet visible to anyone.
+    /// `Allocated`: zero, no host backing, not yet visible to anyone. With deflate-on-OOM, the
+    /// balloon gives frames back rather than let this fail.
     pub fn alloc(&mut self, node: NodeId, pages: u64, below: Option<Gfn>) -> Result<Gfn, FrameError> {
+        self.or_deflate(pages, |f| f.alloc_on(node, pages, below))
+    }
+
+    /// [`alloc`](Self::alloc) without touching the balloon.
+    fn alloc_on(&mut self, node: NodeId, pages: u64, below: Option<Gfn>) -> Result<Gfn, FrameError> {
         let n = self.nodes.get_mut(node.0 as usize).ok_or(FrameError::NoNode(node))?;
         let res = match below {
             Some(limit) => n.buddy.alloc_exact_below(pages, limit),
@@ -251,6 +261,7 @@ impl Frames {
     /// Every buddy allocator's invariants, and that the state map's `Free` frames are exactly
     /// the buddies' free frames.
     pub fn check_invariants(&self) -> Result<(), String> {
+        self.check_balloon()?;
         for n in &self.nodes {
             n.buddy.check_invariants().map_err(|e| format!("node {}: {e}", n.id))?;
             let mut free = 0;

@@ -12,7 +12,8 @@
 //! ```
 //! `Zero` is a frame the VMM knows holds only zeroes (an emptied page table): its private
 //! backing was dropped, reads are served with the kernel's shared zero page.
-//! Balloon and swap add their states here (`Ballooned`, `Swapped`) when they arrive.
+//! `Ballooned` frames are held by the balloon: taken from the buddy allocator like an allocation,
+//! but never handed out and never backed.
 
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 
@@ -34,7 +35,12 @@ pub enum FrameState {
     /// Handed out, all zeroes, with no private backing: reads get the shared zero page, the
     /// first write a private page.
     Zero = 4,
+    /// Held by the balloon: out of the buddy allocator, never handed out, never backed.
+    Ballooned = 5,
 }
+
+/// Number of states.
+pub const NR_STATES: usize = 6;
 
 impl FrameState {
     fn from_u8(v: u8) -> FrameState {
@@ -43,6 +49,7 @@ impl FrameState {
             2 => FrameState::Populating,
             3 => FrameState::Resident,
             4 => FrameState::Zero,
+            5 => FrameState::Ballooned,
             _ => FrameState::Free,
         }
     }
@@ -157,8 +164,8 @@ impl PageStates {
     }
 
     /// Counts frames by state in `[gfn, gfn + n)` (for tests and invariant checks).
-    pub fn census(&self, gfn: Gfn, n: u64) -> [u64; 5] {
-        let mut c = [0; 5];
+    pub fn census(&self, gfn: Gfn, n: u64) -> [u64; NR_STATES] {
+        let mut c = [0; NR_STATES];
         for i in 0..n {
             c[self.get(gfn.plus(i)) as usize] += 1;
         }
@@ -196,7 +203,7 @@ mod tests {
         assert_eq!(s.resident(1), 1);
         assert_eq!(s.set_range(Gfn(40), 20, FrameState::Free), 1);
         assert_eq!(s.resident(1), 0);
-        assert_eq!(s.census(Gfn(0), 100), [100, 0, 0, 0, 0]);
+        assert_eq!(s.census(Gfn(0), 100), [100, 0, 0, 0, 0, 0]);
         assert_eq!(s.node(Gfn(70)), Some(1));
         // Handed out once, remembered after the free.
         assert!(s.ever_handed_out(Gfn(40)) && s.ever_handed_out(Gfn(59)));

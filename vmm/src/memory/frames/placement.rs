@@ -26,20 +26,22 @@ impl Frames {
     /// `pages` frames placed by `p`: one run when `p.contiguous`, else the largest blocks
     /// available. On failure nothing is taken; `is_exhausted()` errors mean "no room".
     pub fn take(&mut self, pages: u64, p: Placement) -> Result<Vec<Run>, FrameError> {
-        let mut taken: Vec<Run> = Vec::new();
-        let result = self.take_into(pages, p, &mut taken);
-        if let Err(e) = result {
-            self.free_unbacked(&taken)?;
-            return Err(e);
-        }
-        Ok(taken)
+        self.or_deflate(pages, |f| {
+            let mut taken: Vec<Run> = Vec::new();
+            let result = f.take_into(pages, p, &mut taken);
+            if let Err(e) = result {
+                f.free_unbacked(&taken)?;
+                return Err(e);
+            }
+            Ok(taken)
+        })
     }
 
     fn take_into(&mut self, pages: u64, p: Placement, taken: &mut Vec<Run>) -> Result<(), FrameError> {
         let limit = p.dma32.then_some(DMA32_LIMIT);
         if p.contiguous {
             for n in self.fallback.candidates(p.policy, p.local, self.rotor) {
-                match self.alloc(n, pages, limit) {
+                match self.alloc_on(n, pages, limit) {
                     Ok(g) => {
                         taken.push((g, pages));
                         self.rotor += 1;
@@ -57,7 +59,7 @@ impl Frames {
                 self.rotor += 1;
                 let mut got = None;
                 for n in nodes {
-                    match self.alloc(n, 1, limit) {
+                    match self.alloc_on(n, 1, limit) {
                         Ok(g) => {
                             got = Some(g);
                             break;
@@ -74,7 +76,7 @@ impl Frames {
         for n in self.fallback.candidates(p.policy, p.local, self.rotor) {
             let mut k = floor_log2(left).min(u32::from(Order::MAX.get()));
             while left > 0 {
-                match self.alloc(n, 1 << k, limit) {
+                match self.alloc_on(n, 1 << k, limit) {
                     Ok(g) => {
                         taken.push((g, 1 << k));
                         left -= 1 << k;
@@ -101,19 +103,21 @@ impl Frames {
     /// `blocks` 2 MiB blocks (order 9, each aligned), each placed by `policy` on its own: the
     /// interleave rotor advances per block. All or nothing.
     pub fn take_huge_blocks(&mut self, blocks: u64, policy: Policy, local: NodeId) -> Result<Vec<Run>, FrameError> {
-        let mut runs = Vec::with_capacity(usize::try_from(blocks).unwrap_or(0));
-        for _ in 0..blocks {
-            let nodes = self.fallback.candidates(policy, local, self.rotor);
-            self.rotor += 1;
-            match nodes.iter().find_map(|&n| self.alloc(n, Order::HUGE.pages(), None).ok()) {
-                Some(g) => runs.push((g, Order::HUGE.pages())),
-                None => {
-                    self.free_unbacked(&runs)?;
-                    return Err(FrameError::NoMemory);
+        self.or_deflate(blocks * Order::HUGE.pages(), |f| {
+            let mut runs = Vec::with_capacity(usize::try_from(blocks).unwrap_or(0));
+            for _ in 0..blocks {
+                let nodes = f.fallback.candidates(policy, local, f.rotor);
+                f.rotor += 1;
+                match nodes.iter().find_map(|&n| f.alloc_on(n, Order::HUGE.pages(), None).ok()) {
+                    Some(g) => runs.push((g, Order::HUGE.pages())),
+                    None => {
+                        f.free_unbacked(&runs)?;
+                        return Err(FrameError::NoMemory);
+                    }
                 }
             }
-        }
-        Ok(runs)
+            Ok(runs)
+        })
     }
 }
 

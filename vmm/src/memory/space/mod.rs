@@ -218,6 +218,18 @@ impl AddressSpace {
         Ok((gpa, node.0))
     }
 
+    /// The guest-physical address behind `va` if the guest may write there (a present leaf
+    /// with the user and writable bits).
+    pub fn user_writable(&self, backing: &Backing, va: u64) -> Option<u64> {
+        if va >= 1 << 47 {
+            return None;
+        }
+        let (pte, size) = self.pt.translate(backing.ram().mem(), Gva(va))?;
+        let f = pte.flags();
+        (f.contains(pagetable::PteFlags::USER) && f.contains(pagetable::PteFlags::WRITABLE))
+            .then(|| pte.gfn().gpa().0 + (va & (size.bytes() - 1)))
+    }
+
     /// Discards the host backing of, and frees, every frame the batch's FREEs released: one
     /// `MADV_DONTNEED` per physically contiguous stretch.
     pub fn flush(&mut self, phys: &mut Phys<'_>) -> Result<(), SpaceError> {
