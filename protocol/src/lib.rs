@@ -267,6 +267,8 @@ pub struct MemStats {
     pub slab_objects_active: u64,
     /// Frames holding slabs.
     pub slab_frames: u64,
+    /// Frames the balloon holds (counted in `allocated_frames`, but not the guest's).
+    pub balloon_frames: u64,
 }
 
 const _: () = assert!(core::mem::size_of::<MemStats>() <= 32 * 8);

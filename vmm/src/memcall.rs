@@ -299,6 +299,10 @@ fn dispatch(
         }
         op::SLAB_FREE => unused(call, 1).and_then(|()| Ok(mm.slab_free(a[0])?)).map(|()| [0; 2]),
         op::SLAB_INFO => unused(call, 1).and_then(|()| Ok(mm.slab_info(a[0])?)).map(|size| [u64::from(size), 0]),
+        op::GUEST_STATS => unused(call, 2).map(|()| {
+            mm.guest_stats(a[0], a[1]);
+            [0; 2]
+        }),
         _ => unreachable!("op index checked above"),
     };
     match res {

@@ -66,6 +66,8 @@ pub enum VcpuError {
     MemCall(#[from] MemCallError),
     #[error(transparent)]
     Seccomp(#[from] crate::seccomp::SeccompError),
+    #[error("the vCPU thread panicked")]
+    Panicked,
 }
 
 /// How a vCPU stopped running.

@@ -319,7 +319,9 @@ impl Vm {
                 .name(format!("vcpu{cpu}"))
                 .spawn(move || {
                     let end = match seccomp::apply(ThreadKind::Vcpu) {
-                        Ok(()) => v.run(),
+                        // A panic is a VMM bug: report it as this vCPU's failure, do not hang.
+                        Ok(()) => std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| v.run()))
+                            .unwrap_or(VcpuEnd::Failed(VcpuError::Panicked)),
                         Err(e) => VcpuEnd::Failed(e.into()),
                     };
                     events.send(VmEvent::Vcpu { cpu, end });

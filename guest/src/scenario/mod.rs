@@ -1,7 +1,9 @@
 //! Scenarios: each runs on every vCPU, checks its own results, and reports a `@result` line.
 
 mod badcalls;
+mod balloon;
 mod boot;
+mod cache;
 mod cachescratch;
 mod churn;
 mod fastpath;
@@ -89,6 +91,9 @@ pub fn run(cpu: u32, bi: &'static BootInfo) -> ! {
         "cache-scratch" => cachescratch::run(&ctx),
         "frag" => frag::run(&ctx),
         "hog" => hog::run(&ctx),
+        "cache" => cache::run(&ctx),
+        "hold" => balloon::hold(&ctx),
+        "grow" => balloon::grow(&ctx),
         "slabcheck" => slabcheck::run(&ctx),
         "fastpath" => fastpath::run(&ctx),
         // Every vCPU computes without an exit: for `seconds=N` (0: forever).

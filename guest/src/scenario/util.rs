@@ -28,9 +28,10 @@ pub fn ns(bi: &BootInfo, cycles: u64) -> u64 {
 }
 
 /// Frames holding data: allocated frames minus page-table pages (tables stay once built, so a
-/// scenario that frees everything gets back to the same count of data frames).
+/// scenario that frees everything gets back to the same count of data frames) and the frames
+/// the balloon holds.
 pub fn data_frames(s: &protocol::MemStats) -> u64 {
-    s.allocated_frames - s.page_table_pages
+    s.allocated_frames - s.page_table_pages - s.balloon_frames
 }
 
 /// Node owning guest-physical `gpa` according to BootInfo.

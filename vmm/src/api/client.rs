@@ -44,9 +44,14 @@ pub fn request(socket: &Path, method: &str, path: &str, body: Option<&str>) -> R
          Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
         body.len()
     );
-    s.write_all(head.as_bytes()).and_then(|()| s.write_all(body.as_bytes())).map_err(ClientError::Io)?;
+    // A server may answer before it has read the whole body (413 for an oversized one) and
+    // close: like curl, read its answer even when the write was cut short.
+    let sent = s.write_all(head.as_bytes()).and_then(|()| s.write_all(body.as_bytes()));
     let mut raw = Vec::new();
-    s.read_to_end(&mut raw).map_err(ClientError::Io)?;
+    let read = s.read_to_end(&mut raw);
+    if raw.is_empty() {
+        sent.and(read).map_err(ClientError::Io)?;
+    }
     let mut headers = [httparse::EMPTY_HEADER; 32];
     let mut resp = httparse::Response::new(&mut headers);
     let httparse::Status::Complete(len) = resp.parse(&raw).map_err(|_| ClientError::BadResponse)? else {

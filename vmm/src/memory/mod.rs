@@ -373,6 +373,10 @@ impl MemoryManager {
             uffd_faults: faults.map_or(0, |f| f.zero_fill.get()),
             uffd_pages: faults.map_or(0, |f| f.pages.get()),
             fault_around: self.backing.fault_around(),
+            balloon_frames: match node {
+                None => self.frames.balloon_nodes().iter().map(|n| n.actual_frames).sum(),
+                Some(n) => self.frames.balloon_nodes().get(n).map_or(0, |b| b.actual_frames),
+            },
             ..MemStats::default()
         })
     }

@@ -1,0 +1,91 @@
+//! Guests for the balloon's edge cases.
+//!
+//! - `scenario=hold size=SIZE seconds=N [shrink=1]`: takes `size` of memory, touches every page,
+//!   and keeps it until `seconds` pass or it is asked to finish: a guest without a shrinker. The
+//!   balloon cannot reach a target that needs those frames; the guest keeps running. With
+//!   `shrink=1` it gives memory back as soon as its limit drops (for the inflate benchmark).
+//! - `scenario=grow size=SIZE`: allocates 1 MiB regions up to `size` whatever the balloon's
+//!   limit, touching each: with deflate-on-OOM the balloon gives way, without it the guest gets
+//!   ENOMEM at its limit. Reports what it got.
+
+use alloc::vec::Vec;
+
+use protocol::memcall::policy;
+use protocol::status;
+
+use super::Ctx;
+use crate::{arch, mem, notify, println};
+
+const CHUNK: u64 = 1 << 20;
+
+/// Allocates up to `size` in 1 MiB regions, writing every page; returns them and the status
+/// that stopped it (OK: all of it).
+fn take(size: u64) -> (Vec<u64>, u64) {
+    let mut vas = Vec::new();
+    while (vas.len() as u64) * CHUNK < size {
+        match mem::alloc(CHUNK, policy::LOCAL, 0, 0) {
+            Ok((va, _)) => {
+                for p in 0..CHUNK / 4096 {
+                    super::util::write(va + p * 4096, va + p);
+                }
+                vas.push(va);
+            }
+            Err(e) => return (vas, e.0),
+        }
+    }
+    (vas, status::OK)
+}
+
+fn give_back(vas: &[u64]) {
+    for &va in vas {
+        let _ = mem::free(va);
+    }
+}
+
+pub fn hold(ctx: &Ctx) {
+    if ctx.cpu != 0 {
+        return;
+    }
+    let size = ctx.args.num("size", 64 << 20).unwrap_or(64 << 20);
+    let seconds = ctx.args.num("seconds", 5).unwrap_or(5);
+    let (vas, st) = take(size);
+    println!("@result scenario=hold phase=holding mib={} status={st}", vas.len());
+    let shrink = ctx.args.num("shrink", 0).unwrap_or(0) != 0;
+    let khz = ctx.bi.tsc_khz.max(1);
+    let end = arch::rdtsc().saturating_add(seconds * khz * 1000);
+    let mut vas = vas;
+    let mut limit = notify::page().guest_limit_frames;
+    while arch::rdtsc() < end && !notify::shutdown_requested() {
+        let now = notify::page().guest_limit_frames;
+        if shrink && now < limit {
+            // Free whole chunks until the VMM's count of our frames fits the new limit.
+            while let Some(va) = vas.pop() {
+                let _ = mem::free(va);
+                let held = mem::stats(protocol::memcall::ALL_NODES).map_or(0, |s| super::util::data_frames(&s));
+                if held + 64 * 256 <= now {
+                    break;
+                }
+            }
+        }
+        limit = now;
+        arch::pause();
+    }
+    // Every page still holds what was written.
+    let intact = vas.iter().all(|&va| (0..CHUNK / 4096).all(|p| super::util::read(va + p * 4096) == va + p));
+    give_back(&vas);
+    println!("@result scenario=hold phase=done mib={} intact={}", vas.len(), u8::from(intact));
+    if !intact {
+        super::fail(protocol::exit::VERIFY_FAILED);
+    }
+}
+
+pub fn grow(ctx: &Ctx) {
+    if ctx.cpu != 0 {
+        return;
+    }
+    let size = ctx.args.num("size", 64 << 20).unwrap_or(64 << 20);
+    let limit_mib = notify::page().guest_limit_frames / 256;
+    let (vas, st) = take(size);
+    println!("@result scenario=grow mib={} limit_mib={limit_mib} enomem={}", vas.len(), u8::from(st == status::ENOMEM));
+    give_back(&vas);
+}
