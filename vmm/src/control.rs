@@ -130,6 +130,7 @@ impl Control for VmControl {
             reclaim_requests: notify.requests,
             reclaim_notifications: notify.deliveries,
             guest_report_age_ms: b.guest_report_age_ms,
+            last_inflate_us: b.last_inflate_us,
         }
     }
 

@@ -53,6 +53,8 @@ pub struct NotifyReport {
     pub refused: u64,
     /// From a request to the handler's entry.
     pub latency: LatencySummary,
+    /// From a request to the guest's NOTIFY_DONE (its handler ran).
+    pub handled_latency: LatencySummary,
 }
 
 /// The shared page and the guest's notification handler.
@@ -67,12 +69,15 @@ pub struct Notifier {
     seq: AtomicU64,
     delivered: AtomicU64,
     done: AtomicU64,
-    /// When the oldest request not yet delivered was made.
+    /// When the oldest request not yet delivered was made, and when the request delivered
+    /// last (not yet reported done) was.
     since: Mutex<Option<Instant>>,
+    handling: Mutex<Option<Instant>>,
     /// The vCPU threads, for kicks.
     threads: OnceLock<Vec<libc::pthread_t>>,
     pub counters: NotifyCounters,
     latency: Histogram,
+    handled: Histogram,
 }
 
 impl Notifier {
@@ -87,9 +92,11 @@ impl Notifier {
             delivered: AtomicU64::new(page.seq),
             done: AtomicU64::new(page.seq),
             since: Mutex::new(None),
+            handling: Mutex::new(None),
             threads: OnceLock::new(),
             counters: NotifyCounters::default(),
             latency: Histogram::default(),
+            handled: Histogram::default(),
         }
     }
 
@@ -176,9 +183,11 @@ impl Notifier {
         self.delivered.store(seq, Ordering::Release);
         if ok {
             self.counters.deliveries.inc();
-            if let Some(t) = lock(&self.since).take() {
-                self.latency.record(u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX));
+            let since = lock(&self.since).take();
+            if let Some(t) = since {
+                self.latency.record(nanos(t));
             }
+            *lock(&self.handling) = since;
         } else {
             // The guest will not hear of it: do not wait for its NOTIFY_DONE.
             self.done.store(seq, Ordering::Release);
@@ -191,6 +200,9 @@ impl Notifier {
         let seq = self.delivered.load(Ordering::Acquire);
         if seq & 0xffff_ffff == u64::from(seq32) && self.done.swap(seq, Ordering::AcqRel) != seq {
             self.counters.done.inc();
+            if let Some(t) = lock(&self.handling).take() {
+                self.handled.record(nanos(t));
+            }
         }
     }
 
@@ -207,8 +219,13 @@ impl Notifier {
             failed: c.failed.get(),
             refused: c.refused.get(),
             latency: self.latency.summary(),
+            handled_latency: self.handled.summary(),
         }
     }
+}
+
+fn nanos(since: Instant) -> u64 {
+    u64::try_from(since.elapsed().as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// Puts the balloon's figures into the shared page (`total_frames`: the guest's RAM).

@@ -58,13 +58,13 @@ pub fn hold(ctx: &Ctx) {
     while arch::rdtsc() < end && !notify::shutdown_requested() {
         let now = notify::page().guest_limit_frames;
         if shrink && now < limit {
-            // Free whole chunks until the VMM's count of our frames fits the new limit.
-            while let Some(va) = vas.pop() {
+            // Free whole chunks until the VMM's count of our frames fits the new limit, with
+            // 64 MiB to spare for what is not data (page tables, slabs).
+            let held = mem::stats(protocol::memcall::ALL_NODES).map_or(0, |s| super::util::data_frames(&s));
+            let over = (held + 64 * 256).saturating_sub(now);
+            for _ in 0..over.div_ceil(CHUNK / 4096) {
+                let Some(va) = vas.pop() else { break };
                 let _ = mem::free(va);
-                let held = mem::stats(protocol::memcall::ALL_NODES).map_or(0, |s| super::util::data_frames(&s));
-                if held + 64 * 256 <= now {
-                    break;
-                }
             }
         }
         limit = now;

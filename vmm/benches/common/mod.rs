@@ -1,5 +1,8 @@
 //! What the benchmarks that boot guests share: build the guest image and run one scenario.
 
+// Each benchmark uses part of this.
+#![allow(dead_code)]
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -13,13 +16,18 @@ pub fn build_guest() {
     assert!(ok.success(), "cannot build the guest");
 }
 
+/// The default guest image.
+pub fn guest_image() -> PathBuf {
+    repo().join("images/out/guest.elf")
+}
+
 /// Boots the default guest with `--memory memory` and `--guest-args guest_args`, and returns
 /// the result line of `scenario` from the stats.
 pub fn run_scenario(memory: &str, guest_args: &str, scenario: &str) -> serde_json::Value {
     let stats = std::env::temp_dir().join(format!("bench-{}-{scenario}.json", std::process::id()));
     let out = Command::new(env!("CARGO_BIN_EXE_vmm"))
         .args(["run", "--kernel"])
-        .arg(repo().join("images/out/guest.elf"))
+        .arg(guest_image())
         .args(["--memory", memory, "--guest-args", guest_args])
         .arg("--stats-file")
         .arg(&stats)

@@ -66,4 +66,7 @@ pub struct BalloonStatistics {
     pub reclaim_notifications: u64,
     /// Milliseconds since the guest last reported its statistics (`null`: never).
     pub guest_report_age_ms: Option<u64>,
+    /// Microseconds the last completed inflate took, from the new target to the balloon
+    /// holding all of it (`null`: none yet).
+    pub last_inflate_us: Option<u64>,
 }

@@ -387,7 +387,8 @@ impl MemoryManager {
     pub fn flush(&mut self) -> Result<(), MemoryError> {
         let (mut phys, space, _) = self.phys();
         space.flush(&mut phys)?;
-        self.frames.balloon_fill();
+        let lacking = self.frames.balloon_fill();
+        self.balloon.filled(lacking);
         let c = self.space.counters();
         if c.frames_freed - self.freed_at_trim.0 >= TRIM_AFTER_FRAMES
             || c.regions_freed - self.freed_at_trim.1 >= TRIM_AFTER_REGIONS

@@ -4,7 +4,7 @@
 //! `frames::balloon`). Asking the guest to give memory back is the VM's job (the shared page
 //! and its notification); this layer keeps the policy and the figures.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::config::BalloonConfig;
 use crate::memory::addr::PAGE_SIZE;
@@ -33,6 +33,10 @@ pub struct GuestReport {
 pub struct Balloon {
     config: BalloonConfig,
     guest: GuestReport,
+    /// When the inflate under way (a larger target not yet held) began.
+    inflating: Option<Instant>,
+    /// How long the last inflate took, from its target to the balloon holding all of it.
+    last_inflate: Option<Duration>,
 }
 
 /// The balloon's figures (the stats JSON's `balloon`).
@@ -49,6 +53,11 @@ pub struct BalloonSnapshot {
     pub guest_reports: u64,
     /// Milliseconds since the guest last reported (`None`: never).
     pub guest_report_age_ms: Option<u64>,
+    /// Microseconds the last completed inflate took, from the new target to the balloon
+    /// holding all of it (`None`: none completed yet).
+    pub last_inflate_us: Option<u64>,
+    /// Whether an inflate is under way (the guest holds frames the balloon wants).
+    pub inflating: bool,
 }
 
 impl Balloon {
@@ -61,10 +70,27 @@ impl Balloon {
             return Err(BalloonError::TooLarge { size: config.size, ram });
         }
         let want = config.size / PAGE_SIZE;
+        let before: u64 = frames.balloon_nodes().iter().map(|n| n.target_frames).sum();
         let sizes: Vec<u64> = frames.nodes().iter().map(|n| n.buddy.managed_pages()).collect();
-        frames.set_balloon(&shares(want, &sizes), config.deflate_on_oom);
+        let lacking = frames.set_balloon(&shares(want, &sizes), config.deflate_on_oom);
         self.config = config;
+        if want > before {
+            self.inflating.get_or_insert_with(Instant::now);
+        } else if want < before {
+            self.inflating = None;
+        }
+        self.filled(lacking);
         Ok(())
+    }
+
+    /// After the frames layer took what it could: `lacking` frames are still short of the
+    /// target. Ends the inflate under way when nothing is.
+    pub fn filled(&mut self, lacking: u64) {
+        if lacking == 0
+            && let Some(t) = self.inflating.take()
+        {
+            self.last_inflate = Some(t.elapsed());
+        }
     }
 
     /// The configuration in force (its size drops when deflate-on-OOM gives frames back).
@@ -92,6 +118,8 @@ impl Balloon {
             guest_lazy_faults: self.guest.lazy_faults,
             guest_reports: self.guest.reports,
             guest_report_age_ms: self.guest.at.map(|t| u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX)),
+            last_inflate_us: self.last_inflate.map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
+            inflating: self.inflating.is_some(),
         }
     }
 }
