@@ -15,7 +15,7 @@ guest: setup
 	./images/build.sh
 
 # Boot the default stress guest with the embedded default configuration.
-run: guest
+run: setup
 	$(CARGO) run --release -p vmm -- run
 
 test: guest

@@ -144,3 +144,25 @@ fn the_default_guest_runs_the_stress_job() {
         assert!(results.iter().all(|x| x["errors"] == 0), "{step}: {results:?}");
     }
 }
+
+#[test]
+fn the_binary_carries_the_default_guest_wherever_it_is_copied() {
+    // As after `cargo install` or a copy: another directory, another working directory, no
+    // --kernel, no source tree in sight.
+    let dir = common::scratch("installed");
+    std::fs::create_dir_all(&dir).unwrap();
+    let bin = dir.join("vmm");
+    std::fs::copy(common::vmm_bin(), &bin).unwrap();
+    let stats = dir.join("stats.json");
+    let out = std::process::Command::new(&bin)
+        .current_dir("/")
+        .args(["run", "--memory", "size=256M", "--guest-args", "scenario=boot", "--stats-file"])
+        .arg(&stats)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&stats).unwrap()).unwrap();
+    assert!(s["config"]["kernel"].as_str().unwrap().starts_with("(built-in default guest"), "{}", s["config"]);
+    assert!(s["guest"]["results"].as_array().unwrap().iter().any(|r| r["scenario"] == "boot"), "{s}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

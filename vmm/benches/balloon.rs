@@ -133,7 +133,14 @@ fn raw_dontneed(size: u64) -> Duration {
     let len = usize::try_from(size * MIB).expect("fits");
     // SAFETY: a fresh private anonymous mapping, ours alone; unmapped below.
     let p = unsafe {
-        libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
     };
     assert_ne!(p, libc::MAP_FAILED, "mmap");
     for off in (0..len).step_by(4096) {
@@ -261,7 +268,9 @@ fn latency_table(n: usize) {
         us(pct(&raw, 99)),
         us(*raw.last().expect("some"))
     );
-    for (name, guest) in [("spinning vCPUs (no exits)", "scenario=spin seconds=120"), ("cache workload", "scenario=cache seconds=120")] {
+    for (name, guest) in
+        [("spinning vCPUs (no exits)", "scenario=spin seconds=120"), ("cache workload", "scenario=cache seconds=120")]
+    {
         let (entry, handled) = notify_latencies(guest, n);
         for (what, l) in [("handler entered", entry), ("handler done", handled)] {
             let f = |k: &str| us(l[k].as_u64().unwrap_or(0));

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{ConfigError, VmConfig, VmConfigBuilder, parse_balloon_arg, parse_memory_arg};
+use crate::config::{ConfigError, Kernel, VmConfig, VmConfigBuilder, parse_balloon_arg, parse_memory_arg};
 
 #[derive(Debug, Parser)]
 #[command(name = "vmm", version, about = "A KVM microVM memory manager")]
@@ -64,7 +64,7 @@ pub enum BalloonCommand {
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// Guest ELF image [default: the built default guest in images/]
+    /// Guest ELF image [default: the default guest built into vmm]
     #[arg(long, value_name = "PATH")]
     pub kernel: Option<PathBuf>,
     /// Guest RAM: size=SIZE[,fault-around=SIZE][,fault-around-max=SIZE][,backing=uffd|demand][,huge-leaves=auto|on|off]
@@ -103,7 +103,7 @@ pub struct RunArgs {
 
 impl RunArgs {
     /// Parses and validates the arguments into a configuration.
-    pub fn into_config(self, default_kernel: PathBuf) -> Result<VmConfig, ConfigError> {
+    pub fn into_config(self, default_kernel: Kernel) -> Result<VmConfig, ConfigError> {
         let builder = VmConfigBuilder {
             kernel: self.kernel,
             memory: self.memory.as_deref().map(parse_memory_arg).transpose()?.unwrap_or_default(),

@@ -1,7 +1,6 @@
 //! `vmm`: boots a guest and exits with its status. Every failure is one line on stderr and a
 //! distinct exit code (see `vmm::exit_code`).
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
@@ -9,13 +8,12 @@ use anyhow::Context;
 use clap::Parser;
 
 use vmm::cli::{Cli, Command};
+use vmm::config::Kernel;
 use vmm::exit_code;
 use vmm::vm::{Ending, Vm};
 
-/// Where `images/build.sh` puts the default guest.
-fn default_kernel() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../images/out/guest.elf")
-}
+/// The default guest, built by build.rs and carried inside the binary.
+static DEFAULT_GUEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/guest.elf"));
 
 fn main() -> ExitCode {
     let start = Instant::now();
@@ -43,7 +41,7 @@ fn main() -> ExitCode {
         .format_timestamp(None)
         .init();
 
-    let cfg = match args.into_config(default_kernel()) {
+    let cfg = match args.into_config(Kernel::Embedded(DEFAULT_GUEST)) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("vmm: error: {e}");

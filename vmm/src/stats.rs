@@ -156,7 +156,7 @@ pub struct Sources<'a> {
 /// The stats JSON's `config` section (also `GET /vm`'s).
 pub fn config_info(cfg: &VmConfig, ranges: &[RamRange]) -> ConfigInfo {
     ConfigInfo {
-        kernel: cfg.kernel.display().to_string(),
+        kernel: cfg.kernel.to_string(),
         memory: cfg.memory,
         cpus: cfg.cpus,
         seed: cfg.seed,

@@ -7,6 +7,7 @@
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
+use std::os::fd::FromRawFd;
 use std::path::{Path, PathBuf};
 
 use linux_loader::elf::{EM_X86_64, Elf64_Ehdr, Elf64_Phdr, PF_W, PF_X, PT_LOAD};
@@ -102,8 +103,28 @@ pub struct LoadedImage {
 impl Image {
     /// Opens and validates `path`.
     pub fn open(path: &Path) -> Result<Image, ImageError> {
+        let file = File::open(path).map_err(|source| ImageError::Open { path: path.to_path_buf(), source })?;
+        Image::from_file(file, path)
+    }
+
+    /// Validates an image held in memory (the built-in default guest); `name` stands for its
+    /// path in errors.
+    pub fn from_bytes(name: &Path, bytes: &[u8]) -> Result<Image, ImageError> {
+        let open = |source| ImageError::Open { path: name.to_path_buf(), source };
+        // SAFETY: memfd_create with a constant name and flags; the fd is owned below.
+        let fd = unsafe { libc::memfd_create(c"vmm-guest-image".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(open(std::io::Error::last_os_error()));
+        }
+        // SAFETY: a fresh descriptor nothing else owns.
+        let mut file = File::from(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) });
+        std::io::Write::write_all(&mut file, bytes).and_then(|()| file.rewind()).map_err(open)?;
+        Image::from_file(file, name)
+    }
+
+    /// Validates the image in `file` (read from its start); `path` names it in errors.
+    fn from_file(mut file: File, path: &Path) -> Result<Image, ImageError> {
         let p = || path.to_path_buf();
-        let mut file = File::open(path).map_err(|source| ImageError::Open { path: p(), source })?;
         let file_len = file.metadata().map_err(|source| ImageError::Read { path: p(), source })?.len();
         let mut ehdr = Elf64_Ehdr::default();
         if file_len < size_of::<Elf64_Ehdr>() as u64 {

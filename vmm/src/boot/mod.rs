@@ -18,7 +18,7 @@ use protocol::layout::{
 use protocol::shared::{SHARED_MAGIC, SharedPage};
 use protocol::{BOOT_MAGIC, BOOT_VERSION, BootInfo, MAX_NODES, MAX_RANGES_PER_NODE, MAX_VCPUS, MemRange, NodeInfo};
 
-use crate::config::VmConfig;
+use crate::config::{Kernel, VmConfig};
 use crate::memory::addr::{Gva, NodeId, PAGE_SIZE};
 use crate::memory::space::pagetable::PteFlags;
 use crate::memory::{MemoryError, MemoryManager};
@@ -71,8 +71,11 @@ const IDT_OFFSET: u64 = GDT_PAGES * PAGE_SIZE;
 const TSS_OFFSET: u64 = IDT_OFFSET + PAGE_SIZE;
 
 /// Opens and validates the guest image (before any VM resources are created).
-pub fn open_image(path: &Path) -> Result<Image, ImageError> {
-    Image::open(path)
+pub fn open_image(kernel: &Kernel) -> Result<Image, ImageError> {
+    match kernel {
+        Kernel::Path(path) => Image::open(path),
+        Kernel::Embedded(bytes) => Image::from_bytes(Path::new("(built-in default guest)"), bytes),
+    }
 }
 
 /// Builds the guest's memory: image, system tables, BootInfo, per-vCPU areas and stacks.

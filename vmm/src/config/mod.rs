@@ -102,11 +102,29 @@ pub enum ConfigError {
     EmptyApiSocket,
 }
 
+/// The guest image to boot.
+#[derive(Clone, Debug)]
+pub enum Kernel {
+    /// An ELF file (`--kernel PATH`).
+    Path(PathBuf),
+    /// An image carried inside the `vmm` binary (the default guest).
+    Embedded(&'static [u8]),
+}
+
+impl std::fmt::Display for Kernel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Kernel::Path(p) => write!(f, "{}", p.display()),
+            Kernel::Embedded(bytes) => write!(f, "(built-in default guest, {} KiB)", bytes.len() / 1024),
+        }
+    }
+}
+
 /// The validated VM configuration handed to the VMM.
 #[derive(Clone, Debug)]
 pub struct VmConfig {
     /// Guest ELF image.
-    pub kernel: PathBuf,
+    pub kernel: Kernel,
     /// Guest RAM in bytes (sum of the node sizes).
     pub memory: u64,
     /// Bytes installed per second-level fault (the base window).
@@ -156,7 +174,7 @@ pub struct VmConfigBuilder {
 impl VmConfigBuilder {
     /// Checks every rule that needs no host access and fills in defaults.
     /// `default_kernel` is used when no `--kernel` was given.
-    pub fn validate(self, default_kernel: PathBuf) -> Result<VmConfig, ConfigError> {
+    pub fn validate(self, default_kernel: Kernel) -> Result<VmConfig, ConfigError> {
         let guest_args = self.guest_args.unwrap_or_else(|| DEFAULT_GUEST_ARGS.to_string());
         if guest_args.len() > MAX_GUEST_ARGS {
             return Err(ConfigError::GuestArgsTooLong(guest_args.len()));
@@ -205,7 +223,7 @@ impl VmConfigBuilder {
             return Err(ConfigError::EmptyApiSocket);
         }
         Ok(VmConfig {
-            kernel: self.kernel.unwrap_or(default_kernel),
+            kernel: self.kernel.map_or(default_kernel, Kernel::Path),
             memory,
             fault_around: self.memory.fault_around.unwrap_or(DEFAULT_FAULT_AROUND),
             fault_around_max: {
@@ -269,7 +287,7 @@ mod tests {
             distances: dist.iter().map(|s| s.parse().unwrap()).collect(),
             ..Default::default()
         };
-        b.validate(PathBuf::from("k"))
+        b.validate(Kernel::Path("k".into()))
     }
 
     #[test]
@@ -371,7 +389,7 @@ mod tests {
             memory: parse_memory_arg("fault-around=64K,fault-around-max=16K").unwrap(),
             ..Default::default()
         };
-        assert!(small.validate("k".into()).is_err());
+        assert!(small.validate(Kernel::Path("k".into())).is_err());
         assert_eq!(parse_memory_arg("huge-leaves=on").unwrap().huge_leaves, Some(HugeLeaves::On));
         assert!(parse_memory_arg("huge-leaves=maybe").is_err());
         assert!(parse_memory_arg("fault-around=3K").is_err());
@@ -379,8 +397,8 @@ mod tests {
         assert!(parse_memory_arg("backing=swap").is_err());
         assert!(parse_memory_arg("size=1G,size=2G").is_err());
         let long = VmConfigBuilder { guest_args: Some("x".repeat(MAX_GUEST_ARGS + 1)), ..Default::default() };
-        assert!(matches!(long.validate("k".into()), Err(ConfigError::GuestArgsTooLong(_))));
+        assert!(matches!(long.validate(Kernel::Path("k".into())), Err(ConfigError::GuestArgsTooLong(_))));
         let seeded = VmConfigBuilder { guest_args: Some("scenario=x seed=42".into()), ..Default::default() };
-        assert_eq!(seeded.validate("k".into()).unwrap().seed, 42);
+        assert_eq!(seeded.validate(Kernel::Path("k".into())).unwrap().seed, 42);
     }
 }
