@@ -21,6 +21,7 @@ mod slabcheck;
 mod stress;
 mod touch;
 pub mod util;
+mod workingset;
 mod workload;
 mod xmalloc;
 
@@ -96,6 +97,7 @@ pub fn run(cpu: u32, bi: &'static BootInfo) -> ! {
         "grow" => balloon::grow(&ctx),
         "slabcheck" => slabcheck::run(&ctx),
         "fastpath" => fastpath::run(&ctx),
+        "workingset" => workingset::run(&ctx),
         // Every vCPU computes without an exit: for `seconds=N` (0: forever).
         "spin" => spin(&ctx),
         // Exits at once with `status=N`, whatever it is (the VMM judges it).
