@@ -185,3 +185,28 @@ fn bad_memory_calls_get_error_codes_and_change_nothing() {
     assert_eq!(stats["memory"]["invariants"], "ok");
     assert!(n(&stats["memcalls"], "bad_batches") == 2 && n(&stats["memcalls"], "unknown_ops") == 1);
 }
+
+#[test]
+fn workingset_verifies_every_page_on_two_vcpus() {
+    let r = run(&["--cpus", "2", "--guest-args", "scenario=workingset size=64M seconds=2 zero=10 seed=31"]);
+    r.assert_ok();
+    let results = r.results();
+    // 64 MiB split between two vCPUs: 8192 pages each.
+    let share = (64u64 << 20) / 4096 / 2;
+    for cpu in 0..2u64 {
+        let of = |scenario: &str| -> Vec<&Value> {
+            results.iter().filter(|x| x["scenario"] == scenario && x["cpu"] == cpu).collect()
+        };
+        let fin: Vec<&Value> = of("workingset").into_iter().filter(|x| x.get("verified_pages").is_some()).collect();
+        assert_eq!(fin.len(), 1, "cpu {cpu}: {}", r.stdout);
+        let x = fin[0];
+        assert_eq!(n(x, "errors"), 0, "{x}");
+        assert_eq!(n(x, "pages"), share, "{x}");
+        assert_eq!(n(x, "verified_pages"), share, "{x}");
+        assert!(n(x, "ops") > 1000 && n(x, "reads") > 0 && n(x, "writes") > 0, "{x}");
+        // About 10% zero pages, and they verified as zero.
+        assert!((share / 20..share / 5).contains(&n(x, "zero_pages")), "{x}");
+        assert!(!of("workingset-tick").is_empty(), "cpu {cpu}: no tick\n{}", r.stdout);
+    }
+    assert!(!results.iter().any(|x| x.get("error").is_some()), "{}", r.stdout);
+}
