@@ -5,7 +5,9 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{ConfigError, Kernel, VmConfig, VmConfigBuilder, parse_balloon_arg, parse_memory_arg};
+use crate::config::{
+    ConfigError, Kernel, VmConfig, VmConfigBuilder, parse_balloon_arg, parse_memory_arg, parse_swap_arg,
+};
 
 #[derive(Debug, Parser)]
 #[command(name = "vmm", version, about = "A KVM microVM memory manager")]
@@ -99,6 +101,10 @@ pub struct RunArgs {
     /// Serve the control API (HTTP/1.1, JSON) on this Unix socket
     #[arg(long = "api-socket", value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
+    /// Host-side swap: limit=SIZE[,dir=DIR][,file-max=SIZE][,compress=lz4|off][,pool=SIZE]
+    /// [default: off; dir=$TMPDIR or /var/tmp, file-max=guest RAM, compress=lz4, pool=limit/5]
+    #[arg(long, value_name = "limit=SIZE,...")]
+    pub swap: Option<String>,
 }
 
 impl RunArgs {
@@ -115,6 +121,7 @@ impl RunArgs {
             verbose: self.verbose,
             seccomp: self.seccomp,
             balloon: self.balloon.as_deref().map(parse_balloon_arg).transpose()?,
+            swap: self.swap.as_deref().map(parse_swap_arg).transpose()?,
             api_socket: self.api_socket,
         };
         builder.validate(default_kernel)

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use protocol::PAGE_SIZE;
 
-use crate::api::{BalloonPatch, BalloonStatistics, BalloonView, Control, NodeBalloon};
+use crate::api::{BalloonPatch, BalloonStatistics, BalloonView, Control, NodeBalloon, SwapPatch};
 use crate::config::{BalloonConfig, MAX_STATS_INTERVAL_S};
 use crate::notify::balloon_fields;
 use crate::shared::VmShared;
@@ -26,6 +26,7 @@ pub fn stats(shared: &VmShared, exit: Option<ExitInfo>) -> Stats {
         invariants: check.then(|| mm.check_invariants().err().unwrap_or_else(|| "ok".to_string())),
         memcalls: shared.memcalls.report(),
         notify: shared.notifier.report(),
+        swapper: shared.swapper.as_ref().map(|s| s.report()),
         results: shared.results(),
     })
 }
@@ -50,6 +51,8 @@ impl std::fmt::Debug for VmControl {
 }
 
 const MIB: u64 = 1 << 20;
+/// The answer to swap requests when swap is off.
+const SWAP_OFF: &str = "swap is off (start the VMM with --swap limit=SIZE)";
 
 impl Control for VmControl {
     fn vm(&self) -> serde_json::Value {
@@ -105,6 +108,10 @@ impl Control for VmControl {
             (mm.balloon(), mm.frames().snapshot())
         };
         let notify = self.shared.notifier.report();
+        let (swap_in, swap_out) = self.shared.swapper.as_ref().map_or((0, 0), |s| {
+            let c = &s.store().counters;
+            (c.pages_in.get(), c.pages_out.get())
+        });
         let free = frames.nodes.iter().map(|n| n.frames_free).sum::<u64>() * PAGE_SIZE;
         let total = frames.nodes.iter().map(|n| n.frames_total).sum::<u64>() * PAGE_SIZE;
         BalloonStatistics {
@@ -112,9 +119,9 @@ impl Control for VmControl {
             actual_pages: b.actual_frames,
             target_mib: b.target_frames * PAGE_SIZE / MIB,
             actual_mib: b.actual_frames * PAGE_SIZE / MIB,
-            swap_in: 0,
-            swap_out: 0,
-            major_faults: 0,
+            swap_in,
+            swap_out,
+            major_faults: swap_in,
             minor_faults: b.guest_lazy_faults,
             free_memory: free,
             total_memory: total,
@@ -136,5 +143,36 @@ impl Control for VmControl {
 
     fn shutdown(&self) {
         (self.shutdown)();
+    }
+
+    fn swap(&self) -> serde_json::Value {
+        let Some(swapper) = &self.shared.swapper else { return serde_json::json!({ "enabled": false }) };
+        let snapshot = self.shared.mm().snapshot().swap;
+        let mut v = serde_json::to_value(snapshot).unwrap_or_default();
+        if let serde_json::Value::Object(m) = &mut v {
+            m.insert("enabled".into(), true.into());
+            m.insert("limit_mib".into(), (swapper.store().limit() / MIB).into());
+            if let Ok(serde_json::Value::Object(r)) = serde_json::to_value(swapper.report()) {
+                m.extend(r);
+            }
+        }
+        v
+    }
+
+    fn set_swap(&self, patch: SwapPatch) -> Result<(), String> {
+        let swapper = self.shared.swapper.as_ref().ok_or(SWAP_OFF)?;
+        let mib = patch.limit_mib.ok_or("nothing to change: give limit_mib")?;
+        let limit = mib.checked_mul(MIB).ok_or_else(|| format!("limit_mib {mib} is too large"))?;
+        swapper.set_limit(limit)
+    }
+
+    fn swap_action(&self, out: bool) -> Result<(), String> {
+        let swapper = self.shared.swapper.as_ref().ok_or(SWAP_OFF)?;
+        if out {
+            swapper.request_out();
+        } else {
+            swapper.request_in();
+        }
+        Ok(())
     }
 }

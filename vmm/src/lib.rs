@@ -21,6 +21,7 @@ pub mod seccomp;
 pub mod shared;
 pub mod signals;
 pub mod stats;
+pub mod swapper;
 pub mod sync;
 pub mod vcpu;
 pub mod vm;

@@ -57,11 +57,19 @@ pub enum ThreadKind {
     Signals = 4,
     /// The control API's server.
     Api = 5,
+    /// The swapper (host-side swap's evictions).
+    Swapper = 6,
 }
 
 impl ThreadKind {
-    const ALL: [ThreadKind; 5] =
-        [ThreadKind::Main, ThreadKind::Vcpu, ThreadKind::Fault, ThreadKind::Signals, ThreadKind::Api];
+    const ALL: [ThreadKind; 6] = [
+        ThreadKind::Main,
+        ThreadKind::Vcpu,
+        ThreadKind::Fault,
+        ThreadKind::Signals,
+        ThreadKind::Api,
+        ThreadKind::Swapper,
+    ];
 
     /// The name used in messages.
     pub fn name(self) -> &'static str {
@@ -71,6 +79,7 @@ impl ThreadKind {
             ThreadKind::Fault => "fault handler",
             ThreadKind::Signals => "signals",
             ThreadKind::Api => "API",
+            ThreadKind::Swapper => "swapper",
         }
     }
 
@@ -121,6 +130,8 @@ const COMMON: &[libc::c_long] = &[
     libc::SYS_restart_syscall,
     // A panic's report reads the working directory.
     libc::SYS_getcwd,
+    // Swap's figures: how much of its location table has memory.
+    libc::SYS_mincore,
     libc::SYS_exit,
     libc::SYS_exit_group,
 ];
@@ -142,7 +153,26 @@ fn allowed(kind: ThreadKind) -> (Vec<libc::c_long>, Vec<u64>) {
             v.extend(uffd_ioctls());
             v
         }
-        ThreadKind::Fault => uffd_ioctls(),
+        // Swap-ins read the swap file (buffered files drop their cached pages after).
+        ThreadKind::Fault => {
+            calls.extend([libc::SYS_pread64, libc::SYS_preadv, libc::SYS_fadvise64]);
+            uffd_ioctls()
+        }
+        // Evictions move pages out of guest RAM and write them; PUT /swap/in reads them back.
+        ThreadKind::Swapper => {
+            calls.extend([
+                libc::SYS_pread64,
+                libc::SYS_preadv,
+                libc::SYS_pwrite64,
+                libc::SYS_pwritev,
+                libc::SYS_fadvise64,
+                libc::SYS_sync_file_range,
+                libc::SYS_fdatasync,
+            ]);
+            let mut v = uffd_ioctls();
+            v.push(uffd::UFFDIO_MOVE());
+            v
+        }
         ThreadKind::Main => {
             // Kicking vCPU threads out of KVM_RUN; removing the API socket at exit.
             calls.extend([libc::SYS_tgkill, libc::SYS_rt_sigaction, libc::SYS_unlink, libc::SYS_unlinkat]);
@@ -227,6 +257,7 @@ fn self_test(kind: ThreadKind) {
         ThreadKind::Fault => "fault",
         ThreadKind::Signals => "signals",
         ThreadKind::Api => "api",
+        ThreadKind::Swapper => "swapper",
     };
     if wanted.as_deref() == Some(name) {
         // SAFETY: socket(2) with constant arguments; it is meant to be refused.

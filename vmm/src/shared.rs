@@ -16,6 +16,7 @@ use crate::memory::MemoryManager;
 use crate::memory::backing::ram::GuestRam;
 use crate::metrics::{Counter, Timing};
 use crate::notify::Notifier;
+use crate::swapper::Swapper;
 use crate::sync::lock;
 
 /// Exit counts by kind.
@@ -69,6 +70,8 @@ pub struct VmShared {
     pub memcalls: MemCallCounters,
     /// The shared page and the guest's notification handler.
     pub notifier: Notifier,
+    /// Host-side swap's thread, when swap is on.
+    pub swapper: Option<Arc<Swapper>>,
     pub nr_vcpus: u32,
     /// Set when the VM is being stopped: vCPUs leave their run loop at their next exit.
     stop: AtomicBool,
@@ -88,6 +91,7 @@ impl VmShared {
         exec_ranges: Vec<(u64, u64)>,
         idt_gpa: GuestAddress,
         notifier: Notifier,
+        swapper: Option<Arc<Swapper>>,
         nr_vcpus: u32,
     ) -> Self {
         VmShared {
@@ -102,6 +106,7 @@ impl VmShared {
             idt_gpa,
             memcalls: MemCallCounters::default(),
             notifier,
+            swapper,
             nr_vcpus,
             stop: AtomicBool::new(false),
             results: Mutex::new(ResultLog::default()),

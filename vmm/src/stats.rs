@@ -15,12 +15,14 @@ use crate::memcall::MemCallReport;
 use crate::memory::backing::fault::FaultReport;
 use crate::memory::frames::NodeStats;
 use crate::memory::reclaim::balloon::BalloonSnapshot;
+use crate::memory::reclaim::swap::SwapSnapshot;
 use crate::memory::slab::SlabSnapshot;
 use crate::memory::space::SpaceCounters;
 use crate::memory::{MemorySnapshot, TrimCounters};
 use crate::metrics::{Timing, micros};
 use crate::notify::NotifyReport;
 use crate::shared::ExitCounts;
+use crate::swapper::SwapperReport;
 
 /// Bumped when a field changes meaning (never for additions).
 pub const STATS_VERSION: u32 = 1;
@@ -42,7 +44,18 @@ pub struct Stats {
     pub balloon: BalloonSnapshot,
     /// Notifications to the guest (the shared page changed).
     pub notify: NotifyReport,
+    /// Host-side swap (`null` when it is off).
+    pub swap: Option<SwapStats>,
     pub guest: GuestInfo,
+}
+
+/// The stats JSON's `swap`: the store's and the clock's figures, and what the swapper does.
+#[derive(Debug, Serialize)]
+pub struct SwapStats {
+    #[serde(flatten)]
+    pub swap: SwapSnapshot,
+    #[serde(flatten)]
+    pub swapper: SwapperReport,
 }
 
 #[derive(Debug, Serialize)]
@@ -149,6 +162,7 @@ pub struct Sources<'a> {
     pub invariants: Option<String>,
     pub memcalls: MemCallReport,
     pub notify: NotifyReport,
+    pub swapper: Option<SwapperReport>,
     /// The kept result lines, and how many were dropped per scenario.
     pub results: (Vec<String>, BTreeMap<String, u64>),
 }
@@ -222,6 +236,7 @@ pub fn assemble(src: Sources<'_>) -> Stats {
         slab: m.slab,
         balloon: m.balloon,
         notify: src.notify,
+        swap: m.swap.zip(src.swapper).map(|(swap, swapper)| SwapStats { swap, swapper }),
         guest: GuestInfo {
             results: src.results.0.iter().map(|l| parse_result(l)).collect(),
             results_dropped: src.results.1,
@@ -309,6 +324,27 @@ pub fn table(s: &Stats) -> String {
         s.memory.counters.space.discard_calls,
         s.memory.counters.space.invalidations
     );
+    if let Some(w) = &s.swap {
+        let st = &w.swap.store;
+        let _ = writeln!(
+            out,
+            "swap ({:?}): limit {} MiB, resident {} MiB; {} out, {} in ({} refaults, p50 {} us, p99 {} us); {} zero, {} clean; pool {} pages in {} KiB; file {} pages, {} MiB written",
+            w.swapper.state,
+            st.limit_bytes >> 20,
+            st.resident_bytes >> 20,
+            st.pages_out,
+            st.pages_in,
+            st.refaults,
+            st.swap_in_latency.p50_ns / 1000,
+            st.swap_in_latency.p99_ns / 1000,
+            st.zero_pages,
+            st.clean_drops,
+            st.compressed_pages,
+            st.pool_bytes >> 10,
+            st.file_pages,
+            st.file_written_bytes >> 20
+        );
+    }
     let _ = write!(
         out,
         "time: first guest exit {} us, total {} us",

@@ -22,6 +22,8 @@ use crate::memory::backing::BackingError;
 use crate::memory::backing::fault::FaultError;
 use crate::memory::backing::fault::FaultHandler;
 use crate::memory::backing::ram::RamError;
+use crate::memory::backing::swap::SwapError;
+use crate::memory::backing::swap::file::SwapFileError;
 use crate::memory::backing::uffd::UffdError;
 use crate::memory::{MemoryError, MemoryManager};
 use crate::metrics::Timing;
@@ -30,6 +32,7 @@ use crate::seccomp::{self, SeccompError, ThreadKind};
 use crate::shared::VmShared;
 use crate::signals::Request;
 use crate::stats::{ExitInfo, Stats};
+use crate::swapper::{Swapper, SwapperError};
 use crate::sync::ThreadInit;
 use crate::sync::lock;
 use crate::vcpu::{self, Vcpu, VcpuEnd, VcpuError};
@@ -85,6 +88,9 @@ impl VmError {
             | VmError::Api(ApiError::InUse(_) | ApiError::NotASocket(_) | ApiError::Bind { .. })
             | VmError::Memory(MemoryError::Backing(BackingError::Ram(
                 RamError::Map { .. } | RamError::NoHostNode { .. },
+            )))
+            | VmError::Memory(MemoryError::Backing(BackingError::Swap(
+                SwapError::NoMove | SwapError::File(SwapFileError::Create { .. }),
             ))) => exit_code::USAGE,
             VmError::Image(_) | VmError::Boot(BootError::Image(_)) => exit_code::BAD_IMAGE,
             VmError::StatsFile { .. } => exit_code::IO,
@@ -106,6 +112,8 @@ pub enum VmEvent {
     GraceOver,
     /// A fault handler thread failed.
     FaultFailed(FaultError),
+    /// The swapper failed.
+    SwapFailed(SwapperError),
 }
 
 /// How long a guest asked to finish (SIGTERM, SIGINT, the shutdown action) has before the VMM
@@ -271,6 +279,10 @@ impl Vm {
             Backing::Demand => None,
             Backing::Uffd => Some(mm.enable_userfaultfd()?),
         };
+        let swapper = match (&cfg.swap, &faults) {
+            (Some(sc), Some(handler)) => Some(Arc::new(Swapper::new(mm.enable_swap(handler, sc)?, sc.clone()))),
+            _ => None,
+        };
         let (tx, rx) = channel();
         let balloon = mm.configure_balloon(cfg.balloon)?;
         let mut page = SharedPage { magic: SHARED_MAGIC, ..SharedPage::default() };
@@ -286,6 +298,7 @@ impl Vm {
             boot.exec_ranges.clone(),
             boot.idt_gpa,
             notifier,
+            swapper,
             cfg.cpus,
         ));
         let mut vcpus = Vec::with_capacity(fds.len());
@@ -310,6 +323,14 @@ impl Vm {
             let events = self.sender.clone();
             let threads = (self.cfg.cpus as usize).clamp(1, 4);
             f.spawn(threads, filter(ThreadKind::Fault), Arc::new(move |e| events.send(VmEvent::FaultFailed(e))))
+                .map_err(VmError::Thread)?;
+        }
+        if let Some(s) = &self.shared.swapper {
+            let events = self.sender.clone();
+            Arc::clone(s)
+                .spawn(Arc::clone(&self.shared), filter(ThreadKind::Swapper), move |e| {
+                    events.send(VmEvent::SwapFailed(e));
+                })
                 .map_err(VmError::Thread)?;
         }
         for v in self.vcpus.drain(..) {
@@ -371,8 +392,17 @@ impl Vm {
                     let code = if e.is_guest_error() { exit_code::GUEST_MEMORY } else { exit_code::SOFTWARE };
                     break Ending::Fatal { code, message: format!("fault handler: {}", crate::error_chain(&e)) };
                 }
+                VmEvent::SwapFailed(e) => {
+                    break Ending::Fatal {
+                        code: exit_code::SOFTWARE,
+                        message: format!("swap: {}", crate::error_chain(&e)),
+                    };
+                }
             }
         };
+        if let Some(s) = &self.shared.swapper {
+            s.stop();
+        }
         drop(signals);
         let stats = self.stats(Some(&ending));
         Ok((ending, stats))

@@ -16,7 +16,7 @@ mod types;
 use std::time::Duration;
 
 pub use server::ApiServer;
-pub use types::{ActionRequest, BalloonPatch, BalloonStatistics, BalloonView, NodeBalloon};
+pub use types::{ActionRequest, BalloonPatch, BalloonStatistics, BalloonView, NodeBalloon, SwapPatch};
 
 /// Connections served at once.
 pub const MAX_CONNECTIONS: usize = 32;
@@ -59,4 +59,10 @@ pub trait Control: Send + Sync + 'static {
     fn balloon_statistics(&self) -> BalloonStatistics;
     /// `PUT /actions` `{"action_type": "Shutdown"}`.
     fn shutdown(&self);
+    /// `GET /swap`: state and figures (`{"enabled": false}` when swap is off).
+    fn swap(&self) -> serde_json::Value;
+    /// `PATCH /swap`: `Err` is a message for a 400.
+    fn set_swap(&self, patch: SwapPatch) -> Result<(), String>;
+    /// `PUT /swap/out` (`out`) or `PUT /swap/in`: `Err` is a message for a 400.
+    fn swap_action(&self, out: bool) -> Result<(), String>;
 }

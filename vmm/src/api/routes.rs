@@ -6,7 +6,7 @@ use hyper::{Method, Response, StatusCode};
 use serde::Serialize;
 
 use super::Control;
-use super::types::{ActionRequest, BalloonPatch};
+use super::types::{ActionRequest, BalloonPatch, SwapPatch};
 
 /// A response with a JSON body (or none).
 pub(super) fn json(status: StatusCode, body: Option<Vec<u8>>) -> Response<Full<Bytes>> {
@@ -100,6 +100,27 @@ pub(super) fn route(method: &Method, path: &str, body: &[u8], control: &dyn Cont
                     other => fault(StatusCode::BAD_REQUEST, format!("unknown action_type `{other}` (known: Shutdown)")),
                 }
             }
+            _ => method_not_allowed("PUT"),
+        },
+        "/swap" => match *method {
+            Method::GET => ok(&control.swap()),
+            Method::PATCH => {
+                let patch: SwapPatch = match parse(body) {
+                    Ok(p) => p,
+                    Err(m) => return fault(StatusCode::BAD_REQUEST, m),
+                };
+                match control.set_swap(patch) {
+                    Ok(()) => no_content(),
+                    Err(m) => fault(StatusCode::BAD_REQUEST, m),
+                }
+            }
+            _ => method_not_allowed("GET, PATCH"),
+        },
+        "/swap/out" | "/swap/in" => match *method {
+            Method::PUT => match control.swap_action(path == "/swap/out") {
+                Ok(()) => no_content(),
+                Err(m) => fault(StatusCode::BAD_REQUEST, m),
+            },
             _ => method_not_allowed("PUT"),
         },
         _ => fault(StatusCode::NOT_FOUND, format!("no resource at {path}")),

@@ -19,6 +19,13 @@ pub struct BalloonPatch {
     pub stats_polling_interval_s: Option<u64>,
 }
 
+/// `PATCH /swap`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SwapPatch {
+    pub limit_mib: Option<u64>,
+}
+
 /// `PUT /actions`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -8,6 +8,7 @@ mod balloon;
 mod memory;
 mod numa;
 mod size;
+mod swap;
 
 use std::path::PathBuf;
 
@@ -17,6 +18,9 @@ pub use balloon::{BalloonConfig, MAX_STATS_INTERVAL_S, parse_balloon_arg};
 pub use memory::{Backing, HugeLeaves, MemoryArg, parse_memory_arg};
 pub use numa::{DistanceSpec, HostBinding, HostPolicy, NumaConfig, NumaNode, NumaNodeSpec, parse_cpu_list};
 pub use size::ByteSize;
+pub use swap::{
+    MIN_SWAP_LIMIT, SwapConfig, SwapPolicy, check_limit as check_swap_limit, default_swap_dir, parse_swap_arg,
+};
 
 const _: () = assert!(MAX_VCPUS <= MAX_CPUS_ANY_HOST as usize);
 
@@ -98,6 +102,10 @@ pub enum ConfigError {
     InvalidBalloon { spec: String, reason: String },
     #[error("--balloon size {size} is larger than the guest's {memory} bytes of RAM")]
     BalloonTooLarge { size: u64, memory: u64 },
+    #[error("invalid --swap `{spec}`: {reason}")]
+    InvalidSwap { spec: String, reason: String },
+    #[error("--swap needs userfaultfd: it cannot be used with --memory backing=demand")]
+    SwapNeedsUffd,
     #[error("--api-socket: the path is empty")]
     EmptyApiSocket,
 }
@@ -150,6 +158,8 @@ pub struct VmConfig {
     pub seccomp: bool,
     /// The balloon at boot.
     pub balloon: BalloonConfig,
+    /// Host-side swap (`None`: off).
+    pub swap: Option<SwapConfig>,
     /// Where the control API listens.
     pub api_socket: Option<PathBuf>,
 }
@@ -168,6 +178,7 @@ pub struct VmConfigBuilder {
     /// `--seccomp on|off`.
     pub seccomp: Option<String>,
     pub balloon: Option<BalloonConfig>,
+    pub swap: Option<SwapConfig>,
     pub api_socket: Option<PathBuf>,
 }
 
@@ -222,6 +233,10 @@ impl VmConfigBuilder {
         if self.api_socket.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
             return Err(ConfigError::EmptyApiSocket);
         }
+        let backing = self.memory.backing.unwrap_or(Backing::Uffd);
+        if self.swap.is_some() && backing == Backing::Demand {
+            return Err(ConfigError::SwapNeedsUffd);
+        }
         Ok(VmConfig {
             kernel: self.kernel.map_or(default_kernel, Kernel::Path),
             memory,
@@ -237,7 +252,7 @@ impl VmConfigBuilder {
                 }
                 max
             },
-            backing: self.memory.backing.unwrap_or(Backing::Uffd),
+            backing,
             huge_leaves: self.memory.huge_leaves.unwrap_or(HugeLeaves::Auto),
             cpus,
             numa,
@@ -251,6 +266,7 @@ impl VmConfigBuilder {
                 Some(other) => return Err(ConfigError::InvalidSeccomp(other.to_string())),
             },
             balloon,
+            swap: self.swap,
             api_socket: self.api_socket,
         })
     }

@@ -5,6 +5,7 @@
 //!
 //! ```text
 //!   MemoryManager (this file): a thin facade, the only type the VM sees
+//!     reclaim/  taking memory back: the balloon, host-side swap's policy
 //!     slab/     small objects, in slab regions of the address space
 //!     space/    the guest's virtual address space: page tables, VA zones, regions
 //!     backing/  host memory behind the frames: RAM, memslots, userfaultfd, faults, populate
@@ -40,14 +41,16 @@ use protocol::MemStats;
 use crate::config::HostBinding;
 use crate::layout::RamRange;
 
-use crate::config::BalloonConfig;
+use crate::config::{BalloonConfig, SwapConfig};
 use addr::{Gfn, Gva, NodeId};
 use backing::fault::FaultHandler;
 use backing::ram::GuestRam;
+use backing::swap::{Staging, SwapStore};
 use backing::{Backing, BackingError, BackingSnapshot};
 use frames::policy::Policy;
 use frames::{FrameError, Frames, FramesSnapshot};
 use reclaim::balloon::{Balloon, BalloonError, BalloonSnapshot};
+use reclaim::swap::{BatchOutcome, SwapClock, SwapSnapshot};
 use slab::{Exchanged, SlabAllocator, SlabError, SlabSnapshot};
 use space::pagetable::{PageSize, PteFlags};
 use space::{AddressSpace, Phys, SpaceError, SpaceSnapshot};
@@ -107,6 +110,8 @@ pub struct MemorySnapshot {
     pub slab: SlabSnapshot,
     pub balloon: BalloonSnapshot,
     pub trims: TrimCounters,
+    /// Host-side swap, when it is on.
+    pub swap: Option<SwapSnapshot>,
 }
 
 /// The memory manager: the layers side by side, each operation borrowing the ones it needs.
@@ -117,6 +122,8 @@ pub struct MemoryManager {
     space: AddressSpace,
     slab: SlabAllocator,
     balloon: Balloon,
+    /// Host-side swap's clock, when swap is on.
+    swap: Option<SwapClock>,
     trims: TrimCounters,
     /// `space.counters()`'s `frames_freed` and `regions_freed` at the last trim.
     freed_at_trim: (u64, u64),
@@ -155,6 +162,7 @@ impl MemoryManager {
             space,
             slab,
             balloon: Balloon::default(),
+            swap: None,
             trims: TrimCounters::default(),
             freed_at_trim: (0, 0),
         })
@@ -272,6 +280,36 @@ impl MemoryManager {
     /// The balloon's figures.
     pub fn balloon(&self) -> BalloonSnapshot {
         self.balloon.snapshot(&self.frames)
+    }
+
+    /// Turns host-side swap on (after [`enable_userfaultfd`](Self::enable_userfaultfd), whose
+    /// `handler` serves swapped frames from now on). The file holds at most `config.file_max`
+    /// (default: guest RAM).
+    pub fn enable_swap(&mut self, handler: &FaultHandler, config: &SwapConfig) -> Result<Arc<SwapStore>, MemoryError> {
+        let ram = self.frames.total_pages() * addr::PAGE_SIZE;
+        let store = self.backing.enable_swap(
+            handler,
+            &config.dir,
+            config.file_max.unwrap_or(ram),
+            config.pool_for(config.limit),
+            config.limit,
+        )?;
+        self.swap = Some(SwapClock::new(config.policy));
+        Ok(store)
+    }
+
+    /// One eviction batch: the clock picks up to `want` cold resident frames and moves them into
+    /// `staging` (the store writes them out without this lock).
+    pub fn swap_stage(&mut self, staging: &mut Staging, want: usize) -> Result<BatchOutcome, MemoryError> {
+        match &mut self.swap {
+            Some(clock) => clock.stage_batch(&self.space, &self.backing, staging, want),
+            None => Ok(BatchOutcome::default()),
+        }
+    }
+
+    /// The swap clock's laps and hand.
+    pub fn swap_position(&self) -> Option<(u64, Gva)> {
+        self.swap.as_ref().map(SwapClock::position)
     }
 
     /// GUEST_STATS: what only the guest knows.
@@ -414,6 +452,9 @@ impl MemoryManager {
     pub fn check_invariants(&self) -> Result<(), String> {
         self.frames.check_invariants()?;
         self.backing.check_invariants()?;
+        if let Some(s) = self.backing.swap() {
+            s.check_invariants()?;
+        }
         self.space.check_invariants(&self.frames, &self.backing)?;
         self.slab.check_invariants(&self.space, &self.frames, &self.backing)
     }
@@ -427,6 +468,7 @@ impl MemoryManager {
             slab: self.slab.snapshot(),
             balloon: self.balloon.snapshot(&self.frames),
             trims: self.trims.clone(),
+            swap: self.swap.as_ref().zip(self.backing.swap()).map(|(c, s)| c.snapshot(s)),
         }
     }
 }

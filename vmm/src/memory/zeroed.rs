@@ -108,6 +108,24 @@ impl<T: Zeroable> ZeroedVec<T> {
         released
     }
 
+    /// Bytes of the array that have host memory now (pages only read may map the shared zero
+    /// page and count here too: an upper bound).
+    pub fn resident_bytes(&self) -> u64 {
+        let bytes = Self::bytes(self.len).unwrap_or(0);
+        if bytes < MMAP_THRESHOLD {
+            return bytes as u64;
+        }
+        let page = super::addr::to_usize(super::addr::PAGE_SIZE);
+        let mut vec = vec![0u8; bytes.div_ceil(page)];
+        // SAFETY: mincore reads the page tables of our own mapping [ptr, ptr+bytes) and writes
+        // one byte per page into `vec`, which has exactly that many.
+        let rc = unsafe { libc::mincore(self.ptr.as_ptr().cast(), bytes, vec.as_mut_ptr()) };
+        if rc != 0 {
+            return bytes as u64;
+        }
+        vec.iter().filter(|&&v| v & 1 != 0).count() as u64 * page as u64
+    }
+
     fn bytes(len: usize) -> std::io::Result<usize> {
         len.checked_mul(size_of::<T>()).ok_or_else(|| std::io::Error::from_raw_os_error(libc::ENOMEM))
     }

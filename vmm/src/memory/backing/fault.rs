@@ -20,13 +20,16 @@
 //!   exact, not a guess: the page-state map remembers which frames were ever handed out.
 //! - Write-protect faults (a write during a translation invalidation) are resolved by lifting
 //!   the protection.
+//! - `Swapped`: read the page back from swap (and, for a sequential stream, the swapped pages
+//!   after it); `SwappingOut`: wait until its eviction is over, then look again. After making
+//!   memory resident, a handler gives the swapper time to keep guest RAM near its limit.
 //!
 //! Any handler failure is reported through the error callback; the VM then stops. A vCPU never
 //! waits on a handler that is gone, because the process exits with it.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use vm_memory::GuestAddress;
 
@@ -35,6 +38,7 @@ use crate::sync::{ThreadInit, lock};
 
 use super::populate::{Populate, PopulateError, ZeroSource};
 use super::ram::GuestRam;
+use super::swap::{MAX_READAHEAD, SwapError, SwapStore};
 use super::uffd::{UFFD_EVENT_PAGEFAULT, UFFD_PAGEFAULT_FLAG_WP, UFFD_PAGEFAULT_FLAG_WRITE, Uffd, UffdError, UffdMsg};
 use crate::memory::addr::{Gfn, PAGE_SIZE};
 use crate::memory::frames::page_state::{FrameState, PageStates};
@@ -61,6 +65,8 @@ pub enum FaultError {
     },
     #[error("guest-physical page {gpa:#x} should hold guest data but has no host backing")]
     LostResident { gpa: u64 },
+    #[error(transparent)]
+    Swap(#[from] SwapError),
     #[error("a fault handler thread panicked")]
     Panicked,
     #[error("cannot set up a fault handler thread")]
@@ -150,7 +156,14 @@ pub struct FaultHandler {
     /// Per faulting thread (vCPU): where its last window ended and how big it was.
     streams: Mutex<HashMap<u32, (Gfn, u64)>>,
     stats: Arc<FaultStats>,
+    /// Host-side swap, when it is on.
+    swap: OnceLock<Arc<SwapStore>>,
 }
+
+/// How far above its limit guest RAM may get before faults wait for the swapper, and for how
+/// long at most.
+const THROTTLE_SLACK: u64 = 16 << 20;
+const THROTTLE_WAIT: Duration = Duration::from_millis(200);
 
 impl FaultHandler {
     /// A handler for `ram`, registered with `uffd`. Each fault fills the aligned `window` of
@@ -177,7 +190,13 @@ impl FaultHandler {
             max_window,
             streams: Mutex::new(HashMap::new()),
             stats,
+            swap: OnceLock::new(),
         }
+    }
+
+    /// Serves swapped frames from `swap` from now on.
+    pub fn set_swap(&self, swap: Arc<SwapStore>) {
+        let _ = self.swap.set(swap);
     }
 
     /// Starts `threads` handler threads, each running `init` first. The first error any of
@@ -241,7 +260,22 @@ impl FaultHandler {
                     self.wake(page)?;
                 }
                 self.stats.latency.record(u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX));
+                self.throttle();
                 Ok(())
+            }
+            FrameState::Swapped => {
+                let swap = self.swap.get().ok_or(FaultError::LostResident { gpa: gpa.0 })?;
+                let ahead = if self.sequential(gfn, tid) { MAX_READAHEAD - 1 } else { 0 };
+                if !swap.swap_in(gfn, ahead)? {
+                    return self.serve_from(addr, flags, tid);
+                }
+                self.throttle();
+                Ok(())
+            }
+            FrameState::SwappingOut => {
+                let swap = self.swap.get().ok_or(FaultError::LostResident { gpa: gpa.0 })?;
+                swap.wait_evicted(gfn)?;
+                self.serve_from(addr, flags, tid)
             }
             FrameState::Populating => {
                 // Its populator wakes every waiter when the copy lands.
@@ -270,16 +304,38 @@ impl FaultHandler {
         }
     }
 
+    /// Whether `gfn` continues thread `tid`'s stream of faults (and notes where it goes next).
+    fn sequential(&self, gfn: Gfn, tid: u32) -> bool {
+        if tid == 0 {
+            return false;
+        }
+        let mut streams = lock(&self.streams);
+        let seq = streams.get(&tid).is_some_and(|&(next, _)| next == gfn);
+        streams.insert(tid, (gfn.plus(if seq { MAX_READAHEAD as u64 } else { 1 }), 1));
+        seq
+    }
+
+    /// With swap on, lets the swapper catch up when guest RAM is well above its limit.
+    fn throttle(&self) {
+        if let Some(s) = self.swap.get() {
+            s.throttle(THROTTLE_SLACK, THROTTLE_WAIT);
+        }
+    }
+
     /// Zero-fills the `Allocated` frames of the window for a fault at `gfn` by thread `tid`
     /// (inside its RAM range): the aligned base window, or, when the thread's faults are
     /// sequential, a doubled window starting at `gfn`.
     fn fill_window(&self, gfn: Gfn, tid: u32) -> Result<u64, FaultError> {
         let (first, end) = self.states.range_of(gfn).ok_or(FaultError::OutsideRam { addr: gfn.gpa().0 })?;
+        // Over the swap limit, windows do not grow: memory the guest may not touch is what
+        // the swapper would have to evict next.
+        let max_window =
+            if self.swap.get().is_some_and(|s| s.usage() > s.limit()) { self.window } else { self.max_window };
         let (start, stop) = {
             let mut streams = lock(&self.streams);
             let (next, last) = streams.get(&tid).copied().unwrap_or((Gfn(u64::MAX), 0));
-            let (start, stop) = if tid != 0 && gfn == next && self.max_window > self.window {
-                let w = (last * 2).min(self.max_window);
+            let (start, stop) = if tid != 0 && gfn == next && max_window > self.window {
+                let w = (last * 2).min(max_window);
                 self.stats.sequential.inc();
                 (gfn, Gfn(gfn.0 + w))
             } else {
@@ -425,7 +481,7 @@ mod tests {
             assert!(settled.elapsed() < Duration::from_secs(5), "frames stay Populating");
             std::thread::yield_now();
         }
-        assert_eq!(states.census(Gfn(96), 16), [4, 0, 0, 12, 0, 0]);
+        assert_eq!(states.census(Gfn(96), 16), [4, 0, 0, 12, 0, 0, 0, 0]);
 
         // A frame handed out and freed again while a "vCPU" still touches it: served (it reads
         // zero), however often it comes back, and nothing stops.

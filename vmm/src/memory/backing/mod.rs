@@ -10,6 +10,7 @@ pub mod fault;
 pub mod memslots;
 pub mod populate;
 pub mod ram;
+pub mod swap;
 pub mod uffd;
 
 use std::sync::Arc;
@@ -27,6 +28,7 @@ use fault::{FaultHandler, FaultReport, FaultStats};
 use memslots::Memslots;
 use populate::{Populate, PopulateError, ZeroSource};
 use ram::{GuestRam, RamError};
+use swap::{SwapError, SwapSettings, SwapStore};
 use uffd::{Uffd, UffdError};
 
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +66,10 @@ pub enum BackingError {
     Uffd(#[source] UffdError),
     #[error("cannot map the userfaultfd zero buffer")]
     ZeroBuffer(#[source] std::io::Error),
+    #[error("host-side swap needs userfaultfd")]
+    SwapNeedsUffd,
+    #[error(transparent)]
+    Swap(#[from] SwapError),
 }
 
 /// What the backing layer reports.
@@ -91,6 +97,8 @@ pub struct Backing {
     max_window: u64,
     /// Set once userfaultfd serves second-level faults.
     fault_stats: Option<Arc<FaultStats>>,
+    /// Host-side swap, when it is on.
+    swap: Option<Arc<SwapStore>>,
 }
 
 impl Backing {
@@ -116,6 +124,7 @@ impl Backing {
             window: fault_around / PAGE_SIZE,
             max_window: fault_around_max / PAGE_SIZE,
             fault_stats: None,
+            swap: None,
         })
     }
 
@@ -150,6 +159,34 @@ impl Backing {
         )))
     }
 
+    /// Turns host-side swap on (after [`enable_userfaultfd`](Self::enable_userfaultfd)): a swap
+    /// file in `dir` of at most `file_max` bytes, a compressed pool of `pool` bytes (0: none),
+    /// guest RAM's host memory limited to `limit`. `handler` serves swapped frames from now on.
+    pub fn enable_swap(
+        &mut self,
+        handler: &FaultHandler,
+        dir: &std::path::Path,
+        file_max: u64,
+        pool: u64,
+        limit: u64,
+    ) -> Result<Arc<SwapStore>, BackingError> {
+        let Populate::Uffd { uffd, .. } = &self.populate else { return Err(BackingError::SwapNeedsUffd) };
+        let store = Arc::new(SwapStore::new(
+            Arc::clone(&self.states),
+            Arc::clone(&self.ram),
+            Arc::clone(uffd),
+            &SwapSettings { dir, file_max, pool, limit },
+        )?);
+        handler.set_swap(Arc::clone(&store));
+        self.swap = Some(Arc::clone(&store));
+        Ok(store)
+    }
+
+    /// Host-side swap, when it is on.
+    pub fn swap(&self) -> Option<&Arc<SwapStore>> {
+        self.swap.as_ref()
+    }
+
     /// Makes frames usable by vCPUs before they are handed out: registers the KVM memslots
     /// that cover them.
     pub fn prepare(&mut self, gfn: Gfn, pages: u64) -> Result<(), BackingError> {
@@ -182,6 +219,10 @@ impl Backing {
     pub fn write(&self, gpa: GuestAddress, data: &[u8]) -> Result<(), BackingError> {
         let first = Gfn::containing(gpa);
         let last = Gfn::containing(GuestAddress(gpa.0 + data.len().max(1) as u64 - 1));
+        if let Some(s) = &self.swap {
+            // Written by the VMM: a clean copy in swap would not know.
+            s.drop_clean(&[(first, last.0 - first.0 + 1)]);
+        }
         for g in first.0..=last.0 {
             self.make_resident(Gfn(g))?;
         }
@@ -205,6 +246,9 @@ impl Backing {
         for &(g, n) in runs {
             self.discard(g, n)?;
         }
+        if let Some(s) = &self.swap {
+            s.forget(runs);
+        }
         Ok((runs.len() as u64, runs.iter().map(|r| r.1).sum()))
     }
 
@@ -223,7 +267,24 @@ impl Backing {
     /// present leaf pointing at them changed).
     pub fn invalidate(&self, runs: &[Run]) -> Result<(), BackingError> {
         let Some(&(first, _)) = runs.first() else { return Ok(()) };
+        if let Some(s) = &self.swap {
+            // The leaf changed: its dirty bit no longer vouches for a clean copy.
+            s.drop_clean(runs);
+        }
         self.populate.invalidate(&self.ram, runs).map_err(|source| BackingError::Populate { gfn: first, source })
+    }
+
+    /// Drops every cached translation of the frames in `runs` so that the guest's next touch
+    /// walks its page tables again (and sets the accessed bits reclaim just cleared). Contents
+    /// and kept swap copies stay.
+    pub fn refresh(&self, runs: &[Run]) -> Result<(), BackingError> {
+        let Some(&(first, _)) = runs.first() else { return Ok(()) };
+        self.populate.refresh(&self.ram, runs).map_err(|source| BackingError::Populate { gfn: first, source })
+    }
+
+    /// The page-state map.
+    pub fn states(&self) -> &PageStates {
+        &self.states
     }
 
     /// Fault-around window of the fault handler, in bytes.

@@ -103,6 +103,8 @@ impl Populate {
             match states.get(gfn) {
                 FrameState::Resident => return Ok(()),
                 FrameState::Free | FrameState::Ballooned => return Err(PopulateError::NotAllocated(gfn)),
+                // Its data is in swap: the VMM's access faults it back in like the guest's.
+                FrameState::SwappingOut | FrameState::Swapped => return Ok(()),
                 FrameState::Populating => std::hint::spin_loop(),
                 FrameState::Allocated => {
                     if self.claim_and_fill(ram, states, gfn, 1)? == 1 {
@@ -249,6 +251,22 @@ impl Populate {
                     }
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Drops every cached translation of `runs` (after reclaim cleared their accessed bits) so
+    /// that the guest's next touch walks its page tables again, without ever blocking a write:
+    /// with userfaultfd, a write-unprotect of pages that are not protected. It changes no page,
+    /// but the kernel still announces the protection change to its MMU notifiers, and KVM
+    /// drops its translations (measured here: it halves the misses on a hot set, the same as a
+    /// protect-unprotect toggle, with one call instead of two and no write-fault window).
+    /// Without userfaultfd, an mprotect toggle as in [`invalidate`](Self::invalidate).
+    pub fn refresh(&self, ram: &GuestRam, runs: &[(Gfn, u64)]) -> Result<(), PopulateError> {
+        let Populate::Uffd { uffd, .. } = self else { return self.invalidate(ram, runs) };
+        for &(gfn, pages) in runs {
+            let hva = ram.host_addr(gfn.gpa()).ok_or(PopulateError::NotRam(gfn))? as u64;
+            uffd.writeprotect(hva, pages * PAGE_SIZE, false).map_err(|source| PopulateError::Copy { gfn, source })?;
         }
         Ok(())
     }

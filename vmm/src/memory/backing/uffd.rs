@@ -59,6 +59,17 @@ struct UffdioZeropage {
     zeropage: i64,
 }
 
+/// `struct uffdio_move`.
+#[repr(C)]
+#[derive(Debug, Default)]
+struct UffdioMove {
+    dst: u64,
+    src: u64,
+    len: u64,
+    mode: u64,
+    moved: i64,
+}
+
 /// `struct uffdio_writeprotect`.
 #[repr(C)]
 #[derive(Debug, Default)]
@@ -72,6 +83,7 @@ ioctl_iowr_nr!(UFFDIO_REGISTER, UFFDIO, 0x00, UffdioRegister);
 ioctl_ior_nr!(UFFDIO_WAKE, UFFDIO, 0x02, UffdioRange);
 ioctl_iowr_nr!(UFFDIO_COPY, UFFDIO, 0x03, UffdioCopy);
 ioctl_iowr_nr!(UFFDIO_ZEROPAGE, UFFDIO, 0x04, UffdioZeropage);
+ioctl_iowr_nr!(UFFDIO_MOVE, UFFDIO, 0x05, UffdioMove);
 ioctl_iowr_nr!(UFFDIO_WRITEPROTECT, UFFDIO, 0x06, UffdioWriteprotect);
 
 /// `size_of::<T>()` as the ioctl size field (the structs are a few dozen bytes).
@@ -87,6 +99,7 @@ const _: () = assert!(ioctl_expr(RW, UFFDIO, 0x00, sz::<UffdioRegister>()) == 0x
 const _: () = assert!(ioctl_expr(_IOC_READ, UFFDIO, 0x02, sz::<UffdioRange>()) == 0x8010_aa02);
 const _: () = assert!(ioctl_expr(RW, UFFDIO, 0x03, sz::<UffdioCopy>()) == 0xc028_aa03);
 const _: () = assert!(ioctl_expr(RW, UFFDIO, 0x04, sz::<UffdioZeropage>()) == 0xc020_aa04);
+const _: () = assert!(ioctl_expr(RW, UFFDIO, 0x05, sz::<UffdioMove>()) == 0xc028_aa05);
 const _: () = assert!(ioctl_expr(RW, UFFDIO, 0x06, sz::<UffdioWriteprotect>()) == 0xc018_aa06);
 const _: () = assert!(size_of::<UffdMsg>() == 32);
 
@@ -96,6 +109,10 @@ const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1;
 const UFFDIO_COPY_MODE_DONTWAKE: u64 = 1;
 /// `UFFD_FEATURE_THREAD_ID`: fault messages carry the faulting thread id.
 const UFFD_FEATURE_THREAD_ID: u64 = 1 << 8;
+/// `UFFD_FEATURE_MOVE`: `UFFDIO_MOVE` (Linux 6.8).
+const UFFD_FEATURE_MOVE: u64 = 1 << 16;
+/// `UFFDIO_MOVE_MODE_DONTWAKE`.
+const UFFDIO_MOVE_MODE_DONTWAKE: u64 = 1 << 0;
 /// `UFFD_EVENT_PAGEFAULT`.
 pub const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
 /// `UFFD_PAGEFAULT_FLAG_WRITE`.
@@ -160,12 +177,37 @@ pub enum UffdError {
 #[derive(Debug)]
 pub struct Uffd {
     file: File,
+    /// Whether `UFFDIO_MOVE` is available.
+    can_move: bool,
 }
 
 impl Uffd {
     /// Opens a userfaultfd (blocking reads, close-on-exec) that also reports faults taken inside
     /// the kernel, which is where KVM's faults on guest memory come from.
     pub fn new() -> Result<Uffd, UffdError> {
+        let file = Self::open_raw()?;
+        // The handshake happens once per descriptor: ask which features the kernel has (an
+        // API call with no features), then enable the ones we use that it offers.
+        let probe = Self::open_raw()?;
+        let mut api = UffdioApi { api: UFFD_API, features: 0, ioctls: 0 };
+        // SAFETY: UFFDIO_API reads and writes exactly one UffdioApi, which outlives the call.
+        let rc = unsafe { ioctl_with_mut_ref(&probe, UFFDIO_API(), &mut api) };
+        if rc != 0 {
+            return Err(UffdError::Api(io::Error::last_os_error()));
+        }
+        let can_move = api.features & UFFD_FEATURE_MOVE != 0;
+        let features = UFFD_FEATURE_THREAD_ID | if can_move { UFFD_FEATURE_MOVE } else { 0 };
+        let mut api = UffdioApi { api: UFFD_API, features, ioctls: 0 };
+        // SAFETY: as above.
+        let rc = unsafe { ioctl_with_mut_ref(&file, UFFDIO_API(), &mut api) };
+        if rc != 0 {
+            return Err(UffdError::Api(io::Error::last_os_error()));
+        }
+        Ok(Uffd { file, can_move })
+    }
+
+    /// A userfaultfd descriptor before its handshake.
+    fn open_raw() -> Result<File, UffdError> {
         // SAFETY: the userfaultfd syscall takes only flags and returns a new fd or -1.
         let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC) };
         if fd < 0 {
@@ -173,15 +215,38 @@ impl Uffd {
         }
         let fd = RawFd::try_from(fd).map_err(|_| UffdError::Create(io::Error::from_raw_os_error(libc::EBADF)))?;
         // SAFETY: fd is a fresh descriptor that nothing else owns.
-        let file = unsafe { File::from_raw_fd(fd) };
-        let uffd = Uffd { file };
-        let mut api = UffdioApi { api: UFFD_API, features: UFFD_FEATURE_THREAD_ID, ioctls: 0 };
-        // SAFETY: UFFDIO_API reads and writes exactly one UffdioApi, which outlives the call.
-        let rc = unsafe { ioctl_with_mut_ref(&uffd.file, UFFDIO_API(), &mut api) };
-        if rc != 0 {
-            return Err(UffdError::Api(io::Error::last_os_error()));
+        Ok(unsafe { File::from_raw_fd(fd) })
+    }
+
+    /// Whether [`move_pages`](Self::move_pages) is available (Linux 6.8 and later).
+    pub fn can_move(&self) -> bool {
+        self.can_move
+    }
+
+    /// Moves the present pages `[src, src + len)` to the missing pages `[dst, dst + len)`
+    /// atomically: afterwards `src` is missing (a touch there faults to this userfaultfd) and
+    /// `dst` holds the data, with no copy. Both ranges must be registered with this
+    /// userfaultfd. Returns the bytes moved; stops at the first page that cannot move.
+    ///
+    /// # Safety
+    /// `src` and `dst` must be private anonymous memory registered with this userfaultfd that
+    /// no Rust reference covers: the call changes what both ranges hold.
+    pub unsafe fn move_pages(&self, dst: u64, src: u64, len: u64) -> Result<u64, UffdError> {
+        let mut m = UffdioMove { dst, src, len, mode: UFFDIO_MOVE_MODE_DONTWAKE, moved: 0 };
+        // SAFETY: UFFDIO_MOVE reads and writes one UffdioMove and only remaps pages between the
+        // two registered ranges (this function's contract).
+        let rc = unsafe { ioctl_with_mut_ref(&self.file, UFFDIO_MOVE(), &mut m) };
+        if rc == 0 {
+            return Ok(m.moved.unsigned_abs());
         }
-        Ok(uffd)
+        let err = io::Error::last_os_error();
+        let moved = u64::try_from(m.moved).unwrap_or(0);
+        Err(match err.raw_os_error() {
+            Some(libc::EEXIST) => UffdError::Exists { addr: dst + moved, copied: moved },
+            Some(libc::EAGAIN) | Some(libc::EBUSY) => UffdError::Again { addr: src + moved, copied: moved },
+            Some(libc::ESRCH) => UffdError::Gone,
+            _ => UffdError::Ioctl { addr: src + moved, source: err },
+        })
     }
 
     /// Registers `[addr, addr + len)` for missing-page faults and, with `wp`, write-protect

@@ -14,6 +14,15 @@
 //! backing was dropped, reads are served with the kernel's shared zero page.
 //! `Ballooned` frames are held by the balloon: taken from the buddy allocator like an allocation,
 //! but never handed out and never backed.
+//!
+//! Swap adds two states for handed-out frames whose data left host memory:
+//! ```text
+//!   Resident ──evict──▶ SwappingOut ──written──▶ Swapped ──fault──▶ Populating ──▶ Resident
+//!                            │  └──all zero──▶ Zero                      (read back in)
+//!                            └──write failed──▶ Populating ──▶ Resident (put back)
+//! ```
+//! A free takes `SwappingOut` and `Swapped` frames straight to `Free` (their data is dropped
+//! with no I/O; the eviction that was under way notices and cleans up).
 
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 
@@ -37,10 +46,16 @@ pub enum FrameState {
     Zero = 4,
     /// Held by the balloon: out of the buddy allocator, never handed out, never backed.
     Ballooned = 5,
+    /// Handed out; its page has just been moved out of guest RAM and is being written to swap.
+    /// A fault on it waits until the eviction is over.
+    SwappingOut = 6,
+    /// Handed out; its data is in swap (the compressed pool or the swap file), not in host
+    /// memory. A fault reads it back.
+    Swapped = 7,
 }
 
 /// Number of states.
-pub const NR_STATES: usize = 6;
+pub const NR_STATES: usize = 8;
 
 impl FrameState {
     fn from_u8(v: u8) -> FrameState {
@@ -50,6 +65,8 @@ impl FrameState {
             3 => FrameState::Resident,
             4 => FrameState::Zero,
             5 => FrameState::Ballooned,
+            6 => FrameState::SwappingOut,
+            7 => FrameState::Swapped,
             _ => FrameState::Free,
         }
     }
@@ -163,6 +180,11 @@ impl PageStates {
         self.resident[node].load(Ordering::Relaxed)
     }
 
+    /// Resident frames on every node.
+    pub fn resident_total(&self) -> u64 {
+        self.resident.iter().map(|r| r.load(Ordering::Relaxed)).sum()
+    }
+
     /// Counts frames by state in `[gfn, gfn + n)` (for tests and invariant checks).
     pub fn census(&self, gfn: Gfn, n: u64) -> [u64; NR_STATES] {
         let mut c = [0; NR_STATES];
@@ -203,7 +225,7 @@ mod tests {
         assert_eq!(s.resident(1), 1);
         assert_eq!(s.set_range(Gfn(40), 20, FrameState::Free), 1);
         assert_eq!(s.resident(1), 0);
-        assert_eq!(s.census(Gfn(0), 100), [100, 0, 0, 0, 0, 0]);
+        assert_eq!(s.census(Gfn(0), 100), [100, 0, 0, 0, 0, 0, 0, 0]);
         assert_eq!(s.node(Gfn(70)), Some(1));
         // Handed out once, remembered after the free.
         assert!(s.ever_handed_out(Gfn(40)) && s.ever_handed_out(Gfn(59)));

@@ -3,3 +3,4 @@
 //! the other layers and calls down; none of them knows it.
 
 pub mod balloon;
+pub mod swap;

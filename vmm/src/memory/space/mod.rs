@@ -25,6 +25,7 @@ mod mremap;
 pub mod pagetable;
 mod phys;
 pub mod region;
+pub mod scan;
 pub mod zone;
 
 use std::collections::{BTreeMap, HashMap};

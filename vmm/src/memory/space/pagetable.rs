@@ -434,6 +434,24 @@ pub fn reprotect_entry(
     })
 }
 
+/// Clears the accessed bit of the entry at `slot`; returns whether it was set. Atomic, so a
+/// dirty bit the CPU sets meanwhile stays.
+pub fn test_and_clear_accessed(mem: &GuestMemoryMmap, slot: u64) -> Result<bool, PtError> {
+    let bit = PteFlags::ACCESSED.bits();
+    with_entry(mem, slot, |e| e.fetch_and(!bit, Ordering::AcqRel) & bit != 0)
+}
+
+/// Clears the dirty bit of the entry at `slot`; returns whether it was set.
+pub fn test_and_clear_dirty(mem: &GuestMemoryMmap, slot: u64) -> Result<bool, PtError> {
+    let bit = PteFlags::DIRTY.bits();
+    with_entry(mem, slot, |e| e.fetch_and(!bit, Ordering::AcqRel) & bit != 0)
+}
+
+/// Where the walk for `level` (4 = PML4 .. 1 = PT) puts the entry of `va` in `table`.
+pub fn entry_slot(table: Gfn, va: Gva, level: u8) -> u64 {
+    table.gpa().0 + PtIndex::of(va, level).offset()
+}
+
 fn check_va(va: Gva, size: PageSize) -> Result<(), PtError> {
     let canonical = va.0 < (1 << 47);
     if !canonical || !va.is_aligned(size.bytes()) {

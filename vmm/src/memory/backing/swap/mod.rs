@@ -1,0 +1,914 @@
+//! Host-side swap: where a guest frame's data goes when it leaves host memory, and how it comes
+//! back, with the vCPUs running.
+//!
+//! - **Out.** Under the memory manager's lock (so no free or reallocation interleaves), a
+//!   `Resident` frame is claimed (`SwappingOut`) and its page is *moved* out of guest RAM into a
+//!   staging area with `UFFDIO_MOVE`: atomically, with no copy, and with KVM's translations
+//!   dropped by the kernel's MMU notifier. From then on a guest touch faults to the fault
+//!   handler, which waits until the eviction is over. Without the lock, [`SwapStore::commit`]
+//!   then decides each staged page's fate: a page swapped in earlier and not written since
+//!   (its leaf's dirty bit says so) still has its file slot and costs no I/O; an all-zero page
+//!   becomes `Zero` (no I/O, no slot); a page that compresses to at most 3 KiB goes to the
+//!   compressed pool; the rest is written to the file in batches of contiguous slots. A failed
+//!   write puts the page back (`UFFDIO_COPY`): it stays resident and nothing is lost.
+//! - **In.** A fault on a `Swapped` frame reads it back (pool or file) and installs it with one
+//!   `UFFDIO_COPY` ([`SwapStore::swap_in`]); a file slot is kept while the page stays clean. A
+//!   read error stops the VM with the guest-physical address: the guest never gets zeros in
+//!   place of its data.
+//! - **Gone.** A freed frame's copy is dropped with no I/O ([`SwapStore::forget`]); so is a
+//!   kept copy once the VMM writes the page or changes its leaf ([`SwapStore::drop_clean`]).
+//!
+//! Where each frame's data is lives in one 32-bit word per frame (a sparse, lazily touched
+//! array: 4 bytes per frame at most, only where frames were ever swapped), plus the file's slot
+//! bitmap. The pool is the only inserter-side state shared with the fault handler; it and the
+//! location words change under one lock.
+
+pub mod file;
+pub mod pool;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crate::memory::addr::{Gfn, PAGE_SIZE, to_usize};
+use crate::memory::frames::page_state::{FrameState, PageStates};
+use crate::memory::zeroed::ZeroedVec;
+use crate::metrics::{Counter, Histogram, LatencySummary};
+use crate::sync::lock;
+
+use super::ram::GuestRam;
+use super::uffd::{Uffd, UffdError};
+use file::{AlignedBuf, SwapFile, SwapFileError};
+use pool::Pool;
+
+/// Pages one eviction batch stages (2 MiB).
+pub const STAGE_PAGES: usize = 512;
+/// Most pages a swap-in reads at once (the faulting page and its read-ahead).
+pub const MAX_READAHEAD: usize = 16;
+/// Most recent evictions remembered for refault detection.
+const RECENT_MAX: u64 = 1 << 16;
+/// Longest a fault waits for an eviction of its page to finish.
+const EVICTION_WAIT_MAX: Duration = Duration::from_secs(60);
+
+/// Location word: no copy, a file slot, or a pool handle (the low 30 bits).
+const TAG_MASK: u32 = 3 << 30;
+const TAG_FILE: u32 = 1 << 30;
+const TAG_POOL: u32 = 2 << 30;
+const VALUE_MASK: u32 = !TAG_MASK;
+
+/// Where a frame's data is in swap.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Loc {
+    None,
+    File(u32),
+    Pool(u32),
+}
+
+impl Loc {
+    fn decode(v: u32) -> Loc {
+        match v & TAG_MASK {
+            TAG_FILE => Loc::File(v & VALUE_MASK),
+            TAG_POOL => Loc::Pool(v & VALUE_MASK),
+            _ => Loc::None,
+        }
+    }
+
+    fn encode(self) -> u32 {
+        match self {
+            Loc::None => 0,
+            Loc::File(s) => TAG_FILE | (s & VALUE_MASK),
+            Loc::Pool(h) => TAG_POOL | (h & VALUE_MASK),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SwapError {
+    #[error("host-side swap needs UFFDIO_MOVE (Linux 6.8 or later)")]
+    NoMove,
+    #[error("cannot map the swap staging area")]
+    Staging(#[source] std::io::Error),
+    #[error(transparent)]
+    File(#[from] SwapFileError),
+    #[error("cannot read guest-physical page {gpa:#x} back from swap")]
+    Read {
+        gpa: u64,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("guest-physical page {gpa:#x} is swapped out but swap has no copy of it")]
+    Lost { gpa: u64 },
+    #[error("userfaultfd failed while swapping guest-physical page {gpa:#x}")]
+    Uffd {
+        gpa: u64,
+        #[source]
+        source: UffdError,
+    },
+    #[error("cannot drop the staging area's pages")]
+    Discard(#[source] std::io::Error),
+    #[error("an eviction of guest-physical page {gpa:#x} did not finish within {EVICTION_WAIT_MAX:?}")]
+    Stuck { gpa: u64 },
+}
+
+/// What swap did, readable while it runs.
+#[derive(Debug, Default)]
+pub struct SwapCounters {
+    /// Pages that left host memory (to the pool, the file, as zero, or as a kept clean copy).
+    pub pages_out: Counter,
+    /// Pages read back in.
+    pub pages_in: Counter,
+    /// All-zero pages dropped without I/O.
+    pub zero_pages: Counter,
+    /// Clean pages whose kept file copy made I/O unnecessary.
+    pub clean_drops: Counter,
+    /// Pages stored in the pool, and written back from it to the file.
+    pub pool_stores: Counter,
+    pub pool_writebacks: Counter,
+    /// Pages written to the file (evictions and pool writebacks).
+    pub file_writes: Counter,
+    /// Pages brought back in before the memory turned over once since they left (fewer
+    /// evictions since theirs than the limit holds pages, or than the 64 Ki remembered): had
+    /// they stayed, they would have been hits. Eviction mistakes, as Linux's workingset
+    /// refaults.
+    pub refaults: Counter,
+    /// Of those, the ones brought in by read-ahead.
+    pub readahead: Counter,
+    /// Evictions refused for want of file space (the file system or file-max), and write errors.
+    pub enospc: Counter,
+    pub io_errors: Counter,
+    /// Staged pages put back into guest RAM after a failed write.
+    pub put_back: Counter,
+    /// Frames the kernel would not move (busy); they stay resident.
+    pub busy: Counter,
+}
+
+/// A snapshot of swap's figures (the stats JSON's `swap`, with the policy's).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct SwapStoreReport {
+    pub limit_bytes: u64,
+    /// Guest frames resident in host memory.
+    pub resident_bytes: u64,
+    pub pages_out: u64,
+    pub pages_in: u64,
+    pub zero_pages: u64,
+    pub clean_drops: u64,
+    /// Pages in the compressed pool, their compressed bytes, and the pool's host memory.
+    pub compressed_pages: u64,
+    pub compressed_bytes: u64,
+    pub pool_bytes: u64,
+    pub pool_capacity: u64,
+    pub pool_writebacks: u64,
+    /// Pages in the file (including clean copies of resident pages), and its bytes in use.
+    pub file_pages: u64,
+    pub file_bytes: u64,
+    pub file_max_bytes: u64,
+    pub file_direct_io: bool,
+    pub file_written_bytes: u64,
+    pub file_read_bytes: u64,
+    pub refaults: u64,
+    pub readahead_pages: u64,
+    pub enospc: u64,
+    pub io_errors: u64,
+    pub put_back: u64,
+    pub busy: u64,
+    /// Whether the file can take no more (full, or the file system is).
+    pub file_full: bool,
+    /// Host memory of swap's own bookkeeping.
+    pub metadata_bytes: u64,
+    /// Swap-in latency, from the fault to the page installed.
+    pub swap_in_latency: LatencySummary,
+}
+
+/// The pool and the recent evictions: what the evictor and the fault handlers share.
+#[derive(Debug)]
+struct Inner {
+    pool: Pool,
+    recent: Recent,
+}
+
+/// The latest evictions, by eviction number, for refault detection.
+#[derive(Debug, Default)]
+struct Recent {
+    /// Evictions so far.
+    count: u64,
+    order: VecDeque<(Gfn, u64)>,
+    at: HashMap<Gfn, u64>,
+}
+
+impl Recent {
+    fn evicted(&mut self, gfn: Gfn) {
+        self.count += 1;
+        while self.order.len() as u64 >= RECENT_MAX {
+            if let Some((g, n)) = self.order.pop_front()
+                && self.at.get(&g) == Some(&n)
+            {
+                self.at.remove(&g);
+            }
+        }
+        self.order.push_back((gfn, self.count));
+        self.at.insert(gfn, self.count);
+    }
+
+    /// Whether `gfn` coming back now, with room for `pages` resident pages, is a refault: fewer
+    /// evictions happened since its own than there is room.
+    fn back(&mut self, gfn: Gfn, pages: u64) -> bool {
+        self.at.remove(&gfn).is_some_and(|n| self.count - n < pages)
+    }
+}
+
+/// The staging area: where evicted pages wait while they are written. One evictor at a time
+/// holds it ([`SwapStore::lock_staging`]).
+#[derive(Debug)]
+pub struct Staging {
+    base: u64,
+    /// Staged frames, in staging-slot order, and whether each was written since its last
+    /// swap-in (its leaf's dirty bit).
+    gfns: Vec<Gfn>,
+    dirty: Vec<bool>,
+}
+
+// SAFETY: `base` is a mapping owned by the store for its whole life; the staging area is only
+// used by whoever holds its mutex.
+unsafe impl Send for Staging {}
+
+impl Staging {
+    /// Frames staged so far.
+    pub fn gfns(&self) -> &[Gfn] {
+        &self.gfns
+    }
+
+    /// Whether the staging area is full.
+    pub fn is_full(&self) -> bool {
+        self.gfns.len() >= STAGE_PAGES
+    }
+
+    /// Records whether staged frame `i` was written since its last swap-in.
+    pub fn set_dirty(&mut self, i: usize, dirty: bool) {
+        self.dirty[i] = dirty;
+    }
+
+    fn slot_addr(&self, i: usize) -> u64 {
+        self.base + i as u64 * PAGE_SIZE
+    }
+
+    fn page(&self, i: usize) -> &[u8] {
+        // SAFETY: slot i < STAGE_PAGES is inside the staging mapping; a staged slot holds a page
+        // moved there by `stage` (present, so reading it does not fault), which nothing writes
+        // while the staging lock is held.
+        unsafe { std::slice::from_raw_parts(self.slot_addr(i) as *const u8, to_usize(PAGE_SIZE)) }
+    }
+}
+
+/// What swap is made of.
+#[derive(Clone, Copy, Debug)]
+pub struct SwapSettings<'a> {
+    /// Where the (unnamed) swap file lives, and the most it may hold.
+    pub dir: &'a std::path::Path,
+    pub file_max: u64,
+    /// The compressed pool's size (0: no pool, no compression).
+    pub pool: u64,
+    /// Host memory guest RAM may use: resident frames plus the pool.
+    pub limit: u64,
+}
+
+/// Swap's pages and where they are.
+#[derive(Debug)]
+pub struct SwapStore {
+    states: Arc<PageStates>,
+    ram: Arc<GuestRam>,
+    uffd: Arc<Uffd>,
+    locations: ZeroedVec<AtomicU32>,
+    file: SwapFile,
+    file_max: u64,
+    inner: Mutex<Inner>,
+    staging: Mutex<Staging>,
+    compress: bool,
+    limit: AtomicU64,
+    file_full: AtomicBool,
+    /// Pages whose data is in the file (kept clean copies included).
+    file_pages: AtomicU64,
+    pub counters: SwapCounters,
+    latency: Histogram,
+    /// Wakes the swapper: a generation count and its condition variable.
+    kick: (Mutex<u64>, Condvar),
+}
+
+impl SwapStore {
+    /// Swap for `ram`, whose frames' states are `states`, faulting through `uffd`, as `s` says.
+    pub fn new(
+        states: Arc<PageStates>,
+        ram: Arc<GuestRam>,
+        uffd: Arc<Uffd>,
+        s: &SwapSettings<'_>,
+    ) -> Result<SwapStore, SwapError> {
+        if !uffd.can_move() {
+            return Err(SwapError::NoMove);
+        }
+        let (file_max, pool, limit, compress) = (s.file_max, s.pool, s.limit, s.pool > 0);
+        let file = SwapFile::create(s.dir, file_max)?;
+        let frames = ram.ranges().iter().map(|r| r.end() / PAGE_SIZE).max().unwrap_or(0);
+        let locations = ZeroedVec::try_new(to_usize(frames)).map_err(SwapError::Staging)?;
+        let len = STAGE_PAGES as u64 * PAGE_SIZE;
+        // SAFETY: a fresh private anonymous mapping that the store owns until drop.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                to_usize(len),
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(SwapError::Staging(std::io::Error::last_os_error()));
+        }
+        let base = base as u64;
+        // SAFETY: the staging mapping is ours for the store's life; only the evictor touches
+        // it, and only pages it moved there (present), so no fault there ever needs serving.
+        unsafe { uffd.register(base, len, false) }.map_err(|source| SwapError::Uffd { gpa: 0, source })?;
+        Ok(SwapStore {
+            states,
+            ram,
+            uffd,
+            locations,
+            file,
+            file_max,
+            inner: Mutex::new(Inner { pool: Pool::new(if compress { pool } else { 0 }), recent: Recent::default() }),
+            staging: Mutex::new(Staging {
+                base,
+                gfns: Vec::with_capacity(STAGE_PAGES),
+                dirty: Vec::with_capacity(STAGE_PAGES),
+            }),
+            compress,
+            limit: AtomicU64::new(limit),
+            file_full: AtomicBool::new(false),
+            file_pages: AtomicU64::new(0),
+            counters: SwapCounters::default(),
+            latency: Histogram::default(),
+            kick: (Mutex::new(0), Condvar::new()),
+        })
+    }
+
+    // Limits and wake-ups.
+
+    /// Host memory guest RAM may use.
+    pub fn limit(&self) -> u64 {
+        self.limit.load(Ordering::Relaxed)
+    }
+
+    /// Changes the limit (and the pool's share of it, `pool`), and wakes the swapper.
+    pub fn set_limit(&self, limit: u64, pool: u64) {
+        self.limit.store(limit, Ordering::Relaxed);
+        if self.compress {
+            lock(&self.inner).pool.set_capacity(pool);
+        }
+        // A larger limit may leave room for the file again.
+        self.file_full.store(false, Ordering::Relaxed);
+        self.kick();
+    }
+
+    /// Host memory guest RAM uses now: resident frames and the pool.
+    pub fn usage(&self) -> u64 {
+        self.states.resident_total() * PAGE_SIZE + lock(&self.inner).pool.bytes()
+    }
+
+    /// Whether the file can take no more pages.
+    pub fn file_full(&self) -> bool {
+        self.file_full.load(Ordering::Relaxed)
+    }
+
+    /// Wakes the swapper.
+    pub fn kick(&self) {
+        *lock(&self.kick.0) += 1;
+        self.kick.1.notify_all();
+    }
+
+    /// Waits for a [`kick`](Self::kick) or `timeout`.
+    pub fn wait_for_kick(&self, timeout: Duration) {
+        let g = lock(&self.kick.0);
+        let start = *g;
+        let _ = self.kick.1.wait_timeout_while(g, timeout, |n| *n == start);
+    }
+
+    /// Called by the fault handler after it made memory resident: when guest RAM uses more
+    /// than the limit plus `slack`, wake the swapper and give it up to `wait` to catch up.
+    pub fn throttle(&self, slack: u64, wait: Duration) {
+        if self.usage() <= self.limit() + slack {
+            return;
+        }
+        self.kick();
+        let start = Instant::now();
+        while self.usage() > self.limit() + slack && start.elapsed() < wait && !self.file_full() {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+
+    /// Bytes the pool holds beyond its capacity (after the limit was lowered).
+    pub fn pool_over_capacity(&self) -> u64 {
+        lock(&self.inner).pool.over_capacity()
+    }
+
+    /// One past the last guest frame.
+    pub fn frames_end(&self) -> Gfn {
+        Gfn(self.locations.len() as u64)
+    }
+
+    /// The state of `gfn`.
+    pub fn state(&self, gfn: Gfn) -> FrameState {
+        self.states.get(gfn)
+    }
+
+    // Out.
+
+    /// The staging area, for one eviction batch at a time.
+    pub fn lock_staging(&self) -> MutexGuard<'_, Staging> {
+        lock(&self.staging)
+    }
+
+    /// Moves the pages of `frames` that are `Resident` into the staging area, each claimed
+    /// (`SwappingOut`) first; the caller holds the memory manager's lock, so no free or
+    /// reallocation can interleave. Returns, per frame, whether it was staged (a frame in
+    /// another state, or whose page the kernel will not move right now, is left alone).
+    pub fn stage(&self, st: &mut Staging, frames: &[Gfn]) -> Result<Vec<bool>, SwapError> {
+        let mut staged = vec![false; frames.len()];
+        for (i, &gfn) in frames.iter().enumerate() {
+            if st.is_full() {
+                break;
+            }
+            let Some(hva) = self.ram.host_addr(gfn.gpa()) else { continue };
+            if !self.states.transition(gfn, FrameState::Resident, FrameState::SwappingOut) {
+                continue;
+            }
+            let slot = st.slot_addr(st.gfns.len());
+            // SAFETY: the source is a guest RAM page and the destination a staging slot, both
+            // registered with this userfaultfd; no Rust reference covers either (guest memory
+            // is only accessed through raw pointers and volatile slices).
+            match unsafe { self.uffd.move_pages(slot, hva as u64, PAGE_SIZE) } {
+                Ok(_) => {
+                    st.gfns.push(gfn);
+                    st.dirty.push(true);
+                    staged[i] = true;
+                }
+                Err(UffdError::Again { .. }) | Err(UffdError::Exists { .. }) => {
+                    // Busy (pinned, or under migration): it stays where it is.
+                    self.states.transition(gfn, FrameState::SwappingOut, FrameState::Resident);
+                    self.counters.busy.inc();
+                }
+                Err(source) => {
+                    self.states.transition(gfn, FrameState::SwappingOut, FrameState::Resident);
+                    return Err(SwapError::Uffd { gpa: gfn.gpa().0, source });
+                }
+            }
+        }
+        Ok(staged)
+    }
+
+    /// Writes out what [`stage`](Self::stage) moved, without the memory manager's lock: each
+    /// page ends `Swapped` (in the pool or the file, or as a kept clean copy), `Zero`, or back
+    /// in guest RAM if it could not be written. Empties the staging area.
+    pub fn commit(&self, st: &mut Staging) -> Result<(), SwapError> {
+        let mut to_file = Vec::new();
+        let mut cbuf = vec![0u8; lz4_flex::block::get_maximum_output_size(to_usize(PAGE_SIZE))];
+        for i in 0..st.gfns.len() {
+            let gfn = st.gfns[i];
+            let page = st.page(i);
+            let kept = Loc::decode(self.location(gfn).load(Ordering::Acquire));
+            if !st.dirty[i] && matches!(kept, Loc::File(_)) {
+                self.counters.clean_drops.inc();
+                self.finalize(gfn, FrameState::Swapped, None);
+                continue;
+            }
+            if kept != Loc::None {
+                // Written since: the kept copy is stale.
+                self.release(&mut lock(&self.inner), gfn);
+            }
+            if page.iter().all(|&b| b == 0) {
+                self.counters.zero_pages.inc();
+                self.finalize(gfn, FrameState::Zero, None);
+                continue;
+            }
+            if self.compress
+                && let Some(n) = lock(&self.inner).pool.compress(page, &mut cbuf)
+                && let Some(h) = self.pool_insert(gfn, &cbuf[..n])?
+            {
+                self.counters.pool_stores.inc();
+                self.finalize(gfn, FrameState::Swapped, Some(Loc::Pool(h)));
+                continue;
+            }
+            to_file.push(i);
+        }
+        let res = self.write_staged(st, &to_file);
+        let len = st.gfns.len() as u64 * PAGE_SIZE;
+        st.gfns.clear();
+        st.dirty.clear();
+        // SAFETY: drops only staging pages (ours); their data is in swap, back in guest RAM,
+        // or was dropped with its frame.
+        let rc = unsafe { libc::madvise(st.base as *mut libc::c_void, to_usize(len), libc::MADV_DONTNEED) };
+        if rc != 0 {
+            return Err(SwapError::Discard(std::io::Error::last_os_error()));
+        }
+        res
+    }
+
+    /// Writes staged pages `idx` to the file; pages that cannot be written go back.
+    fn write_staged(&self, st: &Staging, idx: &[usize]) -> Result<(), SwapError> {
+        if idx.is_empty() {
+            return Ok(());
+        }
+        let mut slots = Vec::with_capacity(idx.len());
+        let got = if self.file_full() { 0 } else { self.file.alloc(idx.len(), &mut slots) };
+        let pages: Vec<&[u8]> = idx[..got].iter().map(|&i| st.page(i)).collect();
+        let written = match self.file.write(&slots, &pages) {
+            Ok(()) => true,
+            Err(e) => {
+                self.write_failed(&e);
+                for &s in &slots {
+                    self.file.free(s);
+                }
+                false
+            }
+        };
+        if got < idx.len() {
+            self.file_full.store(true, Ordering::Relaxed);
+            self.counters.enospc.add((idx.len() - got) as u64);
+        }
+        for (k, &i) in idx.iter().enumerate() {
+            if written && k < got {
+                self.counters.file_writes.inc();
+                self.file_pages.fetch_add(1, Ordering::Relaxed);
+                self.finalize(st.gfns[i], FrameState::Swapped, Some(Loc::File(slots[k])));
+            } else {
+                self.put_back(st.gfns[i], st.page(i))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn write_failed(&self, e: &SwapFileError) {
+        if matches!(e, SwapFileError::NoSpace) {
+            self.file_full.store(true, Ordering::Relaxed);
+            self.counters.enospc.inc();
+        } else {
+            self.counters.io_errors.inc();
+            log::warn!("swap: {}", crate::error_chain(e));
+        }
+    }
+
+    /// Stores a compressed page in the pool, writing back its oldest pages to the file to
+    /// make room. `None`: no room (the page goes to the file).
+    fn pool_insert(&self, gfn: Gfn, data: &[u8]) -> Result<Option<u32>, SwapError> {
+        loop {
+            {
+                let mut inner = lock(&self.inner);
+                if let Some(h) = inner.pool.insert(gfn.0, data) {
+                    return Ok(Some(h));
+                }
+                if inner.pool.bytes() == 0 || self.file_full() {
+                    return Ok(None);
+                }
+            }
+            if !self.pool_writeback()? {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// Writes the pool's oldest chunk back to the file and retires it. Only the evictor (the
+    /// holder of the staging lock, the pool's only inserter) calls this. Returns whether it
+    /// freed pool memory.
+    pub fn pool_writeback(&self) -> Result<bool, SwapError> {
+        let (entries, buf) = {
+            let inner = lock(&self.inner);
+            let entries = inner.pool.oldest_live();
+            let mut buf = AlignedBuf::new(entries.len().max(1) * to_usize(PAGE_SIZE));
+            for (k, &(_, h)) in entries.iter().enumerate() {
+                let page = &mut buf.as_mut_slice()[k * to_usize(PAGE_SIZE)..(k + 1) * to_usize(PAGE_SIZE)];
+                inner.pool.load(h, page).map_err(|e| SwapError::Read { gpa: 0, source: Box::new(e) })?;
+            }
+            (entries, buf)
+        };
+        let mut slots = Vec::with_capacity(entries.len());
+        if !entries.is_empty() {
+            if self.file_full() || self.file.alloc(entries.len(), &mut slots) < entries.len() {
+                for &s in &slots {
+                    self.file.free(s);
+                }
+                self.file_full.store(true, Ordering::Relaxed);
+                return Ok(false);
+            }
+            let pages: Vec<&[u8]> = buf.as_slice().chunks(to_usize(PAGE_SIZE)).take(entries.len()).collect();
+            if let Err(e) = self.file.write(&slots, &pages) {
+                self.write_failed(&e);
+                for &s in &slots {
+                    self.file.free(s);
+                }
+                return Ok(false);
+            }
+        }
+        let mut inner = lock(&self.inner);
+        for (&(g, h), &slot) in entries.iter().zip(&slots) {
+            let loc = self.location(Gfn(g));
+            // Only if the frame still has this pool copy (not swapped in or freed meanwhile).
+            if loc
+                .compare_exchange(Loc::Pool(h).encode(), Loc::File(slot).encode(), Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                self.counters.pool_writebacks.inc();
+                self.counters.file_writes.inc();
+                self.file_pages.fetch_add(1, Ordering::Relaxed);
+                let _ = inner.pool.remove(h);
+            } else {
+                self.file.free(slot);
+            }
+        }
+        inner.pool.retire_oldest();
+        Ok(true)
+    }
+
+    /// Ends the eviction of `gfn`: records its new location (or keeps the one it has when
+    /// `loc` is `None`) and moves it to `to`. If the frame was freed meanwhile, whatever copy
+    /// it has is dropped instead.
+    fn finalize(&self, gfn: Gfn, to: FrameState, loc: Option<Loc>) {
+        let mut inner = lock(&self.inner);
+        if let Some(l) = loc {
+            self.location(gfn).store(l.encode(), Ordering::Release);
+        }
+        if self.states.transition(gfn, FrameState::SwappingOut, to) {
+            self.counters.pages_out.inc();
+            inner.recent.evicted(gfn);
+        } else {
+            self.release(&mut inner, gfn);
+        }
+    }
+
+    /// Puts a staged page back into guest RAM (its write failed): it stays resident.
+    fn put_back(&self, gfn: Gfn, page: &[u8]) -> Result<(), SwapError> {
+        self.counters.put_back.inc();
+        if !self.states.transition(gfn, FrameState::SwappingOut, FrameState::Populating) {
+            // Freed meanwhile: nothing to put back.
+            return Ok(());
+        }
+        let res = self.install(gfn, page);
+        self.states.transition(gfn, FrameState::Populating, FrameState::Resident);
+        res
+    }
+
+    /// Installs `page` at `gfn`'s missing page and wakes whoever waits on it.
+    fn install(&self, gfn: Gfn, page: &[u8]) -> Result<(), SwapError> {
+        let hva = self.ram.host_addr(gfn.gpa()).ok_or(SwapError::Lost { gpa: gfn.gpa().0 })? as u64;
+        // SAFETY: `page` is PAGE_SIZE readable bytes; the destination is a guest RAM page
+        // registered with this userfaultfd, missing because its frame's data is in flight.
+        match unsafe { self.uffd.copy(hva, page.as_ptr(), PAGE_SIZE, true) } {
+            Ok(_) => Ok(()),
+            Err(source) => Err(SwapError::Uffd { gpa: gfn.gpa().0, source }),
+        }
+    }
+
+    // In.
+
+    /// Brings `gfn` back if it is `Swapped`, and up to `ahead` of the frames after it that are
+    /// too (read-ahead for sequential faults). Returns `false` if `gfn` is not `Swapped`
+    /// (another path got there first: the caller looks again).
+    pub fn swap_in(&self, gfn: Gfn, ahead: usize) -> Result<bool, SwapError> {
+        let start = Instant::now();
+        if !self.states.transition(gfn, FrameState::Swapped, FrameState::Populating) {
+            return Ok(false);
+        }
+        let mut frames = vec![gfn];
+        let end = self.states.range_of(gfn).map_or(gfn, |r| r.1);
+        for k in 1..=ahead.min(MAX_READAHEAD - 1) as u64 {
+            let g = gfn.plus(k);
+            if g >= end || !self.states.transition(g, FrameState::Swapped, FrameState::Populating) {
+                break;
+            }
+            frames.push(g);
+        }
+        let res = self.read_in(&frames);
+        // Whatever happened, no frame stays claimed but the failed one (the VM stops then).
+        let ok = res.as_ref().map_or(0, |_| frames.len());
+        for &g in &frames[ok..] {
+            if g != gfn {
+                self.states.transition(g, FrameState::Populating, FrameState::Swapped);
+            }
+        }
+        res?;
+        self.counters.pages_in.add(frames.len() as u64);
+        self.counters.readahead.add(frames.len() as u64 - 1);
+        self.latency.record(u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX));
+        Ok(true)
+    }
+
+    /// Reads claimed (`Populating`) `frames` back and installs them; marks them `Resident`.
+    fn read_in(&self, frames: &[Gfn]) -> Result<(), SwapError> {
+        thread_local! {
+            static BUF: std::cell::RefCell<AlignedBuf> =
+                std::cell::RefCell::new(AlignedBuf::new(MAX_READAHEAD * to_usize(PAGE_SIZE)));
+        }
+        BUF.with(|b| {
+            let mut b = b.borrow_mut();
+            let buf = b.as_mut_slice();
+            let page = to_usize(PAGE_SIZE);
+            // Where each frame's data is; pool copies are taken out at once.
+            let mut locs = Vec::with_capacity(frames.len());
+            {
+                let mut inner = lock(&self.inner);
+                for (k, &g) in frames.iter().enumerate() {
+                    let loc = Loc::decode(self.location(g).load(Ordering::Acquire));
+                    if let Loc::Pool(h) = loc {
+                        inner
+                            .pool
+                            .load(h, &mut buf[k * page..(k + 1) * page])
+                            .map_err(|e| SwapError::Read { gpa: g.gpa().0, source: Box::new(e) })?;
+                        let _ = inner.pool.remove(h);
+                        self.location(g).store(0, Ordering::Release);
+                    }
+                    if inner.recent.back(g, self.limit() / PAGE_SIZE) {
+                        self.counters.refaults.inc();
+                    }
+                    locs.push(loc);
+                }
+            }
+            // File copies: runs of consecutive slots in one read each. The slot stays the
+            // frame's (a clean copy) until the page is written or freed.
+            let mut k = 0;
+            while k < frames.len() {
+                let Loc::File(first) = locs[k] else {
+                    if locs[k] == Loc::None {
+                        return Err(SwapError::Lost { gpa: frames[k].gpa().0 });
+                    }
+                    k += 1;
+                    continue;
+                };
+                let mut n = 1;
+                while k + n < frames.len()
+                    && u32::try_from(n)
+                        .ok()
+                        .and_then(|n| first.checked_add(n))
+                        .is_some_and(|s| locs[k + n] == Loc::File(s))
+                {
+                    n += 1;
+                }
+                self.file
+                    .read(first, &mut buf[k * page..(k + n) * page])
+                    .map_err(|e| SwapError::Read { gpa: frames[k].gpa().0, source: Box::new(e) })?;
+                k += n;
+            }
+            for (k, &g) in frames.iter().enumerate() {
+                self.install(g, &buf[k * page..(k + 1) * page])?;
+                self.states.transition(g, FrameState::Populating, FrameState::Resident);
+            }
+            Ok(())
+        })
+    }
+
+    /// Waits while an eviction of `gfn` is in flight.
+    pub fn wait_evicted(&self, gfn: Gfn) -> Result<(), SwapError> {
+        let start = Instant::now();
+        while self.states.get(gfn) == FrameState::SwappingOut {
+            if start.elapsed() > EVICTION_WAIT_MAX {
+                return Err(SwapError::Stuck { gpa: gfn.gpa().0 });
+            }
+            std::thread::sleep(Duration::from_micros(20));
+        }
+        Ok(())
+    }
+
+    // Gone.
+
+    /// Drops every swap copy of the frames in `runs`, which were just freed. No I/O.
+    pub fn forget(&self, runs: &[(Gfn, u64)]) {
+        let mut inner = lock(&self.inner);
+        for &(g, n) in runs {
+            for i in 0..n {
+                self.release(&mut inner, g.plus(i));
+            }
+        }
+    }
+
+    /// Drops the kept clean copy of `Resident` frames in `runs`: the VMM is about to write
+    /// them, or their leaf changed (its dirty bit may not tell the truth any more). The caller
+    /// holds the memory manager's lock, so none of them is being evicted.
+    pub fn drop_clean(&self, runs: &[(Gfn, u64)]) {
+        let mut inner = None;
+        for &(g, n) in runs {
+            for i in 0..n {
+                let gfn = g.plus(i);
+                if self.location(gfn).load(Ordering::Acquire) == 0 || self.states.get(gfn) != FrameState::Resident {
+                    continue;
+                }
+                self.release(inner.get_or_insert_with(|| lock(&self.inner)), gfn);
+            }
+        }
+    }
+
+    /// Takes `gfn`'s location and frees what it names.
+    fn release(&self, inner: &mut Inner, gfn: Gfn) {
+        let Some(word) = self.locations.get(to_usize(gfn.0)) else { return };
+        match Loc::decode(word.swap(0, Ordering::AcqRel)) {
+            Loc::None => {}
+            Loc::File(s) => {
+                self.file.free(s);
+                self.file_pages.fetch_sub(1, Ordering::Relaxed);
+            }
+            Loc::Pool(h) => {
+                let _ = inner.pool.remove(h);
+            }
+        }
+    }
+
+    fn location(&self, gfn: Gfn) -> &AtomicU32 {
+        &self.locations[to_usize(gfn.0)]
+    }
+
+    // Figures.
+
+    /// A snapshot.
+    pub fn report(&self) -> SwapStoreReport {
+        let (pool, pool_meta) = {
+            let inner = lock(&self.inner);
+            (inner.pool.stats(), inner.pool.metadata_bytes())
+        };
+        let f = self.file.stats();
+        let c = &self.counters;
+        SwapStoreReport {
+            limit_bytes: self.limit(),
+            resident_bytes: self.states.resident_total() * PAGE_SIZE,
+            pages_out: c.pages_out.get(),
+            pages_in: c.pages_in.get(),
+            zero_pages: c.zero_pages.get(),
+            clean_drops: c.clean_drops.get(),
+            compressed_pages: pool.entries,
+            compressed_bytes: pool.stored_bytes,
+            pool_bytes: pool.bytes,
+            pool_capacity: pool.capacity,
+            pool_writebacks: c.pool_writebacks.get(),
+            file_pages: self.file_pages.load(Ordering::Relaxed),
+            file_bytes: f.slots_used * PAGE_SIZE,
+            file_max_bytes: self.file_max,
+            file_direct_io: self.file.direct(),
+            file_written_bytes: f.bytes_written,
+            file_read_bytes: f.bytes_read,
+            refaults: c.refaults.get(),
+            readahead_pages: c.readahead.get(),
+            enospc: c.enospc.get(),
+            io_errors: c.io_errors.get(),
+            put_back: c.put_back.get(),
+            busy: c.busy.get(),
+            file_full: self.file_full(),
+            metadata_bytes: self.locations.resident_bytes() + self.file.metadata_bytes() + pool_meta,
+            swap_in_latency: self.latency.summary(),
+        }
+    }
+
+    /// Every `Swapped` frame has a copy, no free frame has one, file copies match the file's
+    /// slot map, and the pool and file are consistent.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let inner = lock(&self.inner);
+        inner.pool.check_invariants()?;
+        self.file.check_invariants()?;
+        let mut file_pages = 0;
+        for &(first, end, _) in self.states.ranges() {
+            for g in first.0..end.0 {
+                let gfn = Gfn(g);
+                let loc = Loc::decode(self.location(gfn).load(Ordering::Acquire));
+                let st = self.states.get(gfn);
+                match (st, loc) {
+                    (FrameState::Swapped, Loc::None) => return Err(format!("frame {gfn} is swapped with no copy")),
+                    (FrameState::Free | FrameState::Ballooned | FrameState::Allocated, l) if l != Loc::None => {
+                        return Err(format!("frame {gfn} is {st:?} but keeps a swap copy {l:?}"));
+                    }
+                    _ => {}
+                }
+                match loc {
+                    Loc::File(s) => {
+                        file_pages += 1;
+                        if !self.file.in_use(s) {
+                            return Err(format!("frame {gfn}'s file slot {s} is free"));
+                        }
+                    }
+                    Loc::Pool(h) if inner.pool.gfn_of(h) != Ok(g) => {
+                        return Err(format!("frame {gfn}'s pool entry {h:#x} is not its"));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        if file_pages != self.file.stats().slots_used {
+            return Err(format!(
+                "{file_pages} frames have file copies, the file has {} slots",
+                self.file.stats().slots_used
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for SwapStore {
+    fn drop(&mut self) {
+        let base = lock(&self.staging).base;
+        // SAFETY: unmaps exactly the staging mapping made in `new`, which nothing uses now.
+        unsafe { libc::munmap(base as *mut libc::c_void, to_usize(STAGE_PAGES as u64 * PAGE_SIZE)) };
+    }
+}

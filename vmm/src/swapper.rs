@@ -1,0 +1,272 @@
+//! The swapper: one thread that keeps guest RAM's host memory under the swap limit, the way
+//! kswapd keeps a zone above its watermarks, and carries out the API's swap requests.
+//!
+//! When resident guest frames plus the compressed pool pass the limit, it evicts batches (the
+//! clock picks and stages them under the memory manager's lock; the store writes them out
+//! without it) until usage is a little below the limit. If the clock finds nothing to evict in
+//! two full turns, or the swap file is full and nothing moves, it stops trying for now and says
+//! the limit is not met. Fault handlers that find guest RAM well above the limit wake it and
+//! wait for it a little (see `backing::fault`).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::config::{SwapConfig, check_swap_limit};
+use crate::memory::MemoryError;
+use crate::memory::addr::{Gfn, PAGE_SIZE};
+use crate::memory::backing::swap::{MAX_READAHEAD, STAGE_PAGES, SwapError, SwapStore};
+use crate::memory::frames::page_state::FrameState;
+use crate::shared::VmShared;
+use crate::sync::{ThreadInit, lock};
+
+/// How often the swapper looks at usage without being woken.
+const PERIOD: Duration = Duration::from_millis(10);
+/// Frames a background swap-in looks at per step.
+const SWAP_IN_STEP: u64 = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SwapperError {
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Swap(#[from] SwapError),
+    #[error("the swapper thread panicked")]
+    Panicked,
+    #[error("cannot set up the swapper thread")]
+    ThreadSetup(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// Work the API asked for.
+#[derive(Debug, Default)]
+struct Requests {
+    /// Evict everything not touched since the hand last passed (`PUT /swap/out`).
+    out: bool,
+    /// Bring everything back (`PUT /swap/in`): the next frame to look at, while under way.
+    back_in: Option<Gfn>,
+}
+
+/// What the swapper is doing (the stats JSON's `swap.state`, `GET /swap`'s `state`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SwapState {
+    /// Usage is within the limit.
+    #[default]
+    Within,
+    /// Evicting to get under the limit.
+    Reclaiming,
+    /// Over the limit with nothing more it can evict now (all pages hot, or the file full).
+    LimitNotMet,
+    /// Bringing swapped pages back (`PUT /swap/in`).
+    SwappingIn,
+}
+
+/// The swapper.
+#[derive(Debug)]
+pub struct Swapper {
+    store: Arc<SwapStore>,
+    config: Mutex<SwapConfig>,
+    requests: Mutex<Requests>,
+    state: Mutex<SwapState>,
+    stop: AtomicBool,
+}
+
+/// The swapper's figures beside the store's.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct SwapperReport {
+    pub state: SwapState,
+    pub sweep_requested: bool,
+    pub swap_in_requested: bool,
+}
+
+impl Swapper {
+    pub fn new(store: Arc<SwapStore>, config: SwapConfig) -> Self {
+        Swapper {
+            store,
+            config: Mutex::new(config),
+            requests: Mutex::new(Requests::default()),
+            state: Mutex::new(SwapState::Within),
+            stop: AtomicBool::new(false),
+        }
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<SwapStore> {
+        &self.store
+    }
+
+    /// The configuration in force (with the current limit).
+    pub fn config(&self) -> SwapConfig {
+        lock(&self.config).clone()
+    }
+
+    /// Starts the thread, which runs `init` (its seccomp filter) first; its first error goes to
+    /// `on_error`.
+    pub fn spawn(
+        self: Arc<Self>,
+        shared: Arc<VmShared>,
+        init: ThreadInit,
+        on_error: impl Fn(SwapperError) + Send + 'static,
+    ) -> std::io::Result<()> {
+        std::thread::Builder::new().name("swapper".into()).spawn(move || {
+            let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                init().map_err(SwapperError::ThreadSetup).and_then(|()| self.run(&shared))
+            }))
+            .unwrap_or(Err(SwapperError::Panicked));
+            if let Err(e) = res {
+                on_error(e);
+            }
+        })?;
+        Ok(())
+    }
+
+    /// Stops the thread at its next wake-up.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Release);
+        self.store.kick();
+    }
+
+    /// `PATCH /swap`: a new limit (the pool keeps its share of it).
+    pub fn set_limit(&self, limit: u64) -> Result<(), String> {
+        check_swap_limit(limit)?;
+        let pool = {
+            let mut c = lock(&self.config);
+            c.limit = limit;
+            c.pool_for(limit)
+        };
+        self.store.set_limit(limit, pool);
+        Ok(())
+    }
+
+    /// `PUT /swap/out`.
+    pub fn request_out(&self) {
+        lock(&self.requests).out = true;
+        self.store.kick();
+    }
+
+    /// `PUT /swap/in`.
+    pub fn request_in(&self) {
+        lock(&self.requests).back_in.get_or_insert(Gfn(0));
+        self.store.kick();
+    }
+
+    pub fn report(&self) -> SwapperReport {
+        let r = lock(&self.requests);
+        SwapperReport { state: *lock(&self.state), sweep_requested: r.out, swap_in_requested: r.back_in.is_some() }
+    }
+
+    fn set_state(&self, s: SwapState) {
+        *lock(&self.state) = s;
+    }
+
+    fn run(&self, shared: &VmShared) -> Result<(), SwapperError> {
+        while !self.stop.load(Ordering::Acquire) {
+            self.store.wait_for_kick(PERIOD);
+            if std::mem::take(&mut lock(&self.requests).out) {
+                self.sweep(shared)?;
+            }
+            self.enforce_limit(shared)?;
+            self.trim_pool()?;
+            let next = lock(&self.requests).back_in;
+            if let Some(from) = next {
+                let next = self.swap_in_step(from)?;
+                lock(&self.requests).back_in = next;
+                if next.is_some() {
+                    // More to do: do not wait for the period.
+                    self.store.kick();
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// One batch: stage under the manager's lock, write out without it. Returns (frames
+    /// staged, whether the hand wrapped).
+    fn batch(&self, shared: &VmShared) -> Result<(usize, bool), SwapperError> {
+        let mut staging = self.store.lock_staging();
+        let out = shared.mm().swap_stage(&mut staging, STAGE_PAGES)?;
+        self.store.commit(&mut staging)?;
+        Ok((out.staged, out.wrapped))
+    }
+
+    /// Evicts until usage is a little under the limit, or nothing more can go.
+    fn enforce_limit(&self, shared: &VmShared) -> Result<(), SwapperError> {
+        let limit = self.store.limit();
+        if self.store.usage() <= limit {
+            if *lock(&self.state) != SwapState::SwappingIn {
+                self.set_state(SwapState::Within);
+            }
+            return Ok(());
+        }
+        self.set_state(SwapState::Reclaiming);
+        let low = limit.saturating_sub((limit / 32).max(2 << 20));
+        let (mut empty_laps, mut stalled) = (0, 0);
+        while self.store.usage() > low && !self.stop.load(Ordering::Acquire) {
+            let before = self.store.usage();
+            let (staged, wrapped) = self.batch(shared)?;
+            if staged == 0 && wrapped {
+                empty_laps += 1;
+            }
+            stalled = if self.store.usage() >= before { stalled + 1 } else { 0 };
+            // Two turns of the hand with nothing to evict, or a full file and no progress.
+            if empty_laps >= 2 || (stalled >= 8 && (staged == 0 || self.store.file_full())) {
+                self.set_state(SwapState::LimitNotMet);
+                return Ok(());
+            }
+        }
+        self.set_state(SwapState::Within);
+        Ok(())
+    }
+
+    /// `PUT /swap/out`: one full turn of the hand, evicting every page not touched since it
+    /// last passed.
+    fn sweep(&self, shared: &VmShared) -> Result<(), SwapperError> {
+        let Some(start) = shared.mm().swap_position() else { return Ok(()) };
+        while !self.stop.load(Ordering::Acquire) {
+            self.batch(shared)?;
+            let Some((laps, hand)) = shared.mm().swap_position() else { break };
+            if laps > start.0 + 1 || (laps > start.0 && hand >= start.1) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// The pool over its (lowered) capacity writes back its oldest pages.
+    fn trim_pool(&self) -> Result<(), SwapperError> {
+        let _staging = self.store.lock_staging();
+        while self.store.pool_over_capacity() > 0 {
+            if !self.store.pool_writeback()? {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// `PUT /swap/in`: brings back the swapped frames of the next step from `from`, while usage
+    /// stays under the limit. Returns where to go on (`None`: done).
+    fn swap_in_step(&self, from: Gfn) -> Result<Option<Gfn>, SwapperError> {
+        self.set_state(SwapState::SwappingIn);
+        let end = self.store.frames_end();
+        let limit = self.store.limit();
+        let room = limit.saturating_sub((limit / 32).max(2 << 20));
+        let mut g = from;
+        let stop = Gfn((from.0 + SWAP_IN_STEP).min(end.0));
+        while g < stop {
+            if self.store.usage() + MAX_READAHEAD as u64 * PAGE_SIZE > room {
+                // No room: done for now (the limit wins over the request).
+                self.set_state(SwapState::Within);
+                return Ok(None);
+            }
+            if self.store.state(g) == FrameState::Swapped {
+                self.store.swap_in(g, MAX_READAHEAD - 1)?;
+            }
+            g = g.plus(1);
+        }
+        if g >= end {
+            self.set_state(SwapState::Within);
+            return Ok(None);
+        }
+        Ok(Some(g))
+    }
+}
