@@ -3,136 +3,18 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::vm::{Exit, Vm, n, results, rss_kib, wait_for};
 use serde_json::Value;
 use vmm::api::client;
 
 const MIB: u64 = 1 << 20;
-
-/// A running `vmm` with an API socket; its stdout is collected as it comes.
-struct Vm {
-    child: Child,
-    socket: PathBuf,
-    stats: PathBuf,
-    stdout: Arc<Mutex<String>>,
-    reader: std::thread::JoinHandle<()>,
-}
-
-/// How a `vmm` ended.
-struct Exit {
-    code: i32,
-    stderr: String,
-    stats: Value,
-    /// Everything it printed.
-    stdout: String,
-}
-
-impl Vm {
-    fn start(args: &[&str]) -> Vm {
-        let socket = common::scratch("api.sock");
-        let stats = common::scratch("api-stats.json");
-        let mut child = Command::new(common::vmm_bin())
-            .args(["run", "--kernel"])
-            .arg(common::guest_image())
-            .arg("--api-socket")
-            .arg(&socket)
-            .arg("--stats-file")
-            .arg(&stats)
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("cannot spawn vmm");
-        let stdout = Arc::new(Mutex::new(String::new()));
-        let out = child.stdout.take().unwrap();
-        let sink = Arc::clone(&stdout);
-        let reader = std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                let mut s = sink.lock().unwrap();
-                s.push_str(&line);
-                s.push('\n');
-            }
-        });
-        let vm = Vm { child, socket, stats, stdout, reader };
-        wait_for("the API socket", Duration::from_secs(20), || vm.socket.exists());
-        vm
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// `(status, body as JSON or null)`.
-    fn api(&self, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
-        let (code, body) = client::request(&self.socket, method, path, body).expect("the API answers");
-        (code, serde_json::from_slice(&body).unwrap_or(Value::Null))
-    }
-
-    fn balloon_stats(&self) -> Value {
-        let (code, v) = self.api("GET", "/balloon/statistics", None);
-        assert_eq!(code, 200, "{v}");
-        v
-    }
-
-    /// Waits for the exit and for the last of its output.
-    fn wait(mut self, timeout: Duration) -> Exit {
-        let start = Instant::now();
-        let status = loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                break s;
-            }
-            assert!(start.elapsed() < timeout, "vmm did not finish in {timeout:?}");
-            std::thread::sleep(Duration::from_millis(10));
-        };
-        let mut err = String::new();
-        std::io::Read::read_to_string(self.child.stderr.as_mut().unwrap(), &mut err).unwrap();
-        let stats = std::fs::read_to_string(&self.stats).map(|t| serde_json::from_str(&t).unwrap()).unwrap_or_default();
-        let _ = std::fs::remove_file(&self.stats);
-        self.reader.join().unwrap();
-        let stdout = self.stdout.lock().unwrap().clone();
-        Exit { code: status.code().unwrap_or(-1), stderr: err, stats, stdout }
-    }
-
-    fn output(&self) -> String {
-        self.stdout.lock().unwrap().clone()
-    }
-}
-
-fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !cond() {
-        assert!(start.elapsed() < timeout, "{what}: not within {timeout:?}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    s.lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
-/// The `@result` lines of `scenario` in `out` (stdout, tagged by vCPU or not).
-fn results(out: &str, scenario: &str) -> Vec<Value> {
-    out.lines()
-        .filter_map(|l| l.find("@result ").map(|i| &l[i..]))
-        .map(|l| serde_json::to_value(vmm::console::parse_result(l)).unwrap())
-        .filter(|r| r["scenario"] == scenario)
-        .collect()
-}
-
-fn n(v: &Value, k: &str) -> u64 {
-    v[k].as_u64().unwrap_or_else(|| panic!("`{k}` missing from {v}"))
-}
 
 #[test]
 fn the_balloon_takes_memory_back_from_a_running_cache_and_gives_it_back() {

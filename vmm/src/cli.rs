@@ -47,8 +47,23 @@ pub enum CtlCommand {
         #[command(subcommand)]
         command: Option<BalloonCommand>,
     },
+    /// Host-side swap: its state, or `set SIZE`, `out`, `in`
+    Swap {
+        #[command(subcommand)]
+        command: Option<SwapCommand>,
+    },
     /// Ask the guest to finish (the VMM stops it after a grace period)
     Shutdown,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SwapCommand {
+    /// Set the host memory guest RAM may use (`256M`, `1G`)
+    Set { limit: String },
+    /// Evict every page not touched since the last scan, now
+    Out,
+    /// Bring every swapped page back, in the background (as the limit allows)
+    In,
 }
 
 #[derive(Debug, Subcommand)]

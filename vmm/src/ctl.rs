@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use crate::api::client::{self, ClientError};
 use crate::api::{BalloonStatistics, BalloonView};
-use crate::cli::{BalloonCommand, CtlArgs, CtlCommand};
+use crate::cli::{BalloonCommand, CtlArgs, CtlCommand, SwapCommand};
 use crate::config::ByteSize;
 
 /// Runs one `vmm ctl` command; errors are one line and exit code 1 (69 if the VMM cannot be
@@ -71,11 +71,59 @@ fn command(args: &CtlArgs) -> Result<String, ClientError> {
                 format!("balloon: {} of {} MiB held", s.actual_mib, s.target_mib)
             }
         }
+        CtlCommand::Swap { command: None } => {
+            let body = get("/swap")?;
+            if args.json { text(body) } else { swap_text(&client::decode(&body)?) }
+        }
+        CtlCommand::Swap { command: Some(SwapCommand::Set { limit }) } => {
+            let bytes = limit.parse::<ByteSize>().map_err(|e| ClientError::Api(e.to_string()))?.0;
+            client::call(socket, "PATCH", "/swap", Some(&format!(r#"{{"limit_mib": {}}}"#, bytes >> 20)))?;
+            format!("swap limit set to {} MiB", bytes >> 20)
+        }
+        CtlCommand::Swap { command: Some(SwapCommand::Out) } => {
+            client::call(socket, "PUT", "/swap/out", None)?;
+            "swap-out of cold pages requested".to_string()
+        }
+        CtlCommand::Swap { command: Some(SwapCommand::In) } => {
+            client::call(socket, "PUT", "/swap/in", None)?;
+            "swap-in of every page requested".to_string()
+        }
         CtlCommand::Shutdown => {
             client::call(socket, "PUT", "/actions", Some(r#"{"action_type": "Shutdown"}"#))?;
             "shutdown requested".to_string()
         }
     })
+}
+
+/// `GET /swap`, for people.
+fn swap_text(v: &serde_json::Value) -> String {
+    if v["enabled"] != true {
+        return "swap: off".to_string();
+    }
+    let n = |k: &str| v[k].as_u64().unwrap_or(0);
+    format!(
+        "swap: {} (policy {}), limit {} MiB, guest RAM resident {} MiB, pool {} MiB\n\
+         pages: {} out, {} in ({} refaults), {} zero, {} clean; pool {} pages; file {} pages ({} MiB, {} MiB written)\n\
+         swap-in latency: p50 {} us, p99 {} us; {} no-space, {} I/O errors",
+        v["state"].as_str().unwrap_or("?"),
+        v["policy"].as_str().unwrap_or("?"),
+        n("limit_mib"),
+        n("resident_bytes") >> 20,
+        n("pool_bytes") >> 20,
+        n("pages_out"),
+        n("pages_in"),
+        n("refaults"),
+        n("zero_pages"),
+        n("clean_drops"),
+        n("compressed_pages"),
+        n("file_pages"),
+        n("file_bytes") >> 20,
+        n("file_written_bytes") >> 20,
+        v["swap_in_latency"]["p50_ns"].as_u64().unwrap_or(0) / 1000,
+        v["swap_in_latency"]["p99_ns"].as_u64().unwrap_or(0) / 1000,
+        n("enospc"),
+        n("io_errors")
+    )
 }
 
 /// The stats, for people: the same two lines `vmm` prints at exit, from the JSON.

@@ -44,7 +44,8 @@ pub mod exit_code {
     pub const KVM: u8 = 72;
     /// The guest touched memory it was never given, or the fault handler failed.
     pub const GUEST_MEMORY: u8 = 73;
-    /// Writing the stats file failed.
+    /// An I/O failure: writing the stats file, or reading a swapped page back from the swap
+    /// file (the guest never gets zeros in place of its data).
     pub const IO: u8 = 74;
     /// Stopped from outside (SIGTERM, SIGINT) before the guest finished.
     pub const STOPPED: u8 = 75;

@@ -16,7 +16,7 @@ use crate::memory::MemoryManager;
 use crate::memory::backing::ram::GuestRam;
 use crate::metrics::{Counter, Timing};
 use crate::notify::Notifier;
-use crate::swapper::Swapper;
+use crate::swapper::{MemoryLock, Swapper};
 use crate::sync::lock;
 
 /// Exit counts by kind.
@@ -142,6 +142,12 @@ impl VmShared {
     pub fn results(&self) -> (Vec<String>, std::collections::BTreeMap<String, u64>) {
         let r = lock(&self.results);
         (r.lines(), r.dropped().clone())
+    }
+}
+
+impl MemoryLock for VmShared {
+    fn mm(&self) -> MutexGuard<'_, MemoryManager> {
+        lock(&self.mm)
     }
 }
 

@@ -266,7 +266,29 @@ pub fn summary(s: &Stats) -> String {
         (free * 4096) >> 20,
         (total * 4096) >> 20,
         s.memory.page_table_pages
-    )
+    ) + &swap_summary(s).unwrap_or_default()
+}
+
+/// The summary's swap line, when swap is on.
+fn swap_summary(s: &Stats) -> Option<String> {
+    let w = s.swap.as_ref()?;
+    let st = &w.swap.store;
+    Some(format!(
+        "\nvmm: swap: {} pages out, {} in ({} refaults); {} zero, {} clean; {} MiB written, {} MiB read; limit {} MiB{}",
+        st.pages_out,
+        st.pages_in,
+        st.refaults,
+        st.zero_pages,
+        st.clean_drops,
+        st.file_written_bytes >> 20,
+        st.file_read_bytes >> 20,
+        st.limit_bytes >> 20,
+        if w.swapper.limit_not_met > 0 {
+            format!(" (not met {} times)", w.swapper.limit_not_met)
+        } else {
+            String::new()
+        }
+    ))
 }
 
 /// A short human-readable table (for `-v`).

@@ -8,20 +8,22 @@
 //! the limit is not met. Fault handlers that find guest RAM well above the limit wake it and
 //! wait for it a little (see `backing::fault`).
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use crate::config::{SwapConfig, check_swap_limit};
-use crate::memory::MemoryError;
 use crate::memory::addr::{Gfn, PAGE_SIZE};
 use crate::memory::backing::swap::{MAX_READAHEAD, STAGE_PAGES, SwapError, SwapStore};
 use crate::memory::frames::page_state::FrameState;
-use crate::shared::VmShared;
+use crate::memory::{MemoryError, MemoryManager};
 use crate::sync::{ThreadInit, lock};
 
 /// How often the swapper looks at usage without being woken.
 const PERIOD: Duration = Duration::from_millis(10);
+/// How long the swapper leaves the limit alone after it could not meet it (unless the limit
+/// changes).
+const GIVE_UP_FOR: Duration = Duration::from_millis(500);
 /// Frames a background swap-in looks at per step.
 const SWAP_IN_STEP: u64 = 4096;
 
@@ -37,11 +39,26 @@ pub enum SwapperError {
     ThreadSetup(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
+impl SwapperError {
+    /// Whether swap could not read a page back (an I/O error on the swap file).
+    pub fn is_read_error(&self) -> bool {
+        matches!(self, SwapperError::Swap(SwapError::Read { .. }))
+    }
+}
+
+/// Whoever holds the memory manager (the VM), as the swapper sees it.
+pub trait MemoryLock: Send + Sync + 'static {
+    /// The memory manager, locked.
+    fn mm(&self) -> MutexGuard<'_, MemoryManager>;
+}
+
 /// Work the API asked for.
 #[derive(Debug, Default)]
 struct Requests {
-    /// Evict everything not touched since the hand last passed (`PUT /swap/out`).
-    out: bool,
+    /// Sweeps asked for (`PUT /swap/out`: evict everything not touched since the hand last
+    /// passed), and sweeps done.
+    out: u64,
+    out_done: u64,
     /// Bring everything back (`PUT /swap/in`): the next frame to look at, while under way.
     back_in: Option<Gfn>,
 }
@@ -68,6 +85,10 @@ pub struct Swapper {
     config: Mutex<SwapConfig>,
     requests: Mutex<Requests>,
     state: Mutex<SwapState>,
+    /// Times the swapper gave up on the limit for want of anything to evict, and until when it
+    /// rests (with the limit it gave up on).
+    not_met: AtomicU64,
+    resting: Mutex<Option<(Instant, u64)>>,
     stop: AtomicBool,
 }
 
@@ -75,6 +96,8 @@ pub struct Swapper {
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct SwapperReport {
     pub state: SwapState,
+    /// Times the limit could not be met (nothing more to evict: all hot, or the file full).
+    pub limit_not_met: u64,
     pub sweep_requested: bool,
     pub swap_in_requested: bool,
 }
@@ -86,6 +109,8 @@ impl Swapper {
             config: Mutex::new(config),
             requests: Mutex::new(Requests::default()),
             state: Mutex::new(SwapState::Within),
+            not_met: AtomicU64::new(0),
+            resting: Mutex::new(None),
             stop: AtomicBool::new(false),
         }
     }
@@ -104,13 +129,13 @@ impl Swapper {
     /// `on_error`.
     pub fn spawn(
         self: Arc<Self>,
-        shared: Arc<VmShared>,
+        shared: Arc<dyn MemoryLock>,
         init: ThreadInit,
         on_error: impl Fn(SwapperError) + Send + 'static,
     ) -> std::io::Result<()> {
         std::thread::Builder::new().name("swapper".into()).spawn(move || {
             let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                init().map_err(SwapperError::ThreadSetup).and_then(|()| self.run(&shared))
+                init().map_err(SwapperError::ThreadSetup).and_then(|()| self.run(shared.as_ref()))
             }))
             .unwrap_or(Err(SwapperError::Panicked));
             if let Err(e) = res {
@@ -140,7 +165,7 @@ impl Swapper {
 
     /// `PUT /swap/out`.
     pub fn request_out(&self) {
-        lock(&self.requests).out = true;
+        lock(&self.requests).out += 1;
         self.store.kick();
     }
 
@@ -152,18 +177,25 @@ impl Swapper {
 
     pub fn report(&self) -> SwapperReport {
         let r = lock(&self.requests);
-        SwapperReport { state: *lock(&self.state), sweep_requested: r.out, swap_in_requested: r.back_in.is_some() }
+        SwapperReport {
+            state: *lock(&self.state),
+            limit_not_met: self.not_met.load(Ordering::Relaxed),
+            sweep_requested: r.out > r.out_done,
+            swap_in_requested: r.back_in.is_some(),
+        }
     }
 
     fn set_state(&self, s: SwapState) {
         *lock(&self.state) = s;
     }
 
-    fn run(&self, shared: &VmShared) -> Result<(), SwapperError> {
+    fn run(&self, shared: &dyn MemoryLock) -> Result<(), SwapperError> {
         while !self.stop.load(Ordering::Acquire) {
             self.store.wait_for_kick(PERIOD);
-            if std::mem::take(&mut lock(&self.requests).out) {
+            let asked = lock(&self.requests).out;
+            if asked > lock(&self.requests).out_done {
                 self.sweep(shared)?;
+                lock(&self.requests).out_done = asked;
             }
             self.enforce_limit(shared)?;
             self.trim_pool()?;
@@ -182,7 +214,7 @@ impl Swapper {
 
     /// One batch: stage under the manager's lock, write out without it. Returns (frames
     /// staged, whether the hand wrapped).
-    fn batch(&self, shared: &VmShared) -> Result<(usize, bool), SwapperError> {
+    fn batch(&self, shared: &dyn MemoryLock) -> Result<(usize, bool), SwapperError> {
         let mut staging = self.store.lock_staging();
         let out = shared.mm().swap_stage(&mut staging, STAGE_PAGES)?;
         self.store.commit(&mut staging)?;
@@ -190,12 +222,15 @@ impl Swapper {
     }
 
     /// Evicts until usage is a little under the limit, or nothing more can go.
-    fn enforce_limit(&self, shared: &VmShared) -> Result<(), SwapperError> {
+    fn enforce_limit(&self, shared: &dyn MemoryLock) -> Result<(), SwapperError> {
         let limit = self.store.limit();
         if self.store.usage() <= limit {
             if *lock(&self.state) != SwapState::SwappingIn {
                 self.set_state(SwapState::Within);
             }
+            return Ok(());
+        }
+        if lock(&self.resting).is_some_and(|(until, l)| Instant::now() < until && l == limit) {
             return Ok(());
         }
         self.set_state(SwapState::Reclaiming);
@@ -208,9 +243,12 @@ impl Swapper {
                 empty_laps += 1;
             }
             stalled = if self.store.usage() >= before { stalled + 1 } else { 0 };
-            // Two turns of the hand with nothing to evict, or a full file and no progress.
-            if empty_laps >= 2 || (stalled >= 8 && (staged == 0 || self.store.file_full())) {
+            // Two turns of the hand with nothing to evict, or no progress in eight batches (the
+            // file full or failing, everything hot).
+            if empty_laps >= 2 || stalled >= 8 {
                 self.set_state(SwapState::LimitNotMet);
+                self.not_met.fetch_add(1, Ordering::Relaxed);
+                *lock(&self.resting) = Some((Instant::now() + GIVE_UP_FOR, limit));
                 return Ok(());
             }
         }
@@ -220,7 +258,7 @@ impl Swapper {
 
     /// `PUT /swap/out`: one full turn of the hand, evicting every page not touched since it
     /// last passed.
-    fn sweep(&self, shared: &VmShared) -> Result<(), SwapperError> {
+    fn sweep(&self, shared: &dyn MemoryLock) -> Result<(), SwapperError> {
         let Some(start) = shared.mm().swap_position() else { return Ok(()) };
         while !self.stop.load(Ordering::Acquire) {
             self.batch(shared)?;

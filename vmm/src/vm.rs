@@ -328,9 +328,13 @@ impl Vm {
         if let Some(s) = &self.shared.swapper {
             let events = self.sender.clone();
             Arc::clone(s)
-                .spawn(Arc::clone(&self.shared), filter(ThreadKind::Swapper), move |e| {
-                    events.send(VmEvent::SwapFailed(e));
-                })
+                .spawn(
+                    Arc::clone(&self.shared) as Arc<dyn crate::swapper::MemoryLock>,
+                    filter(ThreadKind::Swapper),
+                    move |e| {
+                        events.send(VmEvent::SwapFailed(e));
+                    },
+                )
                 .map_err(VmError::Thread)?;
         }
         for v in self.vcpus.drain(..) {
@@ -389,14 +393,18 @@ impl Vm {
                 }
                 VmEvent::Vcpu { cpu, end } => break Ending::of_vcpu(cpu, end),
                 VmEvent::FaultFailed(e) => {
-                    let code = if e.is_guest_error() { exit_code::GUEST_MEMORY } else { exit_code::SOFTWARE };
+                    let code = if e.is_guest_error() {
+                        exit_code::GUEST_MEMORY
+                    } else if e.is_swap_read_error() {
+                        exit_code::IO
+                    } else {
+                        exit_code::SOFTWARE
+                    };
                     break Ending::Fatal { code, message: format!("fault handler: {}", crate::error_chain(&e)) };
                 }
                 VmEvent::SwapFailed(e) => {
-                    break Ending::Fatal {
-                        code: exit_code::SOFTWARE,
-                        message: format!("swap: {}", crate::error_chain(&e)),
-                    };
+                    let code = if e.is_read_error() { exit_code::IO } else { exit_code::SOFTWARE };
+                    break Ending::Fatal { code, message: format!("swap: {}", crate::error_chain(&e)) };
                 }
             }
         };

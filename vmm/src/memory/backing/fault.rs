@@ -78,6 +78,11 @@ impl FaultError {
     pub fn is_guest_error(&self) -> bool {
         matches!(self, FaultError::NeverHandedOut { .. })
     }
+
+    /// Whether swap could not read a page back (an I/O error on the swap file).
+    pub fn is_swap_read_error(&self) -> bool {
+        matches!(self, FaultError::Swap(SwapError::Read { .. }))
+    }
 }
 
 /// What the handlers did, readable while they run.

@@ -1,0 +1,260 @@
+//! Swap-out: staging evicted pages (under the memory manager's lock) and writing them out
+//! (without it): kept clean copies, zero pages, the compressed pool, the file, and putting a
+//! page back when its write fails.
+
+use std::sync::MutexGuard;
+use std::sync::atomic::Ordering;
+
+use crate::memory::addr::{Gfn, PAGE_SIZE, to_usize};
+use crate::memory::frames::page_state::FrameState;
+use crate::sync::lock;
+
+use super::super::uffd::UffdError;
+use super::file::{AlignedBuf, SwapFileError};
+use super::{Loc, Staging, SwapError, SwapStore};
+
+impl SwapStore {
+    /// The staging area, for one eviction batch at a time.
+    pub fn lock_staging(&self) -> MutexGuard<'_, Staging> {
+        lock(&self.staging)
+    }
+
+    /// Moves the pages of `frames` that are `Resident` into the staging area, each claimed
+    /// (`SwappingOut`) first; the caller holds the memory manager's lock, so no free or
+    /// reallocation can interleave. Returns, per frame, whether it was staged (a frame in
+    /// another state, or whose page the kernel will not move right now, is left alone).
+    pub fn stage(&self, st: &mut Staging, frames: &[Gfn]) -> Result<Vec<bool>, SwapError> {
+        let mut staged = vec![false; frames.len()];
+        for (i, &gfn) in frames.iter().enumerate() {
+            if st.is_full() {
+                break;
+            }
+            let Some(hva) = self.ram.host_addr(gfn.gpa()) else { continue };
+            if !self.states.transition(gfn, FrameState::Resident, FrameState::SwappingOut) {
+                continue;
+            }
+            let slot = st.slot_addr(st.gfns.len());
+            // SAFETY: the source is a guest RAM page and the destination a staging slot, both
+            // registered with this userfaultfd; no Rust reference covers either (guest memory
+            // is only accessed through raw pointers and volatile slices).
+            match unsafe { self.uffd.move_pages(slot, hva as u64, PAGE_SIZE) } {
+                Ok(_) => {
+                    st.gfns.push(gfn);
+                    st.dirty.push(true);
+                    staged[i] = true;
+                }
+                Err(UffdError::Again { .. }) | Err(UffdError::Exists { .. }) => {
+                    // Busy (pinned, or under migration): it stays where it is.
+                    self.states.transition(gfn, FrameState::SwappingOut, FrameState::Resident);
+                    self.counters.busy.inc();
+                }
+                Err(source) => {
+                    self.states.transition(gfn, FrameState::SwappingOut, FrameState::Resident);
+                    return Err(SwapError::Uffd { gpa: gfn.gpa().0, source });
+                }
+            }
+        }
+        Ok(staged)
+    }
+
+    /// Writes out what [`stage`](Self::stage) moved, without the memory manager's lock: each
+    /// page ends `Swapped` (in the pool or the file, or as a kept clean copy), `Zero`, or back
+    /// in guest RAM if it could not be written. Empties the staging area.
+    pub fn commit(&self, st: &mut Staging) -> Result<(), SwapError> {
+        let mut to_file = Vec::new();
+        let mut cbuf = vec![0u8; lz4_flex::block::get_maximum_output_size(to_usize(PAGE_SIZE))];
+        for i in 0..st.gfns.len() {
+            let gfn = st.gfns[i];
+            let page = st.page(i);
+            let kept = Loc::decode(self.location(gfn).load(Ordering::Acquire));
+            if !st.dirty[i] && matches!(kept, Loc::File(_)) {
+                self.counters.clean_drops.inc();
+                self.finalize(gfn, FrameState::Swapped, None);
+                continue;
+            }
+            if kept != Loc::None {
+                // Written since: the kept copy is stale.
+                self.release(&mut lock(&self.inner), gfn);
+            }
+            if page.iter().all(|&b| b == 0) {
+                self.counters.zero_pages.inc();
+                self.finalize(gfn, FrameState::Zero, None);
+                continue;
+            }
+            // (The pool's lock is taken and dropped here: `pool_insert` takes it again.)
+            let compressed = if self.compress { lock(&self.inner).pool.compress(page, &mut cbuf) } else { None };
+            if let Some(n) = compressed
+                && let Some(h) = self.pool_insert(gfn, &cbuf[..n])?
+            {
+                self.counters.pool_stores.inc();
+                self.finalize(gfn, FrameState::Swapped, Some(Loc::Pool(h)));
+                continue;
+            }
+            to_file.push(i);
+        }
+        let res = self.write_staged(st, &to_file);
+        let len = st.gfns.len() as u64 * PAGE_SIZE;
+        st.gfns.clear();
+        st.dirty.clear();
+        // SAFETY: drops only staging pages (ours); their data is in swap, back in guest RAM,
+        // or was dropped with its frame.
+        let rc = unsafe { libc::madvise(st.base as *mut libc::c_void, to_usize(len), libc::MADV_DONTNEED) };
+        if rc != 0 {
+            return Err(SwapError::Discard(std::io::Error::last_os_error()));
+        }
+        res
+    }
+
+    /// Writes staged pages `idx` to the file; pages that cannot be written go back.
+    fn write_staged(&self, st: &Staging, idx: &[usize]) -> Result<(), SwapError> {
+        if idx.is_empty() {
+            return Ok(());
+        }
+        let mut slots = Vec::with_capacity(idx.len());
+        let got = if self.file_full() { 0 } else { self.file.alloc(idx.len(), &mut slots) };
+        let pages: Vec<&[u8]> = idx[..got].iter().map(|&i| st.page(i)).collect();
+        let written = match self.file.write(&slots, &pages) {
+            Ok(()) => true,
+            Err(e) => {
+                self.write_failed(&e);
+                for &s in &slots {
+                    self.file.free(s);
+                }
+                false
+            }
+        };
+        if got < idx.len() {
+            self.block_file();
+            self.counters.enospc.add((idx.len() - got) as u64);
+        }
+        for (k, &i) in idx.iter().enumerate() {
+            if written && k < got {
+                self.counters.file_writes.inc();
+                self.file_pages.fetch_add(1, Ordering::Relaxed);
+                self.finalize(st.gfns[i], FrameState::Swapped, Some(Loc::File(slots[k])));
+            } else {
+                self.put_back(st.gfns[i], st.page(i))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn write_failed(&self, e: &SwapFileError) {
+        self.block_file();
+        if matches!(e, SwapFileError::NoSpace) {
+            self.counters.enospc.inc();
+        } else {
+            self.counters.io_errors.inc_logged(|| log::warn!("swap: {}", crate::error_chain(e)));
+        }
+    }
+
+    /// Stores a compressed page in the pool, writing back its oldest pages to the file to
+    /// make room. `None`: no room (the page goes to the file).
+    fn pool_insert(&self, gfn: Gfn, data: &[u8]) -> Result<Option<u32>, SwapError> {
+        loop {
+            {
+                let mut inner = lock(&self.inner);
+                if let Some(h) = inner.pool.insert(gfn.0, data) {
+                    return Ok(Some(h));
+                }
+                if inner.pool.bytes() == 0 || self.file_full() {
+                    return Ok(None);
+                }
+            }
+            if !self.pool_writeback()? {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// Writes the pool's oldest chunk back to the file and retires it. Only the evictor (the
+    /// holder of the staging lock, the pool's only inserter) calls this. Returns whether it
+    /// freed pool memory.
+    pub fn pool_writeback(&self) -> Result<bool, SwapError> {
+        let (entries, buf) = {
+            let inner = lock(&self.inner);
+            let entries = inner.pool.oldest_live();
+            let mut buf = AlignedBuf::new(entries.len().max(1) * to_usize(PAGE_SIZE));
+            for (k, &(_, h)) in entries.iter().enumerate() {
+                let page = &mut buf.as_mut_slice()[k * to_usize(PAGE_SIZE)..(k + 1) * to_usize(PAGE_SIZE)];
+                inner.pool.load(h, page).map_err(|e| SwapError::Read { gpa: 0, source: Box::new(e) })?;
+            }
+            (entries, buf)
+        };
+        let mut slots = Vec::with_capacity(entries.len());
+        if !entries.is_empty() {
+            if self.file_full() || self.file.alloc(entries.len(), &mut slots) < entries.len() {
+                for &s in &slots {
+                    self.file.free(s);
+                }
+                self.block_file();
+                return Ok(false);
+            }
+            let pages: Vec<&[u8]> = buf.as_slice().chunks(to_usize(PAGE_SIZE)).take(entries.len()).collect();
+            if let Err(e) = self.file.write(&slots, &pages) {
+                self.write_failed(&e);
+                for &s in &slots {
+                    self.file.free(s);
+                }
+                return Ok(false);
+            }
+        }
+        let mut inner = lock(&self.inner);
+        for (&(g, h), &slot) in entries.iter().zip(&slots) {
+            let loc = self.location(Gfn(g));
+            // Only if the frame still has this pool copy (not swapped in or freed meanwhile).
+            if loc
+                .compare_exchange(Loc::Pool(h).encode(), Loc::File(slot).encode(), Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                self.counters.pool_writebacks.inc();
+                self.counters.file_writes.inc();
+                self.file_pages.fetch_add(1, Ordering::Relaxed);
+                let _ = inner.pool.remove(h);
+            } else {
+                self.file.free(slot);
+            }
+        }
+        inner.pool.retire_oldest();
+        Ok(true)
+    }
+
+    /// Ends the eviction of `gfn`: records its new location (or keeps the one it has when
+    /// `loc` is `None`) and moves it to `to`. If the frame was freed meanwhile, whatever copy
+    /// it has is dropped instead.
+    fn finalize(&self, gfn: Gfn, to: FrameState, loc: Option<Loc>) {
+        let mut inner = lock(&self.inner);
+        if let Some(l) = loc {
+            self.location(gfn).store(l.encode(), Ordering::Release);
+        }
+        if self.states.transition(gfn, FrameState::SwappingOut, to) {
+            self.counters.pages_out.inc();
+            inner.recent.evicted(gfn);
+        } else {
+            self.release(&mut inner, gfn);
+        }
+    }
+
+    /// Puts a staged page back into guest RAM (its write failed): it stays resident.
+    fn put_back(&self, gfn: Gfn, page: &[u8]) -> Result<(), SwapError> {
+        self.counters.put_back.inc();
+        if !self.states.transition(gfn, FrameState::SwappingOut, FrameState::Populating) {
+            // Freed meanwhile: nothing to put back.
+            return Ok(());
+        }
+        let res = self.install(gfn, page);
+        self.states.transition(gfn, FrameState::Populating, FrameState::Resident);
+        res
+    }
+
+    /// Installs `page` at `gfn`'s missing page and wakes whoever waits on it.
+    pub(super) fn install(&self, gfn: Gfn, page: &[u8]) -> Result<(), SwapError> {
+        let hva = self.ram.host_addr(gfn.gpa()).ok_or(SwapError::Lost { gpa: gfn.gpa().0 })? as u64;
+        // SAFETY: `page` is PAGE_SIZE readable bytes; the destination is a guest RAM page
+        // registered with this userfaultfd, missing because its frame's data is in flight.
+        match unsafe { self.uffd.copy(hva, page.as_ptr(), PAGE_SIZE, true) } {
+            Ok(_) => Ok(()),
+            Err(source) => Err(SwapError::Uffd { gpa: gfn.gpa().0, source }),
+        }
+    }
+}

@@ -1,0 +1,120 @@
+//! Swap-in: reading swapped pages back (pool or file, with read-ahead) and installing them.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use crate::memory::addr::{Gfn, PAGE_SIZE, to_usize};
+use crate::memory::frames::page_state::FrameState;
+use crate::sync::lock;
+
+use super::file::AlignedBuf;
+use super::{EVICTION_WAIT_MAX, Loc, MAX_READAHEAD, SwapError, SwapStore};
+
+impl SwapStore {
+    /// Brings `gfn` back if it is `Swapped`, and up to `ahead` of the frames after it that are
+    /// too (read-ahead for sequential faults). Returns `false` if `gfn` is not `Swapped`
+    /// (another path got there first: the caller looks again).
+    pub fn swap_in(&self, gfn: Gfn, ahead: usize) -> Result<bool, SwapError> {
+        let start = Instant::now();
+        if !self.states.transition(gfn, FrameState::Swapped, FrameState::Populating) {
+            return Ok(false);
+        }
+        let mut frames = vec![gfn];
+        let end = self.states.range_of(gfn).map_or(gfn, |r| r.1);
+        for k in 1..=ahead.min(MAX_READAHEAD - 1) as u64 {
+            let g = gfn.plus(k);
+            if g >= end || !self.states.transition(g, FrameState::Swapped, FrameState::Populating) {
+                break;
+            }
+            frames.push(g);
+        }
+        let res = self.read_in(&frames);
+        // Whatever happened, no frame stays claimed but the failed one (the VM stops then).
+        let ok = res.as_ref().map_or(0, |_| frames.len());
+        for &g in &frames[ok..] {
+            if g != gfn {
+                self.states.transition(g, FrameState::Populating, FrameState::Swapped);
+            }
+        }
+        res?;
+        self.counters.pages_in.add(frames.len() as u64);
+        self.counters.readahead.add(frames.len() as u64 - 1);
+        self.latency.record(u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX));
+        Ok(true)
+    }
+
+    /// Reads claimed (`Populating`) `frames` back and installs them; marks them `Resident`.
+    fn read_in(&self, frames: &[Gfn]) -> Result<(), SwapError> {
+        thread_local! {
+            static BUF: std::cell::RefCell<AlignedBuf> =
+                std::cell::RefCell::new(AlignedBuf::new(MAX_READAHEAD * to_usize(PAGE_SIZE)));
+        }
+        BUF.with(|b| {
+            let mut b = b.borrow_mut();
+            let buf = b.as_mut_slice();
+            let page = to_usize(PAGE_SIZE);
+            // Where each frame's data is; pool copies are taken out at once.
+            let mut locs = Vec::with_capacity(frames.len());
+            {
+                let mut inner = lock(&self.inner);
+                for (k, &g) in frames.iter().enumerate() {
+                    let loc = Loc::decode(self.location(g).load(Ordering::Acquire));
+                    if let Loc::Pool(h) = loc {
+                        inner
+                            .pool
+                            .load(h, &mut buf[k * page..(k + 1) * page])
+                            .map_err(|e| SwapError::Read { gpa: g.gpa().0, source: Box::new(e) })?;
+                        let _ = inner.pool.remove(h);
+                        self.location(g).store(0, Ordering::Release);
+                    }
+                    if inner.recent.back(g, self.limit() / PAGE_SIZE) {
+                        self.counters.refaults.inc();
+                    }
+                    locs.push(loc);
+                }
+            }
+            // File copies: runs of consecutive slots in one read each. The slot stays the
+            // frame's (a clean copy) until the page is written or freed.
+            let mut k = 0;
+            while k < frames.len() {
+                let Loc::File(first) = locs[k] else {
+                    if locs[k] == Loc::None {
+                        return Err(SwapError::Lost { gpa: frames[k].gpa().0 });
+                    }
+                    k += 1;
+                    continue;
+                };
+                let mut n = 1;
+                while k + n < frames.len()
+                    && u32::try_from(n)
+                        .ok()
+                        .and_then(|n| first.checked_add(n))
+                        .is_some_and(|s| locs[k + n] == Loc::File(s))
+                {
+                    n += 1;
+                }
+                self.file
+                    .read(first, &mut buf[k * page..(k + n) * page])
+                    .map_err(|e| SwapError::Read { gpa: frames[k].gpa().0, source: Box::new(e) })?;
+                k += n;
+            }
+            for (k, &g) in frames.iter().enumerate() {
+                self.install(g, &buf[k * page..(k + 1) * page])?;
+                self.states.transition(g, FrameState::Populating, FrameState::Resident);
+            }
+            Ok(())
+        })
+    }
+
+    /// Waits while an eviction of `gfn` is in flight.
+    pub fn wait_evicted(&self, gfn: Gfn) -> Result<(), SwapError> {
+        let start = Instant::now();
+        while self.states.get(gfn) == FrameState::SwappingOut {
+            if start.elapsed() > EVICTION_WAIT_MAX {
+                return Err(SwapError::Stuck { gpa: gfn.gpa().0 });
+            }
+            std::thread::sleep(Duration::from_micros(20));
+        }
+        Ok(())
+    }
+}
