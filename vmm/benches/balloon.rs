@@ -20,92 +20,25 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::Vm;
 use serde_json::Value;
-use vmm::api::client;
 
 const MIB: u64 = 1 << 20;
-
-/// A `vmm` with an API socket, its stdout collected.
-struct Vm {
-    child: Child,
-    socket: PathBuf,
-    stdout: Arc<Mutex<String>>,
-}
-
-impl Vm {
-    fn start(memory: &str, cpus: u32, guest: &str) -> Vm {
-        let socket = std::env::temp_dir().join(format!("bench-balloon-{}.sock", std::process::id()));
-        let mut child = Command::new(env!("CARGO_BIN_EXE_vmm"))
-            .args(["run", "--kernel"])
-            .arg(common::guest_image())
-            .args(["--memory", memory, "--cpus", &cpus.to_string(), "--guest-args", guest])
-            .arg("--api-socket")
-            .arg(&socket)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("cannot run vmm");
-        let stdout = Arc::new(Mutex::new(String::new()));
-        let out = child.stdout.take().expect("stdout");
-        let sink = Arc::clone(&stdout);
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                let mut s = sink.lock().expect("stdout");
-                s.push_str(&line);
-                s.push('\n');
-            }
-        });
-        let vm = Vm { child, socket, stdout };
-        vm.wait_until(Duration::from_secs(30), || vm.socket.exists());
-        vm
-    }
-
-    fn wait_until(&self, timeout: Duration, mut cond: impl FnMut() -> bool) {
-        let start = Instant::now();
-        while !cond() {
-            assert!(start.elapsed() < timeout, "the guest did not get there in {timeout:?}");
-            std::thread::sleep(Duration::from_millis(2));
-        }
-    }
-
-    fn api(&self, method: &str, path: &str, body: Option<&str>) -> Value {
-        let (code, body) = client::request(&self.socket, method, path, body).expect("the API answers");
-        assert!((200..300).contains(&code), "{method} {path}: {code} {}", String::from_utf8_lossy(&body));
-        serde_json::from_slice(&body).unwrap_or(Value::Null)
-    }
-
-    fn rss_mib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).expect("status");
-        let line = status.lines().find(|l| l.starts_with("VmRSS:")).expect("VmRSS");
-        line.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()).expect("a number") / 1024
-    }
-
-    /// Asks the guest to finish and waits for a clean exit (or the VMM's stop after grace).
-    fn finish(mut self) {
-        let _ = client::request(&self.socket, "PUT", "/actions", Some(r#"{"action_type": "Shutdown"}"#));
-        let mut stderr = String::new();
-        let _ = std::io::Read::read_to_string(self.child.stderr.as_mut().expect("stderr"), &mut stderr);
-        let code = self.child.wait().expect("vmm").code().unwrap_or(-1);
-        assert!(code == 0 || code == i32::from(vmm::exit_code::STOPPED), "vmm exited {code}: {stderr}");
-    }
-}
 
 /// One inflate of `size` MiB of resident guest memory: (VMM-measured time, time seen by the
 /// client, RSS drop in MiB).
 fn inflate(size: u64) -> (Duration, Duration, u64) {
-    let vm = Vm::start(
+    let vm = Vm::start(&[
+        "--memory",
         &format!("size={}M", size + 512),
-        1,
+        "--guest-args",
         &format!("scenario=hold size={}M seconds=120 shrink=1", size + 256),
-    );
-    vm.wait_until(Duration::from_secs(60), || vm.stdout.lock().expect("stdout").contains("phase=holding"));
+    ]);
+    vm.wait_until(Duration::from_secs(60), || vm.output().contains("phase=holding"));
     std::thread::sleep(Duration::from_millis(200));
     let free = vm.api("GET", "/balloon/statistics", None)["free_memory"].as_u64().expect("free_memory");
     let before = vm.rss_mib();
@@ -240,7 +173,7 @@ fn raw_signal_latencies(n: usize) -> Vec<u64> {
 /// The VMM's notification latencies (entry, handled) over `n` PATCHes to a guest running
 /// `guest` on 2 vCPUs.
 fn notify_latencies(guest: &str, n: usize) -> (Value, Value) {
-    let vm = Vm::start("size=512M", 2, guest);
+    let vm = Vm::start(&["--memory", "size=512M", "--cpus", "2", "--guest-args", guest]);
     std::thread::sleep(Duration::from_millis(500));
     for i in 0..n {
         std::thread::sleep(Duration::from_millis(10));

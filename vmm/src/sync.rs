@@ -11,3 +11,21 @@ pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// What a thread runs first, before its work (installing its seccomp filter, say); an error
 /// stops the thread before it does anything.
 pub type ThreadInit = std::sync::Arc<dyn Fn() -> Result<(), Box<dyn std::error::Error + Send + Sync>> + Send + Sync>;
+
+/// The nice value of threads that vCPUs wait on (fault handlers, the swapper): above the vCPUs,
+/// which otherwise keep both cores of a small host busy while a blocked vCPU's fault waits for
+/// a core, and reclaim falls behind the guest it reclaims from. (Linux does this work in the
+/// faulting thread itself.)
+pub const URGENT_NICE: i32 = -10;
+
+/// Gives the calling thread nice value `nice`, if the process may (root, or CAP_SYS_NICE);
+/// otherwise it keeps its own.
+pub fn set_thread_nice(nice: i32) {
+    // SAFETY: gettid has no preconditions.
+    let tid = unsafe { libc::gettid() };
+    // SAFETY: setpriority on this thread's own id; it changes only its scheduling weight.
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid.unsigned_abs(), nice) };
+    if rc != 0 {
+        log::debug!("cannot raise a thread's priority: {}", std::io::Error::last_os_error());
+    }
+}

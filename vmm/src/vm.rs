@@ -316,13 +316,20 @@ impl Vm {
             seccomp::enable()?;
         }
         let filter = |kind: ThreadKind| -> ThreadInit { Arc::new(move || Ok(seccomp::apply(kind)?)) };
+        // Threads vCPUs wait on run ahead of the vCPUs (see `sync::URGENT_NICE`).
+        let urgent = |kind: ThreadKind| -> ThreadInit {
+            Arc::new(move || {
+                crate::sync::set_thread_nice(crate::sync::URGENT_NICE);
+                Ok(seccomp::apply(kind)?)
+            })
+        };
         let events = self.sender.clone();
         let signals = crate::signals::forward(filter(ThreadKind::Signals), move |r| events.send(VmEvent::Signal(r)));
         crate::signals::install_vcpu_kick().map_err(VmError::Thread)?;
         if let Some(f) = self.faults.take() {
             let events = self.sender.clone();
             let threads = (self.cfg.cpus as usize).clamp(1, 4);
-            f.spawn(threads, filter(ThreadKind::Fault), Arc::new(move |e| events.send(VmEvent::FaultFailed(e))))
+            f.spawn(threads, urgent(ThreadKind::Fault), Arc::new(move |e| events.send(VmEvent::FaultFailed(e))))
                 .map_err(VmError::Thread)?;
         }
         if let Some(s) = &self.shared.swapper {
@@ -330,7 +337,7 @@ impl Vm {
             Arc::clone(s)
                 .spawn(
                     Arc::clone(&self.shared) as Arc<dyn crate::swapper::MemoryLock>,
-                    filter(ThreadKind::Swapper),
+                    urgent(ThreadKind::Swapper),
                     move |e| {
                         events.send(VmEvent::SwapFailed(e));
                     },

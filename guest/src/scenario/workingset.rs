@@ -394,6 +394,12 @@ pub fn run(ctx: &Ctx) {
         hist.percentile(50),
         hist.percentile(99),
     );
+    // The access-time distribution, for plots: log2 buckets of nanoseconds, `:`-separated.
+    let mut buckets = alloc::string::String::new();
+    for (i, c) in hist.counts().iter().enumerate() {
+        let _ = core::fmt::Write::write_fmt(&mut buckets, format_args!("{}{c}", if i > 0 { ":" } else { "" }));
+    }
+    println!("@result scenario=workingset-latency cpu={} log2_ns={buckets}", ctx.cpu);
     if !share.free() {
         println!("guest: workingset: cpu {}: a free failed", ctx.cpu);
         fail(exit::MEMCALL_FAILED);

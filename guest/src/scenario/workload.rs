@@ -28,6 +28,11 @@ impl Hist {
         self.count += 1;
     }
 
+    /// Counts per bucket: bucket `i` holds values in `[2^(i-1), 2^i)`.
+    pub fn counts(&self) -> &[u64] {
+        &self.buckets
+    }
+
     /// Upper bound of the bucket holding quantile `q` (0..=100).
     pub fn percentile(&self, q: u64) -> u64 {
         let rank = (self.count * q).div_ceil(100).max(1);

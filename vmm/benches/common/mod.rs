@@ -3,8 +3,14 @@
 // Each benchmark uses part of this.
 #![allow(dead_code)]
 
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use vmm::api::client;
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("repo root").to_path_buf()
@@ -44,4 +50,116 @@ pub fn run_scenario(memory: &str, guest_args: &str, scenario: &str) -> serde_jso
         .find(|r| r["scenario"] == scenario)
         .unwrap_or_else(|| panic!("no {scenario} result"))
         .clone()
+}
+
+/// A `vmm` with an API socket, its stdout collected as it comes.
+pub struct Vm {
+    pub child: Child,
+    pub socket: PathBuf,
+    stats: PathBuf,
+    stdout: Arc<Mutex<String>>,
+}
+
+impl Vm {
+    /// Starts `vmm run` with the default guest, `args`, an API socket and a stats file.
+    pub fn start(args: &[&str]) -> Vm {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let socket = std::env::temp_dir().join(format!("bench-{}-{n}.sock", std::process::id()));
+        let stats = std::env::temp_dir().join(format!("bench-{}-{n}.json", std::process::id()));
+        let mut child = Command::new(env!("CARGO_BIN_EXE_vmm"))
+            .args(["run", "--kernel"])
+            .arg(guest_image())
+            .args(args)
+            .arg("--api-socket")
+            .arg(&socket)
+            .arg("--stats-file")
+            .arg(&stats)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("cannot run vmm");
+        let stdout = Arc::new(Mutex::new(String::new()));
+        let out = child.stdout.take().expect("stdout");
+        let sink = Arc::clone(&stdout);
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                let mut s = sink.lock().expect("stdout");
+                s.push_str(&line);
+                s.push('\n');
+            }
+        });
+        let vm = Vm { child, socket, stats, stdout };
+        vm.wait_until(Duration::from_secs(30), || vm.socket.exists());
+        vm
+    }
+
+    /// What the guest printed so far.
+    pub fn output(&self) -> String {
+        self.stdout.lock().expect("stdout").clone()
+    }
+
+    /// Polls `cond` every 2 ms for at most `timeout`.
+    pub fn wait_until(&self, timeout: Duration, mut cond: impl FnMut() -> bool) {
+        let start = Instant::now();
+        while !cond() {
+            assert!(start.elapsed() < timeout, "the guest did not get there in {timeout:?}");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// A request whose answer must be 2xx; its body as JSON (or null).
+    pub fn api(&self, method: &str, path: &str, body: Option<&str>) -> Value {
+        let (code, body) = client::request(&self.socket, method, path, body).expect("the API answers");
+        assert!((200..300).contains(&code), "{method} {path}: {code} {}", String::from_utf8_lossy(&body));
+        serde_json::from_slice(&body).unwrap_or(Value::Null)
+    }
+
+    /// The VMM's RSS.
+    pub fn rss_mib(&self) -> u64 {
+        rss_kib(self.child.id()) / 1024
+    }
+
+    /// Waits for the guest to finish by itself; returns its stdout and the stats.
+    pub fn wait(self) -> (String, Value) {
+        self.end(false)
+    }
+
+    /// Asks the guest to finish and waits for a clean exit (or the VMM's stop after grace).
+    pub fn finish(self) -> (String, Value) {
+        self.end(true)
+    }
+
+    fn end(mut self, ask: bool) -> (String, Value) {
+        if ask {
+            let _ = client::request(&self.socket, "PUT", "/actions", Some(r#"{"action_type": "Shutdown"}"#));
+        }
+        let mut stderr = String::new();
+        let _ = std::io::Read::read_to_string(self.child.stderr.as_mut().expect("stderr"), &mut stderr);
+        let code = self.child.wait().expect("vmm").code().unwrap_or(-1);
+        assert!(code == 0 || code == i32::from(vmm::exit_code::STOPPED), "vmm exited {code}: {stderr}");
+        let stats = std::fs::read_to_string(&self.stats).ok().and_then(|t| serde_json::from_str(&t).ok());
+        let _ = std::fs::remove_file(&self.stats);
+        // The reader thread finishes with the pipe.
+        std::thread::sleep(Duration::from_millis(50));
+        (self.output(), stats.unwrap_or(Value::Null))
+    }
+}
+
+/// The RSS of process `pid` in KiB (0 once it is gone).
+pub fn rss_kib(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The `@result` lines of `scenario` in a guest's output, as JSON objects.
+pub fn results(out: &str, scenario: &str) -> Vec<Value> {
+    out.lines()
+        .filter_map(|l| l.find("@result ").map(|i| &l[i..]))
+        .map(|l| serde_json::to_value(vmm::console::parse_result(l)).expect("a result"))
+        .filter(|r| r["scenario"] == scenario)
+        .collect()
 }

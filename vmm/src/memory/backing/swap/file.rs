@@ -344,14 +344,23 @@ impl SwapFile {
             Some(libc::ENOSPC | libc::EDQUOT) => SwapFileError::NoSpace,
             _ => SwapFileError::Write { first, end, source },
         };
+        // Pages that follow each other in memory (a staging area) share one iovec: the kernel
+        // builds fewer, larger direct-I/O segments.
         let mut iov = [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; MAX_RUN];
-        for (v, page) in iov.iter_mut().zip(pages) {
-            *v = libc::iovec { iov_base: page.as_ptr().cast_mut().cast(), iov_len: page.len() };
+        let mut count = 0;
+        for page in pages {
+            let base = page.as_ptr().cast_mut();
+            if count > 0 && iov[count - 1].iov_base.cast::<u8>().wrapping_add(iov[count - 1].iov_len) == base {
+                iov[count - 1].iov_len += page.len();
+            } else {
+                iov[count] = libc::iovec { iov_base: base.cast(), iov_len: page.len() };
+                count += 1;
+            }
         }
         let (total, fd) = (pages.len() * PAGE, self.file.as_raw_fd());
         let (mut done, mut next) = (0, 0); // bytes written; first iovec not fully written
         while done < total {
-            let v = &iov[next..pages.len()];
+            let v = &iov[next..count];
             // Cast: at most MAX_RUN (512) iovecs.
             #[allow(clippy::cast_possible_truncation, clippy::cast_possible_wrap)]
             let count = v.len() as libc::c_int;

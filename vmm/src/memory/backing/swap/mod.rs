@@ -145,6 +145,8 @@ pub struct SwapCounters {
     pub put_back: Counter,
     /// Frames the kernel would not move (busy); they stay resident.
     pub busy: Counter,
+    /// Time fault handlers waited for the swapper to catch up (guest RAM well above the limit).
+    pub throttled_us: Counter,
 }
 
 /// A snapshot of swap's figures (the stats JSON's `swap`, with the policy's).
@@ -162,6 +164,7 @@ pub struct SwapStoreReport {
     pub compressed_bytes: u64,
     pub pool_bytes: u64,
     pub pool_capacity: u64,
+    pub pool_stores: u64,
     pub pool_writebacks: u64,
     /// Pages in the file (including clean copies of resident pages), and its bytes in use.
     pub file_pages: u64,
@@ -176,19 +179,41 @@ pub struct SwapStoreReport {
     pub io_errors: u64,
     pub put_back: u64,
     pub busy: u64,
+    pub throttled_us: u64,
     /// Whether the file can take no more (full, or the file system is).
     pub file_full: bool,
     /// Host memory of swap's own bookkeeping.
     pub metadata_bytes: u64,
-    /// Swap-in latency, from the fault to the page installed.
+    /// Swap-in latency, from the fault to the page installed: faults that read one page, and
+    /// faults that read ahead (up to 16 pages).
     pub swap_in_latency: LatencySummary,
+    pub swap_in_readahead_latency: LatencySummary,
 }
 
-/// The pool and the recent evictions: what the evictor and the fault handlers share.
+/// The pool: what the evictor and the fault handlers share.
 #[derive(Debug)]
 struct Inner {
     pool: Pool,
-    recent: Recent,
+}
+
+/// A hasher for frame numbers: one multiply (the map sees one key per eviction and swap-in).
+#[derive(Debug, Default)]
+struct GfnHasher(u64);
+
+impl std::hash::Hasher for GfnHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+
+    fn write_u64(&mut self, v: u64) {
+        self.0 = (v ^ self.0).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
 }
 
 /// The latest evictions, by eviction number, for refault detection.
@@ -197,7 +222,7 @@ struct Recent {
     /// Evictions so far.
     count: u64,
     order: VecDeque<(Gfn, u64)>,
-    at: HashMap<Gfn, u64>,
+    at: HashMap<Gfn, u64, std::hash::BuildHasherDefault<GfnHasher>>,
 }
 
 impl Recent {
@@ -283,9 +308,15 @@ pub struct SwapStore {
     ram: Arc<GuestRam>,
     uffd: Arc<Uffd>,
     locations: ZeroedVec<AtomicU32>,
+    /// One bit per frame: it came back soon after its last eviction (a refault), so its next
+    /// eviction goes to the pool.
+    warm: ZeroedVec<AtomicU64>,
     file: SwapFile,
     file_max: u64,
     inner: Mutex<Inner>,
+    /// The latest evictions (for refault counts), apart from the pool: swap-ins from the file
+    /// never wait for the pool's lock.
+    recent: Mutex<Recent>,
     staging: Mutex<Staging>,
     compress: bool,
     limit: AtomicU64,
@@ -294,7 +325,9 @@ pub struct SwapStore {
     /// Pages whose data is in the file (kept clean copies included).
     file_pages: AtomicU64,
     pub counters: SwapCounters,
+    /// Swap-in latency: faults that read one page, and faults that read ahead.
     latency: Histogram,
+    latency_readahead: Histogram,
     /// Wakes the swapper: a generation count and its condition variable.
     kick: (Mutex<u64>, Condvar),
 }
@@ -314,6 +347,7 @@ impl SwapStore {
         let file = SwapFile::create(s.dir, file_max)?;
         let frames = ram.ranges().iter().map(|r| r.end() / PAGE_SIZE).max().unwrap_or(0);
         let locations = ZeroedVec::try_new(to_usize(frames)).map_err(SwapError::Staging)?;
+        let warm = ZeroedVec::try_new(to_usize(frames.div_ceil(64))).map_err(SwapError::Staging)?;
         let len = STAGE_PAGES as u64 * PAGE_SIZE;
         // SAFETY: a fresh private anonymous mapping that the store owns until drop.
         let base = unsafe {
@@ -338,9 +372,11 @@ impl SwapStore {
             ram,
             uffd,
             locations,
+            warm,
             file,
             file_max,
-            inner: Mutex::new(Inner { pool: Pool::new(if compress { pool } else { 0 }), recent: Recent::default() }),
+            inner: Mutex::new(Inner { pool: Pool::new(if compress { pool } else { 0 }) }),
+            recent: Mutex::new(Recent::default()),
             staging: Mutex::new(Staging {
                 base,
                 gfns: Vec::with_capacity(STAGE_PAGES),
@@ -352,6 +388,7 @@ impl SwapStore {
             file_pages: AtomicU64::new(0),
             counters: SwapCounters::default(),
             latency: Histogram::default(),
+            latency_readahead: Histogram::default(),
             kick: (Mutex::new(0), Condvar::new()),
         })
     }
@@ -413,6 +450,7 @@ impl SwapStore {
         while self.usage() > self.limit() + slack && start.elapsed() < wait && !self.file_full() {
             std::thread::sleep(Duration::from_micros(200));
         }
+        self.counters.throttled_us.add(crate::metrics::micros(start.elapsed()));
     }
 
     /// Bytes the pool holds beyond its capacity (after the limit was lowered).
@@ -438,6 +476,7 @@ impl SwapStore {
         for &(g, n) in runs {
             for i in 0..n {
                 self.release(&mut inner, g.plus(i));
+                self.take_warm(g.plus(i));
             }
         }
     }
@@ -473,6 +512,20 @@ impl SwapStore {
         }
     }
 
+    /// Marks `gfn` warm (it refaulted).
+    fn set_warm(&self, gfn: Gfn) {
+        let i = to_usize(gfn.0);
+        if let Some(w) = self.warm.get(i / 64) {
+            w.fetch_or(1 << (i % 64), Ordering::Relaxed);
+        }
+    }
+
+    /// Whether `gfn` was warm (and is no longer).
+    fn take_warm(&self, gfn: Gfn) -> bool {
+        let i = to_usize(gfn.0);
+        self.warm.get(i / 64).is_some_and(|w| w.fetch_and(!(1 << (i % 64)), Ordering::Relaxed) & (1 << (i % 64)) != 0)
+    }
+
     fn location(&self, gfn: Gfn) -> &AtomicU32 {
         &self.locations[to_usize(gfn.0)]
     }
@@ -498,6 +551,7 @@ impl SwapStore {
             compressed_bytes: pool.stored_bytes,
             pool_bytes: pool.bytes,
             pool_capacity: pool.capacity,
+            pool_stores: c.pool_stores.get(),
             pool_writebacks: c.pool_writebacks.get(),
             file_pages: self.file_pages.load(Ordering::Relaxed),
             file_bytes: f.slots_used * PAGE_SIZE,
@@ -511,9 +565,14 @@ impl SwapStore {
             io_errors: c.io_errors.get(),
             put_back: c.put_back.get(),
             busy: c.busy.get(),
+            throttled_us: c.throttled_us.get(),
             file_full: self.file_full(),
-            metadata_bytes: self.locations.resident_bytes() + self.file.metadata_bytes() + pool_meta,
+            metadata_bytes: self.locations.resident_bytes()
+                + self.warm.resident_bytes()
+                + self.file.metadata_bytes()
+                + pool_meta,
             swap_in_latency: self.latency.summary(),
+            swap_in_readahead_latency: self.latency_readahead.summary(),
         }
     }
 

@@ -11,7 +11,19 @@ use crate::sync::lock;
 
 use super::super::uffd::UffdError;
 use super::file::{AlignedBuf, SwapFileError};
-use super::{Loc, Staging, SwapError, SwapStore};
+use super::{Loc, STAGE_PAGES, Staging, SwapError, SwapStore};
+
+/// An eviction's outcome: the frame, its new state, and its new location (`None`: the one it
+/// has).
+type Done = (Gfn, FrameState, Option<Loc>);
+
+/// 8-byte words in a page.
+const WORDS: usize = 512;
+
+/// How many of a page's 8-byte words are zero.
+fn zero_words(page: &[u8]) -> usize {
+    page.chunks_exact(8).filter(|w| w.iter().all(|&b| b == 0)).count()
+}
 
 impl SwapStore {
     /// The staging area, for one eviction batch at a time.
@@ -25,33 +37,57 @@ impl SwapStore {
     /// another state, or whose page the kernel will not move right now, is left alone).
     pub fn stage(&self, st: &mut Staging, frames: &[Gfn]) -> Result<Vec<bool>, SwapError> {
         let mut staged = vec![false; frames.len()];
+        // Claim first, as many as there is room for.
+        let room = STAGE_PAGES - st.gfns.len();
+        let mut claimed: Vec<(usize, u64)> = Vec::with_capacity(room.min(frames.len()));
         for (i, &gfn) in frames.iter().enumerate() {
-            if st.is_full() {
+            if claimed.len() == room {
                 break;
             }
             let Some(hva) = self.ram.host_addr(gfn.gpa()) else { continue };
-            if !self.states.transition(gfn, FrameState::Resident, FrameState::SwappingOut) {
-                continue;
+            if self.states.transition(gfn, FrameState::Resident, FrameState::SwappingOut) {
+                claimed.push((i, hva as u64));
+            }
+        }
+        // Then move them, a run of consecutive pages (in guest RAM and so in the staging area)
+        // per call: one call per page costs 16 times more here.
+        let mut k = 0;
+        while k < claimed.len() {
+            let mut n = 1;
+            while k + n < claimed.len() && claimed[k + n].1 == claimed[k].1 + n as u64 * PAGE_SIZE {
+                n += 1;
             }
             let slot = st.slot_addr(st.gfns.len());
-            // SAFETY: the source is a guest RAM page and the destination a staging slot, both
-            // registered with this userfaultfd; no Rust reference covers either (guest memory
-            // is only accessed through raw pointers and volatile slices).
-            match unsafe { self.uffd.move_pages(slot, hva as u64, PAGE_SIZE) } {
-                Ok(_) => {
-                    st.gfns.push(gfn);
-                    st.dirty.push(true);
-                    staged[i] = true;
+            // SAFETY: the source is guest RAM and the destination staging slots, all registered
+            // with this userfaultfd; no Rust reference covers either (guest memory is only
+            // accessed through raw pointers and volatile slices).
+            let res = unsafe { self.uffd.move_pages(slot, claimed[k].1, n as u64 * PAGE_SIZE) };
+            let moved = match &res {
+                Ok(bytes) => to_usize(*bytes / PAGE_SIZE).min(n),
+                Err(UffdError::Again { copied, .. } | UffdError::Exists { copied, .. }) => to_usize(copied / PAGE_SIZE),
+                Err(_) => 0,
+            };
+            for &(i, _) in &claimed[k..k + moved] {
+                st.gfns.push(frames[i]);
+                st.dirty.push(true);
+                staged[i] = true;
+            }
+            k += moved;
+            if moved < n {
+                // The page at `k` would not move (busy: pinned, or under migration): it stays
+                // where it is; the rest of the run is tried again.
+                let (i, _) = claimed[k];
+                self.states.transition(frames[i], FrameState::SwappingOut, FrameState::Resident);
+                if let Err(source) = res
+                    && !matches!(source, UffdError::Again { .. } | UffdError::Exists { .. })
+                {
+                    for &(j, _) in &claimed[k + 1..] {
+                        self.states.transition(frames[j], FrameState::SwappingOut, FrameState::Resident);
+                    }
+                    return Err(SwapError::Uffd { gpa: frames[i].gpa().0, source });
                 }
-                Err(UffdError::Again { .. }) | Err(UffdError::Exists { .. }) => {
-                    // Busy (pinned, or under migration): it stays where it is.
-                    self.states.transition(gfn, FrameState::SwappingOut, FrameState::Resident);
-                    self.counters.busy.inc();
-                }
-                Err(source) => {
-                    self.states.transition(gfn, FrameState::SwappingOut, FrameState::Resident);
-                    return Err(SwapError::Uffd { gpa: gfn.gpa().0, source });
-                }
+                self.counters.busy.inc();
+                k += 1;
             }
         }
         Ok(staged)
@@ -62,6 +98,7 @@ impl SwapStore {
     /// in guest RAM if it could not be written. Empties the staging area.
     pub fn commit(&self, st: &mut Staging) -> Result<(), SwapError> {
         let mut to_file = Vec::new();
+        let mut done: Vec<Done> = Vec::with_capacity(st.gfns.len());
         let mut cbuf = vec![0u8; lz4_flex::block::get_maximum_output_size(to_usize(PAGE_SIZE))];
         for i in 0..st.gfns.len() {
             let gfn = st.gfns[i];
@@ -69,30 +106,37 @@ impl SwapStore {
             let kept = Loc::decode(self.location(gfn).load(Ordering::Acquire));
             if !st.dirty[i] && matches!(kept, Loc::File(_)) {
                 self.counters.clean_drops.inc();
-                self.finalize(gfn, FrameState::Swapped, None);
+                done.push((gfn, FrameState::Swapped, None));
                 continue;
             }
             if kept != Loc::None {
                 // Written since: the kept copy is stale.
                 self.release(&mut lock(&self.inner), gfn);
             }
-            if page.iter().all(|&b| b == 0) {
+            let zeros = zero_words(page);
+            if zeros == WORDS {
                 self.counters.zero_pages.inc();
-                self.finalize(gfn, FrameState::Zero, None);
+                done.push((gfn, FrameState::Zero, None));
                 continue;
             }
+            // The pool admits pages that came back soon after their last eviction (the guest's
+            // working set, just larger than the limit: cheap to bring back from memory), and
+            // pages at least half zero (small once compressed). A cold page seen once goes to
+            // the file: compressing it would cost CPU, and pool space it would not repay.
+            let admit = self.compress && (self.take_warm(gfn) || zeros >= WORDS / 2);
             // (The pool's lock is taken and dropped here: `pool_insert` takes it again.)
-            let compressed = if self.compress { lock(&self.inner).pool.compress(page, &mut cbuf) } else { None };
+            let compressed = if admit { lock(&self.inner).pool.compress(page, &mut cbuf) } else { None };
             if let Some(n) = compressed
                 && let Some(h) = self.pool_insert(gfn, &cbuf[..n])?
             {
                 self.counters.pool_stores.inc();
-                self.finalize(gfn, FrameState::Swapped, Some(Loc::Pool(h)));
+                done.push((gfn, FrameState::Swapped, Some(Loc::Pool(h))));
                 continue;
             }
             to_file.push(i);
         }
-        let res = self.write_staged(st, &to_file);
+        let res = self.write_staged(st, &to_file, &mut done);
+        self.finalize(&done);
         let len = st.gfns.len() as u64 * PAGE_SIZE;
         st.gfns.clear();
         st.dirty.clear();
@@ -106,7 +150,7 @@ impl SwapStore {
     }
 
     /// Writes staged pages `idx` to the file; pages that cannot be written go back.
-    fn write_staged(&self, st: &Staging, idx: &[usize]) -> Result<(), SwapError> {
+    fn write_staged(&self, st: &Staging, idx: &[usize], done: &mut Vec<Done>) -> Result<(), SwapError> {
         if idx.is_empty() {
             return Ok(());
         }
@@ -131,7 +175,7 @@ impl SwapStore {
             if written && k < got {
                 self.counters.file_writes.inc();
                 self.file_pages.fetch_add(1, Ordering::Relaxed);
-                self.finalize(st.gfns[i], FrameState::Swapped, Some(Loc::File(slots[k])));
+                done.push((st.gfns[i], FrameState::Swapped, Some(Loc::File(slots[k]))));
             } else {
                 self.put_back(st.gfns[i], st.page(i))?;
             }
@@ -219,19 +263,23 @@ impl SwapStore {
         Ok(true)
     }
 
-    /// Ends the eviction of `gfn`: records its new location (or keeps the one it has when
-    /// `loc` is `None`) and moves it to `to`. If the frame was freed meanwhile, whatever copy
-    /// it has is dropped instead.
-    fn finalize(&self, gfn: Gfn, to: FrameState, loc: Option<Loc>) {
+    /// Ends the eviction of each `(gfn, to, loc)`: records its new location (or keeps the one
+    /// it has when `loc` is `None`) and moves it to `to`. If the frame was freed meanwhile,
+    /// whatever copy it has is dropped instead.
+    /// All of a batch's at once, under one lock.
+    fn finalize(&self, done: &[Done]) {
         let mut inner = lock(&self.inner);
-        if let Some(l) = loc {
-            self.location(gfn).store(l.encode(), Ordering::Release);
-        }
-        if self.states.transition(gfn, FrameState::SwappingOut, to) {
-            self.counters.pages_out.inc();
-            inner.recent.evicted(gfn);
-        } else {
-            self.release(&mut inner, gfn);
+        let mut recent = lock(&self.recent);
+        for &(gfn, to, loc) in done {
+            if let Some(l) = loc {
+                self.location(gfn).store(l.encode(), Ordering::Release);
+            }
+            if self.states.transition(gfn, FrameState::SwappingOut, to) {
+                self.counters.pages_out.inc();
+                recent.evicted(gfn);
+            } else {
+                self.release(&mut inner, gfn);
+            }
         }
     }
 

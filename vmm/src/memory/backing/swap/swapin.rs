@@ -37,9 +37,19 @@ impl SwapStore {
             }
         }
         res?;
+        let ns = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        if frames.len() == 1 { &self.latency } else { &self.latency_readahead }.record(ns);
         self.counters.pages_in.add(frames.len() as u64);
         self.counters.readahead.add(frames.len() as u64 - 1);
-        self.latency.record(u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX));
+        // Off the fault's path: whether any came back too soon after leaving.
+        let mut recent = lock(&self.recent);
+        let room = self.limit() / PAGE_SIZE;
+        for &g in &frames {
+            if recent.back(g, room) {
+                self.counters.refaults.inc();
+                self.set_warm(g);
+            }
+        }
         Ok(true)
     }
 
@@ -54,12 +64,14 @@ impl SwapStore {
             let buf = b.as_mut_slice();
             let page = to_usize(PAGE_SIZE);
             // Where each frame's data is; pool copies are taken out at once.
-            let mut locs = Vec::with_capacity(frames.len());
-            {
+            let mut locs: Vec<Loc> =
+                frames.iter().map(|&g| Loc::decode(self.location(g).load(Ordering::Acquire))).collect();
+            if locs.iter().any(|l| matches!(l, Loc::Pool(_))) {
                 let mut inner = lock(&self.inner);
                 for (k, &g) in frames.iter().enumerate() {
-                    let loc = Loc::decode(self.location(g).load(Ordering::Acquire));
-                    if let Loc::Pool(h) = loc {
+                    // Again under the pool's lock: a writeback may have moved it to the file.
+                    locs[k] = Loc::decode(self.location(g).load(Ordering::Acquire));
+                    if let Loc::Pool(h) = locs[k] {
                         inner
                             .pool
                             .load(h, &mut buf[k * page..(k + 1) * page])
@@ -67,10 +79,6 @@ impl SwapStore {
                         let _ = inner.pool.remove(h);
                         self.location(g).store(0, Ordering::Release);
                     }
-                    if inner.recent.back(g, self.limit() / PAGE_SIZE) {
-                        self.counters.refaults.inc();
-                    }
-                    locs.push(loc);
                 }
             }
             // File copies: runs of consecutive slots in one read each. The slot stays the
