@@ -164,12 +164,12 @@ fn sigterm_and_sigint_stop_the_vm_cleanly_with_the_stats_written() {
 fn every_vmm_thread_runs_under_seccomp_and_a_forbidden_call_stops_the_vmm() {
     // The whole suite runs with the filters on (the default); here each kind of thread makes a
     // call its filter forbids.
-    for kind in ["main", "vcpu", "fault", "signals", "api"] {
+    for kind in ["main", "vcpu", "fault", "signals", "api", "swapper"] {
         let socket = common::scratch("seccomp.sock");
         let out = std::process::Command::new(common::vmm_bin())
             .args(["run", "--kernel"])
             .arg(common::guest_image())
-            .args(["--guest-args", "scenario=spin seconds=3", "--api-socket"])
+            .args(["--guest-args", "scenario=spin seconds=3", "--swap", "limit=64M", "--api-socket"])
             .arg(&socket)
             .env("VMM_SECCOMP_SELFTEST", kind)
             .output()

@@ -20,9 +20,23 @@ type Done = (Gfn, FrameState, Option<Loc>);
 /// 8-byte words in a page.
 const WORDS: usize = 512;
 
-/// How many of a page's 8-byte words are zero.
+/// How many of a page's 8-byte words are zero; or 0 as soon as it is clear the page is neither
+/// empty nor half empty: more than half its words are not zero, or none of its first 16 are
+/// (a dense page: reading it to the end would cost a trip to memory per cache line for
+/// nothing).
 fn zero_words(page: &[u8]) -> usize {
-    page.chunks_exact(8).filter(|w| w.iter().all(|&b| b == 0)).count()
+    let (mut zeros, mut others) = (0, 0);
+    for w in page.chunks_exact(8) {
+        if u64::from_ne_bytes(w.try_into().unwrap_or([1; 8])) == 0 {
+            zeros += 1;
+        } else {
+            others += 1;
+            if others > WORDS / 2 || others == 16 && zeros == 0 {
+                return 0;
+            }
+        }
+    }
+    zeros
 }
 
 impl SwapStore {
