@@ -7,7 +7,7 @@
 //! 2. Swap-in latency: the VMM's mean time from a second-level fault on a swapped page to the
 //!    page installed (random accesses, pages in the file), against a raw `pread` of one 4 KiB
 //!    page from the same file system plus a `UFFDIO_COPY` of it, measured in this process.
-//! 3. What users pick today: the same `workingset` guest (hot 10%, 30% writes, half-compressible
+//! 3. What users pick today: the same `workingset` guest (hot 15%, 30% writes, half-compressible
 //!    pages) under the same limit, ours (clock, and fifo for comparison) against the kernel:
 //!    `--memory backing=demand` inside a memory cgroup (v1) with the limit and a kernel swap
 //!    file on the same disk (and, where it can be turned on, zswap). Guest ops/s, refaults,
@@ -189,7 +189,7 @@ struct Run {
 }
 
 fn workingset_guest(size_mib: u64, seconds: u64) -> String {
-    format!("scenario=workingset size={size_mib}M seconds={seconds} slow_us=20")
+    format!("scenario=workingset size={size_mib}M hot=15 seconds={seconds} slow_us=20")
 }
 
 fn guest_figures(out: &str, r: &mut Run) {
@@ -400,7 +400,7 @@ fn main() {
     println!("(VMM: from the fault's message to the page installed; goal: at most 1.2x the raw mechanism)\n");
 
     let limit = 128;
-    println!("workingset {ws} MiB (hot 10%, 30% writes, 2 vCPUs, {seconds} s) under a {limit} MiB limit");
+    println!("workingset {ws} MiB (hot 15%, 30% writes, 2 vCPUs, {seconds} s) under a {limit} MiB limit");
     let clock = ours(&dir.0, ws, limit, seconds, 2, "");
     let fifo = ours(&dir.0, ws, limit, seconds, 2, ",policy=fifo");
     let kernel = KernelSwap::new(&dir.0, ws, limit, false).map(|k| k.run(ws, seconds));

@@ -514,16 +514,12 @@ impl SwapStore {
 
     /// Marks `gfn` warm (it refaulted).
     fn set_warm(&self, gfn: Gfn) {
-        let i = to_usize(gfn.0);
-        if let Some(w) = self.warm.get(i / 64) {
-            w.fetch_or(1 << (i % 64), Ordering::Relaxed);
-        }
+        set_bit(&self.warm, gfn);
     }
 
     /// Whether `gfn` was warm (and is no longer).
     fn take_warm(&self, gfn: Gfn) -> bool {
-        let i = to_usize(gfn.0);
-        self.warm.get(i / 64).is_some_and(|w| w.fetch_and(!(1 << (i % 64)), Ordering::Relaxed) & (1 << (i % 64)) != 0)
+        take_bit(&self.warm, gfn)
     }
 
     fn location(&self, gfn: Gfn) -> &AtomicU32 {
@@ -625,4 +621,18 @@ impl Drop for SwapStore {
         // SAFETY: unmaps exactly the staging mapping made in `new`, which nothing uses now.
         unsafe { libc::munmap(base as *mut libc::c_void, to_usize(STAGE_PAGES as u64 * PAGE_SIZE)) };
     }
+}
+
+/// Sets `gfn`'s bit in `bits`.
+fn set_bit(bits: &ZeroedVec<AtomicU64>, gfn: Gfn) {
+    let i = to_usize(gfn.0);
+    if let Some(w) = bits.get(i / 64) {
+        w.fetch_or(1 << (i % 64), Ordering::Relaxed);
+    }
+}
+
+/// Clears `gfn`'s bit in `bits`; returns whether it was set.
+fn take_bit(bits: &ZeroedVec<AtomicU64>, gfn: Gfn) -> bool {
+    let i = to_usize(gfn.0);
+    bits.get(i / 64).is_some_and(|w| w.fetch_and(!(1 << (i % 64)), Ordering::Relaxed) & (1 << (i % 64)) != 0)
 }
