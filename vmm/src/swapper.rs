@@ -9,12 +9,15 @@
 //! wait for it a little (see `backing::fault`).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::config::{SwapConfig, check_swap_limit};
 use crate::memory::addr::{Gfn, PAGE_SIZE};
-use crate::memory::backing::swap::{MAX_READAHEAD, STAGE_PAGES, SwapError, SwapStore};
+use crate::memory::backing::swap::file::SwapFileError;
+use crate::memory::backing::swap::out::Prepared;
+use crate::memory::backing::swap::{MAX_READAHEAD, STAGE_PAGES, Staging, SwapError, SwapStore};
 use crate::memory::frames::page_state::FrameState;
 use crate::memory::{MemoryError, MemoryManager};
 use crate::sync::{ThreadInit, lock};
@@ -35,6 +38,8 @@ pub enum SwapperError {
     Swap(#[from] SwapError),
     #[error("the swapper thread panicked")]
     Panicked,
+    #[error("the swap writer thread is gone")]
+    WriterGone,
     #[error("cannot set up the swapper thread")]
     ThreadSetup(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
@@ -89,7 +94,29 @@ pub struct Swapper {
     /// rests (with the limit it gave up on).
     not_met: AtomicU64,
     resting: Mutex<Option<(Instant, u64)>>,
+    /// The writer thread's job queue and its answers, once it runs.
+    writer: Mutex<Option<(SyncSender<WriteJob>, Receiver<WriteDone>)>>,
     stop: AtomicBool,
+}
+
+/// A batch for the writer thread: its staging area (locked by the swapper until the answer
+/// comes back) and where its pages go.
+struct WriteJob {
+    staging: *const Staging,
+    prepared: Prepared,
+}
+
+// SAFETY: the staging area behind the pointer stays locked by the swapper, which does not touch
+// it, until the writer has answered; the writer only reads it.
+unsafe impl Send for WriteJob {}
+
+/// The writer's answer.
+type WriteDone = (Prepared, Result<(), SwapFileError>);
+
+/// A batch whose pages the writer is writing while the swapper stages the next one.
+struct InFlight<'a> {
+    area: usize,
+    staging: MutexGuard<'a, Staging>,
 }
 
 /// The swapper's figures beside the store's.
@@ -111,6 +138,7 @@ impl Swapper {
             state: Mutex::new(SwapState::Within),
             not_met: AtomicU64::new(0),
             resting: Mutex::new(None),
+            writer: Mutex::new(None),
             stop: AtomicBool::new(false),
         }
     }
@@ -131,8 +159,30 @@ impl Swapper {
         self: Arc<Self>,
         shared: Arc<dyn MemoryLock>,
         init: ThreadInit,
-        on_error: impl Fn(SwapperError) + Send + 'static,
+        on_error: impl Fn(SwapperError) + Send + Sync + 'static,
     ) -> std::io::Result<()> {
+        // The writer: writes one batch while the swapper stages the next (the disk and the CPU
+        // work at once). It ends when the swapper drops its queue.
+        let (jobs, queue) = sync_channel::<WriteJob>(1);
+        let (answers, done) = sync_channel::<WriteDone>(1);
+        *lock(&self.writer) = Some((jobs, done));
+        let on_error = Arc::new(on_error);
+        let (store, init_w, report) = (Arc::clone(&self.store), Arc::clone(&init), Arc::clone(&on_error));
+        std::thread::Builder::new().name("swap-writer".into()).spawn(move || {
+            if let Err(e) = init_w() {
+                report(SwapperError::ThreadSetup(e));
+                return;
+            }
+            while let Ok(job) = queue.recv() {
+                // SAFETY: see `WriteJob`: the area is locked by the swapper and left alone until
+                // this answer arrives.
+                let staging = unsafe { &*job.staging };
+                let res = store.write_prepared(staging, &job.prepared);
+                if answers.send((job.prepared, res)).is_err() {
+                    return;
+                }
+            }
+        })?;
         std::thread::Builder::new().name("swapper".into()).spawn(move || {
             let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 init().map_err(SwapperError::ThreadSetup).and_then(|()| self.run(shared.as_ref()))
@@ -212,13 +262,43 @@ impl Swapper {
         Ok(())
     }
 
-    /// One batch: stage under the manager's lock, write out without it. Returns (frames
-    /// staged, whether the hand wrapped).
-    fn batch(&self, shared: &dyn MemoryLock) -> Result<(usize, bool), SwapperError> {
-        let mut staging = self.store.lock_staging();
+    /// One batch: staged under the manager's lock, prepared, and handed to the writer; the
+    /// previous batch (`inflight`), written meanwhile, is ended first. Without a writer the
+    /// batch is written here. Returns (frames staged, whether the hand wrapped).
+    fn batch<'a>(
+        &'a self,
+        shared: &dyn MemoryLock,
+        inflight: &mut Option<InFlight<'a>>,
+    ) -> Result<(usize, bool), SwapperError> {
+        let area = inflight.as_ref().map_or(0, |f| f.area + 1);
+        let mut staging = self.store.lock_staging(area);
         let out = shared.mm().swap_stage(&mut staging, STAGE_PAGES)?;
-        self.store.commit(&mut staging)?;
+        let prepared = self.store.prepare(&staging)?;
+        self.land(inflight)?;
+        let writer = lock(&self.writer);
+        match writer.as_ref() {
+            Some((jobs, _)) => {
+                let job = WriteJob { staging: &raw const *staging, prepared };
+                if jobs.send(job).is_err() {
+                    return Err(SwapperError::WriterGone);
+                }
+                *inflight = Some(InFlight { area, staging });
+            }
+            None => {
+                let written = self.store.write_prepared(&staging, &prepared);
+                self.store.finish(&mut staging, prepared, written)?;
+            }
+        }
         Ok((out.staged, out.wrapped))
+    }
+
+    /// Ends the batch the writer has, once it is written.
+    fn land(&self, inflight: &mut Option<InFlight<'_>>) -> Result<(), SwapperError> {
+        let Some(mut f) = inflight.take() else { return Ok(()) };
+        let answer = lock(&self.writer).as_ref().map(|(_, done)| done.recv());
+        let Some(Ok((prepared, written))) = answer else { return Err(SwapperError::WriterGone) };
+        self.store.finish(&mut f.staging, prepared, written)?;
+        Ok(())
     }
 
     /// Evicts until usage is a little under the limit, or nothing more can go.
@@ -236,9 +316,10 @@ impl Swapper {
         self.set_state(SwapState::Reclaiming);
         let low = limit.saturating_sub((limit / 32).max(2 << 20));
         let (mut empty_laps, mut stalled) = (0, 0);
+        let mut inflight = None;
         while self.store.usage() > low && !self.stop.load(Ordering::Acquire) {
             let before = self.store.usage();
-            let (staged, wrapped) = self.batch(shared)?;
+            let (staged, wrapped) = self.batch(shared, &mut inflight)?;
             if staged == 0 && wrapped {
                 empty_laps += 1;
             }
@@ -246,12 +327,14 @@ impl Swapper {
             // Two turns of the hand with nothing to evict, or no progress in eight batches (the
             // file full or failing, everything hot).
             if empty_laps >= 2 || stalled >= 8 {
+                self.land(&mut inflight)?;
                 self.set_state(SwapState::LimitNotMet);
                 self.not_met.fetch_add(1, Ordering::Relaxed);
                 *lock(&self.resting) = Some((Instant::now() + GIVE_UP_FOR, limit));
                 return Ok(());
             }
         }
+        self.land(&mut inflight)?;
         self.set_state(SwapState::Within);
         Ok(())
     }
@@ -260,19 +343,20 @@ impl Swapper {
     /// last passed.
     fn sweep(&self, shared: &dyn MemoryLock) -> Result<(), SwapperError> {
         let Some(start) = shared.mm().swap_position() else { return Ok(()) };
+        let mut inflight = None;
         while !self.stop.load(Ordering::Acquire) {
-            self.batch(shared)?;
+            self.batch(shared, &mut inflight)?;
             let Some((laps, hand)) = shared.mm().swap_position() else { break };
             if laps > start.0 + 1 || (laps > start.0 && hand >= start.1) {
                 break;
             }
         }
-        Ok(())
+        self.land(&mut inflight)
     }
 
-    /// The pool over its (lowered) capacity writes back its oldest pages.
+    /// The pool over its (lowered) capacity writes back its oldest pages. (This thread is the
+    /// pool's only inserter: `prepare` runs here too.)
     fn trim_pool(&self) -> Result<(), SwapperError> {
-        let _staging = self.store.lock_staging();
         while self.store.pool_over_capacity() > 0 {
             if !self.store.pool_writeback()? {
                 break;

@@ -271,7 +271,15 @@ impl Backing {
             // The leaf changed: its dirty bit no longer vouches for a clean copy.
             s.drop_clean(runs);
         }
-        self.populate.invalidate(&self.ram, runs).map_err(|source| BackingError::Populate { gfn: first, source })
+        let runs = self.split_at_ranges(runs);
+        self.populate.invalidate(&self.ram, &runs).map_err(|source| BackingError::Populate { gfn: first, source })
+    }
+
+    /// `runs` cut where RAM ranges end: each range is its own host mapping, and a call that
+    /// spans two would reach the gap between them (a run of frames contiguous in guest-physical
+    /// space may cross from one node's range into the next).
+    fn split_at_ranges(&self, runs: &[Run]) -> Vec<Run> {
+        self.states.split_at_ranges(runs)
     }
 
     /// Drops every cached translation of the frames in `runs` so that the guest's next touch
@@ -279,7 +287,8 @@ impl Backing {
     /// and kept swap copies stay.
     pub fn refresh(&self, runs: &[Run]) -> Result<(), BackingError> {
         let Some(&(first, _)) = runs.first() else { return Ok(()) };
-        self.populate.refresh(&self.ram, runs).map_err(|source| BackingError::Populate { gfn: first, source })
+        let runs = self.split_at_ranges(runs);
+        self.populate.refresh(&self.ram, &runs).map_err(|source| BackingError::Populate { gfn: first, source })
     }
 
     /// The page-state map.

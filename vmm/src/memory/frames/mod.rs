@@ -210,16 +210,7 @@ impl Frames {
     /// Splits runs where they cross from one RAM range (or node) into the next: a freed run
     /// must lie in one buddy allocator.
     pub fn split_at_ranges(&self, runs: Vec<Run>) -> Vec<Run> {
-        let mut out = Vec::with_capacity(runs.len());
-        for (g, n) in runs {
-            let (mut at, end) = (g, g.plus(n));
-            while at < end {
-                let stop = self.states.range_of(at).map_or(end, |(_, e)| e.min(end));
-                out.push((at, stop.0 - at.0));
-                at = stop;
-            }
-        }
-        out
+        self.states.split_at_ranges(&runs)
     }
 
     /// The node of a RAM frame.

@@ -105,6 +105,20 @@ impl PageStates {
         self.node_of.iter().find(|(s, e, _)| *s <= gfn && gfn < *e).map(|r| (r.0, r.1))
     }
 
+    /// `runs` of frames `(first, count)` cut where RAM ranges end.
+    pub fn split_at_ranges(&self, runs: &[(Gfn, u64)]) -> Vec<(Gfn, u64)> {
+        let mut out = Vec::with_capacity(runs.len());
+        for &(g, n) in runs {
+            let (mut at, end) = (g, g.plus(n));
+            while at < end {
+                let stop = self.range_of(at).map_or(end, |(_, e)| e.min(end));
+                out.push((at, stop.0 - at.0));
+                at = stop;
+            }
+        }
+        out
+    }
+
     /// Node of a RAM frame.
     pub fn node(&self, gfn: Gfn) -> Option<usize> {
         self.node_of.iter().find(|(s, e, _)| *s <= gfn && gfn < *e).map(|r| r.2)

@@ -24,7 +24,7 @@
 //! location words change under one lock.
 
 pub mod file;
-mod out;
+pub mod out;
 pub mod pool;
 mod swapin;
 
@@ -46,6 +46,8 @@ use pool::Pool;
 
 /// Pages one eviction batch stages (2 MiB).
 pub const STAGE_PAGES: usize = 512;
+/// Staging areas: a batch is written while the next one is staged.
+pub const STAGING_AREAS: usize = 2;
 /// Most pages a swap-in reads at once (the faulting page and its read-ahead).
 pub const MAX_READAHEAD: usize = 16;
 /// Most recent evictions remembered for refault detection.
@@ -317,7 +319,7 @@ pub struct SwapStore {
     /// The latest evictions (for refault counts), apart from the pool: swap-ins from the file
     /// never wait for the pool's lock.
     recent: Mutex<Recent>,
-    staging: Mutex<Staging>,
+    staging: [Mutex<Staging>; STAGING_AREAS],
     compress: bool,
     limit: AtomicU64,
     /// Until when the file takes no more pages (full, or failing writes): retried after that.
@@ -348,7 +350,8 @@ impl SwapStore {
         let frames = ram.ranges().iter().map(|r| r.end() / PAGE_SIZE).max().unwrap_or(0);
         let locations = ZeroedVec::try_new(to_usize(frames)).map_err(SwapError::Staging)?;
         let warm = ZeroedVec::try_new(to_usize(frames.div_ceil(64))).map_err(SwapError::Staging)?;
-        let len = STAGE_PAGES as u64 * PAGE_SIZE;
+        // Two staging areas, side by side: one batch is written while the next is staged.
+        let len = STAGING_AREAS as u64 * STAGE_PAGES as u64 * PAGE_SIZE;
         // SAFETY: a fresh private anonymous mapping that the store owns until drop.
         let base = unsafe {
             libc::mmap(
@@ -377,10 +380,12 @@ impl SwapStore {
             file_max,
             inner: Mutex::new(Inner { pool: Pool::new(if compress { pool } else { 0 }) }),
             recent: Mutex::new(Recent::default()),
-            staging: Mutex::new(Staging {
-                base,
-                gfns: Vec::with_capacity(STAGE_PAGES),
-                dirty: Vec::with_capacity(STAGE_PAGES),
+            staging: std::array::from_fn(|i| {
+                Mutex::new(Staging {
+                    base: base + i as u64 * STAGE_PAGES as u64 * PAGE_SIZE,
+                    gfns: Vec::with_capacity(STAGE_PAGES),
+                    dirty: Vec::with_capacity(STAGE_PAGES),
+                })
             }),
             compress,
             limit: AtomicU64::new(limit),
@@ -617,9 +622,11 @@ impl SwapStore {
 
 impl Drop for SwapStore {
     fn drop(&mut self) {
-        let base = lock(&self.staging).base;
+        let base = lock(&self.staging[0]).base;
         // SAFETY: unmaps exactly the staging mapping made in `new`, which nothing uses now.
-        unsafe { libc::munmap(base as *mut libc::c_void, to_usize(STAGE_PAGES as u64 * PAGE_SIZE)) };
+        unsafe {
+            libc::munmap(base as *mut libc::c_void, to_usize(STAGING_AREAS as u64 * STAGE_PAGES as u64 * PAGE_SIZE))
+        };
     }
 }
 

@@ -11,11 +11,21 @@ use crate::sync::lock;
 
 use super::super::uffd::UffdError;
 use super::file::{AlignedBuf, SwapFileError};
-use super::{Loc, STAGE_PAGES, Staging, SwapError, SwapStore};
+use super::{Loc, STAGE_PAGES, STAGING_AREAS, Staging, SwapError, SwapStore};
 
 /// An eviction's outcome: the frame, its new state, and its new location (`None`: the one it
 /// has).
 type Done = (Gfn, FrameState, Option<Loc>);
+
+/// A batch between [`SwapStore::prepare`] and [`SwapStore::finish`]: the outcomes decided so
+/// far, and the staged pages bound for the file with the slots they got (fewer when the file
+/// is full: the rest go back).
+#[derive(Debug)]
+pub struct Prepared {
+    done: Vec<Done>,
+    to_file: Vec<usize>,
+    slots: Vec<u32>,
+}
 
 /// 8-byte words in a page.
 const WORDS: usize = 512;
@@ -40,9 +50,9 @@ fn zero_words(page: &[u8]) -> usize {
 }
 
 impl SwapStore {
-    /// The staging area, for one eviction batch at a time.
-    pub fn lock_staging(&self) -> MutexGuard<'_, Staging> {
-        lock(&self.staging)
+    /// Staging area `area` (`< STAGING_AREAS`), for one eviction batch at a time.
+    pub fn lock_staging(&self, area: usize) -> MutexGuard<'_, Staging> {
+        lock(&self.staging[area % STAGING_AREAS])
     }
 
     /// Moves the pages of `frames` that are `Resident` into the staging area, each claimed
@@ -109,8 +119,19 @@ impl SwapStore {
 
     /// Writes out what [`stage`](Self::stage) moved, without the memory manager's lock: each
     /// page ends `Swapped` (in the pool or the file, or as a kept clean copy), `Zero`, or back
-    /// in guest RAM if it could not be written. Empties the staging area.
+    /// in guest RAM if it could not be written. Empties the staging area. (The three steps of
+    /// [`prepare`](Self::prepare), [`write_prepared`](Self::write_prepared) and
+    /// [`finish`](Self::finish), in one go.)
     pub fn commit(&self, st: &mut Staging) -> Result<(), SwapError> {
+        let p = self.prepare(st)?;
+        let written = self.write_prepared(st, &p);
+        self.finish(st, p, written)
+    }
+
+    /// Decides where each staged page goes: kept clean copies, zero pages and the pool are
+    /// dealt with at once; the rest get file slots, to be written by
+    /// [`write_prepared`](Self::write_prepared).
+    pub fn prepare(&self, st: &Staging) -> Result<Prepared, SwapError> {
         let mut to_file = Vec::new();
         let mut done: Vec<Done> = Vec::with_capacity(st.gfns.len());
         let mut cbuf = vec![0u8; lz4_flex::block::get_maximum_output_size(to_usize(PAGE_SIZE))];
@@ -149,8 +170,55 @@ impl SwapStore {
             }
             to_file.push(i);
         }
-        let res = self.write_staged(st, &to_file, &mut done);
-        self.finalize(&done);
+        let mut slots = Vec::with_capacity(to_file.len());
+        let got = if self.file_full() || to_file.is_empty() { 0 } else { self.file.alloc(to_file.len(), &mut slots) };
+        if got < to_file.len() {
+            self.block_file();
+            self.counters.enospc.add((to_file.len() - got) as u64);
+        }
+        Ok(Prepared { done, to_file, slots })
+    }
+
+    /// Writes the pages `p` sent to the file: the slow part, which needs no lock (another
+    /// thread may do it while the next batch is staged).
+    pub fn write_prepared(&self, st: &Staging, p: &Prepared) -> Result<(), SwapFileError> {
+        if p.slots.is_empty() {
+            return Ok(());
+        }
+        let pages: Vec<&[u8]> = p.to_file[..p.slots.len()].iter().map(|&i| st.page(i)).collect();
+        self.file.write(&p.slots, &pages)
+    }
+
+    /// Ends the batch once its write is over (`written`): its pages are recorded where they
+    /// went, those that could not be written go back into guest RAM, and the staging area is
+    /// emptied.
+    pub fn finish(
+        &self,
+        st: &mut Staging,
+        mut p: Prepared,
+        written: Result<(), SwapFileError>,
+    ) -> Result<(), SwapError> {
+        let ok = match written {
+            Ok(()) => true,
+            Err(e) => {
+                self.write_failed(&e);
+                for &s in &p.slots {
+                    self.file.free(s);
+                }
+                false
+            }
+        };
+        let mut res = Ok(());
+        for (k, &i) in p.to_file.iter().enumerate() {
+            if ok && k < p.slots.len() {
+                self.counters.file_writes.inc();
+                self.file_pages.fetch_add(1, Ordering::Relaxed);
+                p.done.push((st.gfns[i], FrameState::Swapped, Some(Loc::File(p.slots[k]))));
+            } else if let Err(e) = self.put_back(st.gfns[i], st.page(i)) {
+                res = Err(e);
+            }
+        }
+        self.finalize(&p.done);
         let len = st.gfns.len() as u64 * PAGE_SIZE;
         st.gfns.clear();
         st.dirty.clear();
@@ -161,40 +229,6 @@ impl SwapStore {
             return Err(SwapError::Discard(std::io::Error::last_os_error()));
         }
         res
-    }
-
-    /// Writes staged pages `idx` to the file; pages that cannot be written go back.
-    fn write_staged(&self, st: &Staging, idx: &[usize], done: &mut Vec<Done>) -> Result<(), SwapError> {
-        if idx.is_empty() {
-            return Ok(());
-        }
-        let mut slots = Vec::with_capacity(idx.len());
-        let got = if self.file_full() { 0 } else { self.file.alloc(idx.len(), &mut slots) };
-        let pages: Vec<&[u8]> = idx[..got].iter().map(|&i| st.page(i)).collect();
-        let written = match self.file.write(&slots, &pages) {
-            Ok(()) => true,
-            Err(e) => {
-                self.write_failed(&e);
-                for &s in &slots {
-                    self.file.free(s);
-                }
-                false
-            }
-        };
-        if got < idx.len() {
-            self.block_file();
-            self.counters.enospc.add((idx.len() - got) as u64);
-        }
-        for (k, &i) in idx.iter().enumerate() {
-            if written && k < got {
-                self.counters.file_writes.inc();
-                self.file_pages.fetch_add(1, Ordering::Relaxed);
-                done.push((st.gfns[i], FrameState::Swapped, Some(Loc::File(slots[k]))));
-            } else {
-                self.put_back(st.gfns[i], st.page(i))?;
-            }
-        }
-        Ok(())
     }
 
     fn write_failed(&self, e: &SwapFileError) {
