@@ -121,8 +121,8 @@ fn swap_out(dir: &Path, size_mib: u64, pattern: &str, compress: &str) -> (f64, u
 
 /// Raw swap-in: `pread` of a random 4 KiB page of a file on the same file system, then
 /// `UFFDIO_COPY` of it into a missing page registered with userfaultfd: mean ns over `count`.
-fn raw_swap_in(dir: &Path, count: usize) -> f64 {
-    let pages = 16384u64;
+fn raw_swap_in(dir: &Path, count: usize, file_mib: u64) -> f64 {
+    let pages = file_mib * MIB / PAGE as u64;
     let path = dir.join("raw-read");
     let f = std::fs::OpenOptions::new()
         .create(true)
@@ -388,7 +388,9 @@ fn main() {
     println!("goal: at least 0.7x the raw write\n");
 
     println!("swap-in latency (random 4 KiB pages from the file; faults that read one page, 1 vCPU)");
-    let raw_in = raw_swap_in(&dir.0, if quick { 2000 } else { 20000 });
+    // A file as large as the working set swapped out below, so that neither side gets more help
+    // from the disk's caches than the other.
+    let raw_in = raw_swap_in(&dir.0, if quick { 2000 } else { 20000 }, ws);
     let (busy, quiet) = swap_in_latency(&dir.0, ws, seconds);
     println!("{:<62} {:>10}", "", "mean us");
     println!("{:<62} {:>10.1}", "raw pread + UFFDIO_COPY of one page", raw_in / 1e3);
@@ -405,8 +407,17 @@ fn main() {
     let fifo = ours(&dir.0, ws, limit, seconds, 2, ",policy=fifo");
     let kernel = KernelSwap::new(&dir.0, ws, limit, false).map(|k| k.run(ws, seconds));
     let zswap = KernelSwap::new(&dir.0, ws, limit, true).map(|k| k.run(ws, seconds));
-    let kernel_kills = kernel.as_ref().map_or(0, |k| k.1) + zswap.as_ref().map_or(0, |k| k.1);
+    let mut kernel_kills = kernel.as_ref().map_or(0, |k| k.1) + zswap.as_ref().map_or(0, |k| k.1);
     let (kernel, zswap) = (kernel.map(|k| k.0), zswap.map(|k| k.0));
+    // When the kernel cannot run the guest at the limit, a figure with 64 MiB more.
+    let roomier = if kernel.as_ref().is_some_and(|k| k.killed) {
+        KernelSwap::new(&dir.0, ws, limit + 64, false).map(|k| k.run(ws, seconds)).map(|(r, kills)| {
+            kernel_kills += kills;
+            r
+        })
+    } else {
+        None
+    };
     println!("{:<44} {:>10} {:>12} {:>12} {:>14}", "", "ops/s", "slow (guest)", "refaults", "written MiB");
     let row = |name: &str, r: &Run, refaults: Option<u64>| {
         println!(
@@ -422,8 +433,13 @@ fn main() {
     row("vmm swap, fifo", &fifo, Some(fifo.refaults));
     if let Some(k) = &kernel {
         row("kernel: memory cgroup + swap file", k, None);
+    }
+    if let Some(k) = &roomier {
+        row(&format!("kernel, with 64 MiB more ({} MiB)", limit + 64), k, None);
+    }
+    if let Some(k) = [&kernel, &roomier].into_iter().flatten().find(|k| !k.killed) {
         println!(
-            "ours vs the kernel: {:.2}x the ops/s, {:.2}x the bytes written",
+            "ours vs the kernel's complete run: {:.2}x the ops/s, {:.2}x the bytes written",
             clock.ops_per_sec as f64 / k.ops_per_sec.max(1) as f64,
             clock.written as f64 / k.written.max(1) as f64
         );

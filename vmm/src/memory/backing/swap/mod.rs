@@ -190,6 +190,9 @@ pub struct SwapStoreReport {
     /// faults that read ahead (up to 16 pages).
     pub swap_in_latency: LatencySummary,
     pub swap_in_readahead_latency: LatencySummary,
+    /// Parts of a swap-in: one read from the file, one `UFFDIO_COPY`.
+    pub swap_in_read_latency: LatencySummary,
+    pub swap_in_install_latency: LatencySummary,
 }
 
 /// The pool: what the evictor and the fault handlers share.
@@ -330,6 +333,9 @@ pub struct SwapStore {
     /// Swap-in latency: faults that read one page, and faults that read ahead.
     latency: Histogram,
     latency_readahead: Histogram,
+    /// Its parts: one file read (of a run of slots), one `UFFDIO_COPY` of a page.
+    latency_read: Histogram,
+    latency_install: Histogram,
     /// Wakes the swapper: a generation count and its condition variable.
     kick: (Mutex<u64>, Condvar),
 }
@@ -394,6 +400,8 @@ impl SwapStore {
             counters: SwapCounters::default(),
             latency: Histogram::default(),
             latency_readahead: Histogram::default(),
+            latency_read: Histogram::default(),
+            latency_install: Histogram::default(),
             kick: (Mutex::new(0), Condvar::new()),
         })
     }
@@ -574,6 +582,8 @@ impl SwapStore {
                 + pool_meta,
             swap_in_latency: self.latency.summary(),
             swap_in_readahead_latency: self.latency_readahead.summary(),
+            swap_in_read_latency: self.latency_read.summary(),
+            swap_in_install_latency: self.latency_install.summary(),
         }
     }
 

@@ -37,7 +37,7 @@ impl SwapStore {
             }
         }
         res?;
-        let ns = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let ns = nanos(start);
         if frames.len() == 1 { &self.latency } else { &self.latency_readahead }.record(ns);
         self.counters.pages_in.add(frames.len() as u64);
         self.counters.readahead.add(frames.len() as u64 - 1);
@@ -101,13 +101,17 @@ impl SwapStore {
                 {
                     n += 1;
                 }
+                let t = Instant::now();
                 self.file
                     .read(first, &mut buf[k * page..(k + n) * page])
                     .map_err(|e| SwapError::Read { gpa: frames[k].gpa().0, source: Box::new(e) })?;
+                self.latency_read.record(nanos(t));
                 k += n;
             }
             for (k, &g) in frames.iter().enumerate() {
+                let t = Instant::now();
                 self.install(g, &buf[k * page..(k + 1) * page])?;
+                self.latency_install.record(nanos(t));
                 self.states.transition(g, FrameState::Populating, FrameState::Resident);
             }
             Ok(())
@@ -125,4 +129,8 @@ impl SwapStore {
         }
         Ok(())
     }
+}
+
+fn nanos(since: Instant) -> u64 {
+    u64::try_from(since.elapsed().as_nanos()).unwrap_or(u64::MAX)
 }
