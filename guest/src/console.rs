@@ -1,5 +1,5 @@
 //! Console output through the per-vCPU page: a whole `print!` costs one exit. Each vCPU has its
-//! own buffer, so there is no lock.
+//! own buffer, used with preemption off, so there is no lock.
 
 use core::fmt::{self, Write};
 
@@ -20,10 +20,10 @@ impl Console {
     }
 }
 
-impl Write for Console {
-    fn write_str(&mut self, s: &str) -> fmt::Result {
+impl Console {
+    fn put(&mut self, bytes: &[u8]) {
         let page = arch::cpu_page();
-        for &b in s.as_bytes() {
+        for &b in bytes {
             if self.len == CONSOLE_BUF {
                 self.flush();
             }
@@ -32,14 +32,29 @@ impl Write for Console {
             unsafe { (*page).console[self.len] = b };
             self.len += 1;
         }
+    }
+}
+
+impl Write for Console {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        self.put(s.as_bytes());
         Ok(())
     }
 }
 
 /// Prints formatted text (one exit per call, more if longer than the buffer).
 pub fn print(args: fmt::Arguments<'_>) {
+    let _g = crate::sched::NoPreempt::new();
     let mut c = Console { len: 0 };
     let _ = c.write_fmt(args);
+    c.flush();
+}
+
+/// Prints raw bytes (invalid UTF-8 included).
+pub fn write_bytes(bytes: &[u8]) {
+    let _g = crate::sched::NoPreempt::new();
+    let mut c = Console { len: 0 };
+    c.put(bytes);
     c.flush();
 }
 

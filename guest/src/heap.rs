@@ -6,7 +6,8 @@
 //! SLAB_EXCHANGE moves a whole batch both ways). Freed objects are never reused here: each goes
 //! back through the VMM, which checks it. Larger allocations are whole pages (ALLOC / FREE).
 //!
-//! Magazines are per vCPU and nothing preempts guest code, so no locking is needed.
+//! Magazines are per vCPU: every use runs with preemption off (`sched::NoPreempt`), so a thread
+//! cannot move to another vCPU half-way, and no locking is needed.
 
 use core::alloc::{GlobalAlloc, Layout};
 use core::ptr::{addr_of, addr_of_mut, null_mut, read_volatile, write_volatile};
@@ -16,6 +17,7 @@ use protocol::memcall::{op, policy};
 use protocol::slab::{CLASSES, MAGAZINES_OFFSET, Magazine, batch, class_for};
 use protocol::status;
 
+use crate::sched::NoPreempt;
 use crate::{arch, mem};
 
 pub struct GuestAlloc;
@@ -31,6 +33,48 @@ crate::percpu! {
 /// Allocator exits on this vCPU so far.
 pub fn exits() -> u64 {
     *EXITS.get()
+}
+
+/// Allocator exits on every vCPU so far.
+pub fn all_exits(cpus: u32) -> u64 {
+    (0..cpus as usize)
+        .map(|c| {
+            // SAFETY: a racy read of another vCPU's counter, for a report.
+            unsafe { core::ptr::read_volatile(EXITS.slots[c % protocol::MAX_VCPUS].0.get()) }
+        })
+        .sum()
+}
+
+/// Counts an exit the caller (with preemption off) is about to take for the allocator.
+pub fn count_exit() {
+    *EXITS.get_mut() += 1;
+}
+
+/// Pops an object of `class` from this vCPU's alloc magazine (refilling it if empty), or null.
+pub fn alloc_small(class: usize) -> *mut u8 {
+    let _g = NoPreempt::new();
+    let m = magazine(class);
+    // SAFETY: m points into this vCPU's mapped magazines, touched only by this vCPU (the VMM
+    // writes them only during this vCPU's exits); preemption is off.
+    unsafe {
+        let mut n = read_volatile(addr_of!((*m).alloc_count)) as usize;
+        if n == 0 {
+            exchange(class);
+            n = read_volatile(addr_of!((*m).alloc_count)) as usize;
+            if n == 0 {
+                return null_mut();
+            }
+        }
+        n -= 1;
+        write_volatile(addr_of_mut!((*m).alloc_count), n as u32);
+        read_volatile(addr_of!((*m).alloc[n])) as *mut u8
+    }
+}
+
+/// Pushes `ptr` onto this vCPU's free magazine of `class` (the VMM checks it).
+pub fn free_small(class: usize, ptr: u64) {
+    let _g = NoPreempt::new();
+    push_free(class, ptr);
 }
 
 fn magazine(class: usize) -> *mut Magazine {
@@ -91,6 +135,17 @@ pub fn cached_objects(cpu: u32) -> u64 {
         .sum()
 }
 
+/// Frees the VMM refused on vCPU `cpu` so far (its magazines' reports).
+pub fn bad_frees_of(cpu: u32) -> u64 {
+    let base = (cpu_area(cpu) + MAGAZINES_OFFSET) as *const Magazine;
+    (0..CLASSES.len())
+        .map(|c| {
+            // SAFETY: every vCPU's CPU area is mapped readable for the guest.
+            u64::from(unsafe { read_volatile(addr_of!((*base.wrapping_add(c)).free_errors)) })
+        })
+        .sum()
+}
+
 /// The magazine's bad-free report: (count, last status, last pointer).
 pub fn bad_frees(class: usize) -> (u32, u32, u64) {
     let m = magazine(class);
@@ -113,34 +168,21 @@ unsafe impl GlobalAlloc for GuestAlloc {
             if layout.align() > 4096 {
                 return null_mut();
             }
+            let _g = NoPreempt::new();
             *EXITS.get_mut() += 1;
             return match mem::alloc_call(mem::mk(op::ALLOC, 0, [layout.size() as u64, policy::LOCAL, 0, 0])) {
                 r if r.status == status::OK => r.ret[0] as *mut u8,
                 _ => null_mut(),
             };
         };
-        let m = magazine(class);
-        // SAFETY: m points into this vCPU's mapped magazines, touched only by this vCPU (the
-        // VMM writes them only during this vCPU's exits).
-        unsafe {
-            let mut n = read_volatile(addr_of!((*m).alloc_count)) as usize;
-            if n == 0 {
-                exchange(class);
-                n = read_volatile(addr_of!((*m).alloc_count)) as usize;
-                if n == 0 {
-                    return null_mut();
-                }
-            }
-            n -= 1;
-            write_volatile(addr_of_mut!((*m).alloc_count), n as u32);
-            read_volatile(addr_of!((*m).alloc[n])) as *mut u8
-        }
+        alloc_small(class)
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         match class_for(layout.size().max(1), layout.align()) {
-            Some(class) => push_free(class, ptr as u64),
+            Some(class) => free_small(class, ptr as u64),
             None => {
+                let _g = NoPreempt::new();
                 *EXITS.get_mut() += 1;
                 mem::alloc_call(mem::mk(op::FREE, 0, [ptr as u64, 0, 0, 0]));
             }

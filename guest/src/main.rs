@@ -14,11 +14,13 @@ mod args;
 mod bootinfo;
 mod console;
 mod heap;
+mod libc;
 mod mem;
 mod notify;
 mod percpu;
 mod rng;
 mod scenario;
+mod sched;
 mod sync;
 mod trap;
 

@@ -18,9 +18,9 @@ pub struct PerCpu<T> {
 /// `percpu!(static NAME: T = CONST_EXPR);` defines a per-vCPU static.
 #[macro_export]
 macro_rules! percpu {
-    ($(#[$m:meta])* static $name:ident: $t:ty = $init:expr;) => {
+    ($(#[$m:meta])* $vis:vis static $name:ident: $t:ty = $init:expr;) => {
         $(#[$m])*
-        static $name: $crate::percpu::PerCpu<$t> = $crate::percpu::PerCpu {
+        $vis static $name: $crate::percpu::PerCpu<$t> = $crate::percpu::PerCpu {
             slots: [const { $crate::percpu::Slot(core::cell::UnsafeCell::new($init)) }; protocol::MAX_VCPUS],
         };
     };

@@ -61,6 +61,10 @@ pub const SLAB_VA_START: u64 = HUGE_HEAP_VA_END;
 pub const SLAB_VA_END: u64 = 0x900_0000_0000;
 /// Address space per slab (the largest slab).
 pub const SLAB_SLOT: u64 = 0x1_0000;
+/// Each size class's slabs live in their own part of the slab zone (class `c` from
+/// `SLAB_VA_START + c * SLAB_CLASS_SPAN`), so that an object's class follows from its address
+/// and a `free` needs no header (see [`crate::slab::class_of_addr`]).
+pub const SLAB_CLASS_SPAN: u64 = 0x8_0000_0000;
 
 /// Guest-virtual address of vCPU `cpu`'s area.
 pub const fn cpu_area(cpu: u32) -> u64 {

@@ -62,6 +62,21 @@ pub mod port {
     /// `out32 seq`: the guest handled the notification for [`super::shared::SharedPage::seq`]
     /// `seq` (its low 32 bits); the VMM may deliver the next one.
     pub const NOTIFY_DONE: u16 = 0x409;
+    /// `out32 period_us`: timer ticks for this vCPU, for a guest that schedules threads of its
+    /// own. Every `period_us` microseconds (1000 to 1_000_000; 0 turns them off) the VMM
+    /// interrupts the vCPU and enters the handler at [`super::CpuPage::args`]`[0]` (executable
+    /// image pages) the way it enters the notification handler (see [`SET_NOTIFY`]), and sets
+    /// [`super::CpuPage::tick_mask`] to 1 (like a CPU clearing IF); while the mask is nonzero a
+    /// due tick only sets [`super::CpuPage::tick_pending`]. The guest clears both. The VMM
+    /// writes the status to `args[0]`.
+    pub const SET_TICK: u16 = 0x40a;
+    /// `out32 0`: this vCPU has nothing to run: it sleeps until another vCPU's [`WAKE`] for it,
+    /// until [`super::CpuPage::args`]`[0]` nanoseconds pass (0 or more than a second: a
+    /// second), or until the VMM has something for it (a notification, a stop). A `WAKE` sent
+    /// before it sleeps is not lost: the next `IDLE` returns at once.
+    pub const IDLE: u16 = 0x40b;
+    /// `out32 cpu`: wakes vCPU `cpu` from [`IDLE`].
+    pub const WAKE: u16 = 0x40c;
     /// First port the guest may use.
     pub const FIRST: u16 = 0x400;
     /// Last port the guest may use.
@@ -83,6 +98,10 @@ pub mod exit {
     pub const BAD_ARGS: u32 = 4;
     /// A memory call failed where the scenario did not expect it.
     pub const MEMCALL_FAILED: u32 = 5;
+    /// A C program (`scenario=cbench`) called `abort`, or its allocator found a bad free.
+    pub const ABORTED: u32 = 6;
+    /// A C program exited with a nonzero status (its `@result` line says which).
+    pub const PROGRAM_FAILED: u32 = 7;
     /// The largest status a guest may exit with; the VMM's own exit codes start above it.
     pub const GUEST_MAX: u32 = 63;
 }
@@ -197,8 +216,13 @@ pub struct CpuPage {
     pub memcall_done: u64,
     /// Status of the last [`port::LAZY_FAULT`].
     pub fault_status: u64,
-    /// Reserved, zero.
-    pub reserved: [u64; 3],
+    /// Nonzero while the guest does not want a tick handler entered (see [`port::SET_TICK`]);
+    /// the VMM sets it when it enters the handler.
+    pub tick_mask: u64,
+    /// Set by the VMM when a tick came due while `tick_mask` was set.
+    pub tick_pending: u64,
+    /// The guest's own word (its current thread); the VMM never reads or writes it.
+    pub thread: u64,
     /// Arguments and results of simple port calls ([`port::SET_IDT`]).
     pub args: [u64; 32],
     /// Console bytes for [`port::CONSOLE_WRITE`].
@@ -211,6 +235,12 @@ pub const CPU_PAGE_TRAP_CR2: u64 = core::mem::offset_of!(CpuPage, trap_cr2) as u
 pub const CPU_PAGE_MEMCALL_DONE: u64 = core::mem::offset_of!(CpuPage, memcall_done) as u64;
 /// Offset of [`CpuPage::fault_status`].
 pub const CPU_PAGE_FAULT_STATUS: u64 = core::mem::offset_of!(CpuPage, fault_status) as u64;
+/// Offset of [`CpuPage::tick_mask`] (the VMM reads and sets it).
+pub const CPU_PAGE_TICK_MASK: u64 = core::mem::offset_of!(CpuPage, tick_mask) as u64;
+/// Offset of [`CpuPage::tick_pending`] (the VMM sets it).
+pub const CPU_PAGE_TICK_PENDING: u64 = core::mem::offset_of!(CpuPage, tick_pending) as u64;
+/// Offset of [`CpuPage::thread`].
+pub const CPU_PAGE_THREAD: u64 = core::mem::offset_of!(CpuPage, thread) as u64;
 /// Offset of [`CpuPage::args`].
 pub const CPU_PAGE_ARGS: u64 = core::mem::offset_of!(CpuPage, args) as u64;
 /// Offset of [`CpuPage::console`] (the VMM reads it).

@@ -69,6 +69,24 @@ const CLASS_OF: [u8; MAX_OBJECT as usize / 8 + 1] = {
 };
 
 /// The smallest class holding `size` bytes at `align`, if any.
+/// The size class of the slab object at `va` (by the zone it lies in), if `va` lies in the slab
+/// zone of a class. Says nothing about whether an object is there.
+pub const fn class_of_addr(va: u64) -> Option<usize> {
+    use crate::layout::{SLAB_CLASS_SPAN, SLAB_VA_START};
+    if va < SLAB_VA_START {
+        return None;
+    }
+    let c = ((va - SLAB_VA_START) / SLAB_CLASS_SPAN) as usize;
+    if c < NR_CLASSES { Some(c) } else { None }
+}
+
+/// The slab zone of class `class`: `[start, end)`.
+pub const fn class_zone(class: usize) -> (u64, u64) {
+    use crate::layout::{SLAB_CLASS_SPAN, SLAB_VA_START};
+    let start = SLAB_VA_START + class as u64 * SLAB_CLASS_SPAN;
+    (start, start + SLAB_CLASS_SPAN)
+}
+
 pub const fn class_for(size: usize, align: usize) -> Option<usize> {
     if align <= 8 {
         return if size <= MAX_OBJECT as usize { Some(CLASS_OF[size.div_ceil(8)] as usize) } else { None };

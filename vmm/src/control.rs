@@ -27,6 +27,7 @@ pub fn stats(shared: &VmShared, exit: Option<ExitInfo>) -> Stats {
         memcalls: shared.memcalls.report(),
         notify: shared.notifier.report(),
         swapper: shared.swapper.as_ref().map(|s| s.report()),
+        ticks: shared.ticks.report(),
         results: shared.results(),
     })
 }

@@ -23,6 +23,7 @@ pub mod signals;
 pub mod stats;
 pub mod swapper;
 pub mod sync;
+pub mod ticks;
 pub mod vcpu;
 pub mod vm;
 pub mod wire;

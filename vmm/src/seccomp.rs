@@ -13,7 +13,7 @@
 use std::collections::BTreeMap;
 use std::os::raw::{c_int, c_void};
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
 use kvm_bindings::{kvm_regs, kvm_sregs, kvm_userspace_memory_region};
 use seccompiler::{
@@ -59,16 +59,19 @@ pub enum ThreadKind {
     Api = 5,
     /// The swapper (host-side swap's evictions).
     Swapper = 6,
+    /// The ticker (timer ticks for guests that schedule threads).
+    Ticker = 7,
 }
 
 impl ThreadKind {
-    const ALL: [ThreadKind; 6] = [
+    const ALL: [ThreadKind; 7] = [
         ThreadKind::Main,
         ThreadKind::Vcpu,
         ThreadKind::Fault,
         ThreadKind::Signals,
         ThreadKind::Api,
         ThreadKind::Swapper,
+        ThreadKind::Ticker,
     ];
 
     /// The name used in messages.
@@ -80,6 +83,7 @@ impl ThreadKind {
             ThreadKind::Signals => "signals",
             ThreadKind::Api => "API",
             ThreadKind::Swapper => "swapper",
+            ThreadKind::Ticker => "ticker",
         }
     }
 
@@ -178,6 +182,11 @@ fn allowed(kind: ThreadKind) -> (Vec<libc::c_long>, Vec<u64>) {
             calls.extend([libc::SYS_tgkill, libc::SYS_rt_sigaction, libc::SYS_unlink, libc::SYS_unlinkat]);
             Vec::new()
         }
+        // Kicks of vCPUs whose ticks are due.
+        ThreadKind::Ticker => {
+            calls.push(libc::SYS_tgkill);
+            Vec::new()
+        }
         ThreadKind::Signals => {
             calls.extend([libc::SYS_recvfrom, libc::SYS_poll, libc::SYS_ppoll]);
             Vec::new()
@@ -247,7 +256,7 @@ pub fn apply(kind: ThreadKind) -> Result<(), SeccompError> {
     Ok(())
 }
 
-/// `VMM_SECCOMP_SELFTEST=<kind>` (`main`, `vcpu`, `fault`, `signals`, `api`): that kind of thread makes
+/// `VMM_SECCOMP_SELFTEST=<kind>` (`main`, `vcpu`, `fault`, `signals`, `api`, `swapper`, `ticker`): that kind of thread makes
 /// a forbidden system call right after installing its filter. For the tests.
 fn self_test(kind: ThreadKind) {
     let wanted = std::env::var("VMM_SECCOMP_SELFTEST").ok();
@@ -258,6 +267,7 @@ fn self_test(kind: ThreadKind) {
         ThreadKind::Signals => "signals",
         ThreadKind::Api => "api",
         ThreadKind::Swapper => "swapper",
+        ThreadKind::Ticker => "ticker",
     };
     if wanted.as_deref() == Some(name) {
         // SAFETY: socket(2) with constant arguments; it is meant to be refused.
@@ -328,6 +338,15 @@ extern "C" fn on_sigsys(_: c_int, info: *mut libc::siginfo_t, _: *mut c_void) {
     put(b" (");
     put(name.as_bytes());
     put(b"); the VMM stops (--seccomp=off disables the filters)\n");
+    // Two threads may trip at once (the swapper and its writer share a filter): one line only.
+    static REPORTED: AtomicBool = AtomicBool::new(false);
+    let first = !REPORTED.swap(true, Ordering::SeqCst);
+    if !first {
+        // The first one writes its line and ends the process; exiting here could cut it off.
+        loop {
+            std::hint::spin_loop();
+        }
+    }
     // SAFETY: write(2) and _exit(2) are async-signal-safe; the buffer is valid for `len` bytes.
     unsafe {
         libc::write(2, buf.as_ptr().cast(), len);

@@ -18,6 +18,7 @@ use crate::metrics::{Counter, Timing};
 use crate::notify::Notifier;
 use crate::swapper::{MemoryLock, Swapper};
 use crate::sync::lock;
+use crate::ticks::Ticks;
 
 /// Exit counts by kind.
 #[derive(Debug, Default)]
@@ -72,6 +73,8 @@ pub struct VmShared {
     pub notifier: Notifier,
     /// Host-side swap's thread, when swap is on.
     pub swapper: Option<Arc<Swapper>>,
+    /// Timer ticks and sleeping vCPUs, for guests that schedule threads.
+    pub ticks: Ticks,
     pub nr_vcpus: u32,
     /// Set when the VM is being stopped: vCPUs leave their run loop at their next exit.
     stop: AtomicBool,
@@ -107,6 +110,7 @@ impl VmShared {
             memcalls: MemCallCounters::default(),
             notifier,
             swapper,
+            ticks: Ticks::new(nr_vcpus),
             nr_vcpus,
             stop: AtomicBool::new(false),
             results: Mutex::new(ResultLog::default()),
@@ -126,6 +130,7 @@ impl VmShared {
     /// Asks every vCPU to leave its run loop at its next exit.
     pub fn stop(&self) {
         self.stop.store(true, Ordering::Release);
+        self.ticks.wake_all();
     }
 
     /// Whether the VM is being stopped.

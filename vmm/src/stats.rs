@@ -46,6 +46,8 @@ pub struct Stats {
     pub notify: NotifyReport,
     /// Host-side swap (`null` when it is off).
     pub swap: Option<SwapStats>,
+    /// Timer ticks and sleeping vCPUs (guests that schedule threads).
+    pub ticks: crate::ticks::TickReport,
     pub guest: GuestInfo,
 }
 
@@ -163,6 +165,7 @@ pub struct Sources<'a> {
     pub memcalls: MemCallReport,
     pub notify: NotifyReport,
     pub swapper: Option<SwapperReport>,
+    pub ticks: crate::ticks::TickReport,
     /// The kept result lines, and how many were dropped per scenario.
     pub results: (Vec<String>, BTreeMap<String, u64>),
 }
@@ -237,6 +240,7 @@ pub fn assemble(src: Sources<'_>) -> Stats {
         balloon: m.balloon,
         notify: src.notify,
         swap: m.swap.zip(src.swapper).map(|(swap, swapper)| SwapStats { swap, swapper }),
+        ticks: src.ticks,
         guest: GuestInfo {
             results: src.results.0.iter().map(|l| parse_result(l)).collect(),
             results_dropped: src.results.1,

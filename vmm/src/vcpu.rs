@@ -2,12 +2,16 @@
 //! dispatches port I/O to the VMM's devices and reports how the vCPU ended.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES, kvm_dtable, kvm_fpu, kvm_regs};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
 use vm_memory::{Bytes, GuestAddress};
 
-use protocol::{CONSOLE_BUF, CPU_PAGE_ARGS, CPU_PAGE_CONSOLE, CPU_PAGE_TRAP_CR2, layout::BOOT_INFO_VA, port, status};
+use protocol::{
+    CONSOLE_BUF, CPU_PAGE_ARGS, CPU_PAGE_CONSOLE, CPU_PAGE_TICK_MASK, CPU_PAGE_TICK_PENDING, CPU_PAGE_TRAP_CR2,
+    layout::BOOT_INFO_VA, port, status,
+};
 
 use crate::boot::{CpuBoot, GuestBoot, idt_from_handlers, tables};
 use crate::console::LineBuffer;
@@ -196,6 +200,9 @@ impl Vcpu {
             if let Some((seq, va)) = self.shared.notifier.pending_for(cpu) {
                 self.enter_notify_handler(seq, va);
             }
+            if let Some(va) = self.shared.ticks.due(cpu) {
+                self.tick(va);
+            }
             let exit = match self.fd.run() {
                 Ok(e) => Self::copy_exit(e),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Exit::Intr,
@@ -302,6 +309,13 @@ impl Vcpu {
             port::NOP => c.nop.inc(),
             port::SET_NOTIFY => self.set_notify(),
             port::NOTIFY_DONE => self.shared.notifier.done(v),
+            port::SET_TICK => self.set_tick(v),
+            port::IDLE => self.idle(),
+            port::WAKE => {
+                if !self.shared.ticks.wake(v) {
+                    self.shared.ticks.counters.refused.inc();
+                }
+            }
             _ => c.bad_port.inc_logged(|| log::warn!("vCPU {}: write to port {p:#x}", self.boot.id)),
         }
         None
@@ -323,11 +337,17 @@ impl Vcpu {
         let _ = mem.write_obj(st, args);
     }
 
-    /// Enters the guest's notification handler for `seq`, like a signal: pushes the interrupted
-    /// RFLAGS and RIP onto its stack (through its own page tables, which must let it write
-    /// there) and resumes at `va`. A stack that cannot take the frame gets no notification.
+    /// Enters the guest's notification handler for `seq` (see [`Self::enter_handler`]).
     fn enter_notify_handler(&mut self, seq: u64, va: u64) {
-        let ok = match self.fd.get_regs() {
+        let ok = self.enter_handler(va);
+        self.shared.notifier.delivered(seq, ok);
+    }
+
+    /// Enters a guest handler at `va` like a signal: pushes the interrupted RFLAGS and RIP onto
+    /// its stack (through its own page tables, which must let it write there) and resumes at
+    /// `va`. Returns whether it could (a stack that cannot take the frame gets nothing).
+    fn enter_handler(&mut self, va: u64) -> bool {
+        match self.fd.get_regs() {
             Ok(mut regs) => {
                 let sp = regs.rsp.wrapping_sub(16);
                 let mut frame = [0u8; 16];
@@ -339,8 +359,54 @@ impl Vcpu {
                 written && self.fd.set_regs(&regs).is_ok()
             }
             Err(_) => false,
+        }
+    }
+
+    /// A due tick: entered unless the guest masks ticks, then only marked pending. The mask is
+    /// set on entry; the guest clears it.
+    fn tick(&mut self, va: u64) {
+        let shared = Arc::clone(&self.shared);
+        let mem = shared.ram.mem();
+        let mask = GuestAddress(self.boot.cpu_page_gpa.0 + CPU_PAGE_TICK_MASK);
+        let pending = GuestAddress(self.boot.cpu_page_gpa.0 + CPU_PAGE_TICK_PENDING);
+        if mem.read_obj::<u64>(mask).unwrap_or(1) != 0 {
+            let _ = mem.write_obj(1u64, pending);
+            self.shared.ticks.counters.masked.inc();
+            return;
+        }
+        let _ = mem.write_obj(1u64, mask);
+        if self.enter_handler(va) {
+            self.shared.ticks.counters.delivered.inc();
+        } else {
+            let _ = mem.write_obj(0u64, mask);
+        }
+    }
+
+    /// SET_TICK: ticks every `period_us` into the handler at `args[0]`, if it lies in
+    /// executable image pages.
+    fn set_tick(&mut self, period_us: u32) {
+        let args = GuestAddress(self.boot.cpu_page_gpa.0 + CPU_PAGE_ARGS);
+        let mem = self.shared.ram.mem();
+        let va: u64 = mem.read_obj(args).unwrap_or(0);
+        let st = if period_us == 0 || self.shared.exec_ranges.iter().any(|&(s, e)| s <= va && va < e) {
+            self.shared.ticks.set(self.boot.id, va, u64::from(period_us));
+            status::OK
+        } else {
+            self.shared.ticks.counters.refused.inc();
+            status::EINVAL
         };
-        self.shared.notifier.delivered(seq, ok);
+        let _ = mem.write_obj(st, args);
+    }
+
+    /// IDLE: sleeps for at most `args[0]` ns, until woken, or until the VM has something for
+    /// this vCPU.
+    fn idle(&mut self) {
+        let args = GuestAddress(self.boot.cpu_page_gpa.0 + CPU_PAGE_ARGS);
+        let ns: u64 = self.shared.ram.mem().read_obj(args).unwrap_or(0);
+        let timeout = if ns == 0 { crate::ticks::MAX_IDLE } else { Duration::from_nanos(ns) };
+        let cpu = self.boot.id;
+        let shared = &self.shared;
+        shared.ticks.idle(cpu, timeout, || shared.stopping() || shared.notifier.pending_for(cpu).is_some());
     }
 
     /// Installs the guest's exception handlers into the IDT after checking each one.

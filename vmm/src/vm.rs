@@ -114,6 +114,8 @@ pub enum VmEvent {
     FaultFailed(FaultError),
     /// The swapper failed.
     SwapFailed(SwapperError),
+    /// A helper thread could not start (its kind, the error).
+    ThreadFailed(&'static str, String),
 }
 
 /// How long a guest asked to finish (SIGTERM, SIGINT, the shutdown action) has before the VMM
@@ -361,7 +363,22 @@ impl Vm {
                 .map_err(VmError::Thread)?;
             self.threads.push(t);
         }
-        self.shared.notifier.set_threads(self.threads.iter().map(|t| t.as_pthread_t() as libc::pthread_t).collect());
+        let pthreads: Vec<libc::pthread_t> = self.threads.iter().map(|t| t.as_pthread_t() as libc::pthread_t).collect();
+        self.shared.notifier.set_threads(pthreads.clone());
+        self.shared.ticks.set_threads(pthreads);
+        {
+            // The ticker: kicks vCPUs whose guest asked for timer ticks (idle otherwise).
+            let shared = Arc::clone(&self.shared);
+            let init = filter(ThreadKind::Ticker);
+            let events = self.sender.clone();
+            std::thread::Builder::new()
+                .name("ticker".into())
+                .spawn(move || match init() {
+                    Ok(()) => shared.ticks.run_ticker(|| shared.stopping()),
+                    Err(e) => events.send(VmEvent::ThreadFailed("ticker", e.to_string())),
+                })
+                .map_err(VmError::Thread)?;
+        }
         let _api = match &self.cfg.api_socket {
             Some(path) => {
                 let events = self.sender.clone();
@@ -408,6 +425,9 @@ impl Vm {
                         exit_code::SOFTWARE
                     };
                     break Ending::Fatal { code, message: format!("fault handler: {}", crate::error_chain(&e)) };
+                }
+                VmEvent::ThreadFailed(kind, e) => {
+                    break Ending::Fatal { code: exit_code::SOFTWARE, message: format!("the {kind} thread: {e}") };
                 }
                 VmEvent::SwapFailed(e) => {
                     let code = if e.is_read_error() { exit_code::IO } else { exit_code::SOFTWARE };

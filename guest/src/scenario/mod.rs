@@ -5,6 +5,7 @@ mod balloon;
 mod boot;
 mod cache;
 mod cachescratch;
+mod cbench;
 mod churn;
 mod fastpath;
 mod frag;
@@ -98,6 +99,7 @@ pub fn run(cpu: u32, bi: &'static BootInfo) -> ! {
         "slabcheck" => slabcheck::run(&ctx),
         "fastpath" => fastpath::run(&ctx),
         "workingset" => workingset::run(&ctx),
+        "cbench" => cbench::run(&ctx),
         // Every vCPU computes without an exit: for `seconds=N` (0: forever).
         "spin" => spin(&ctx),
         // Exits at once with `status=N`, whatever it is (the VMM judges it).

@@ -457,7 +457,7 @@ impl SlabAllocator {
         node: NodeId,
     ) -> Result<SlabId, SlabError> {
         let size = CLASSES[class];
-        let (va, first) = space.map_slab(phys, slab_pages(size), Policy::Preferred(node), node)?;
+        let (va, first) = space.map_slab(phys, class, slab_pages(size), Policy::Preferred(node), node)?;
         let node = phys.frames.node_of(first).expect("slab frames are RAM");
         let id = self.insert(Slab::new(va, class, node, objects_per_slab(size)));
         self.caches[class].slabs += 1;

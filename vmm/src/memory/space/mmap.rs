@@ -2,6 +2,7 @@
 
 use protocol::layout::{SLAB_SLOT, SLAB_VA_END, SLAB_VA_START};
 use protocol::memcall::{flags, prot};
+use protocol::slab::class_of_addr;
 
 use crate::memory::addr::{Gfn, HUGE_PAGE_SIZE, NodeId, Order, PAGE_SIZE, to_usize};
 use crate::memory::backing::Backing;
@@ -147,19 +148,20 @@ impl AddressSpace {
     pub fn map_slab(
         &mut self,
         phys: &mut Phys<'_>,
+        class: usize,
         pages: u64,
         policy: Policy,
         local: NodeId,
     ) -> Result<(u64, Gfn), SpaceError> {
         let placement = Placement { policy, local, dma32: false, contiguous: true };
         let runs = self.take_frames(phys, pages, placement)?;
-        let Some(va) = self.va_slab.alloc(SLAB_SLOT) else {
+        let Some(va) = self.va_slab[class].alloc(SLAB_SLOT) else {
             phys.give_back(&runs)?;
             return Err(SpaceError::NoMemory);
         };
         if let Err(e) = self.ensure_tables(phys, va, pages * PAGE_SIZE, PageSize::Size4K) {
             phys.give_back(&runs)?;
-            self.va_slab.free(va, SLAB_SLOT);
+            self.va_slab[class].free(va, SLAB_SLOT);
             return Err(e);
         }
         let first = runs[0].0;
@@ -172,7 +174,7 @@ impl AddressSpace {
     /// Unmaps the `pages`-page slab at `va` and releases its frames (at the next flush).
     pub fn unmap_slab(&mut self, phys: &mut Phys<'_>, va: u64, pages: u64) -> Result<(), SpaceError> {
         self.clear(phys, va, PageSize::Size4K, pages)?;
-        self.va_slab.free(va, SLAB_SLOT);
+        self.release_slab_va(va);
         Ok(())
     }
 
@@ -226,9 +228,14 @@ impl AddressSpace {
         }
     }
 
+    fn release_slab_va(&mut self, va: u64) {
+        let class = class_of_addr(va).expect("slab addresses lie in a class's zone");
+        self.va_slab[class].free(va, SLAB_SLOT);
+    }
+
     pub(super) fn release_va(&mut self, va: u64, len: u64, page: PageSize) {
         if (SLAB_VA_START..SLAB_VA_END).contains(&va) {
-            return self.va_slab.free(va, SLAB_SLOT);
+            return self.release_slab_va(va);
         }
         match page {
             PageSize::Size4K => self.va_small.free(va, len),

@@ -30,9 +30,8 @@ pub mod zone;
 
 use std::collections::{BTreeMap, HashMap};
 
-use protocol::layout::{
-    HEAP_VA_END, HEAP_VA_START, HUGE_HEAP_VA_END, HUGE_HEAP_VA_START, SLAB_SLOT, SLAB_VA_END, SLAB_VA_START,
-};
+use protocol::layout::{HEAP_VA_END, HEAP_VA_START, HUGE_HEAP_VA_END, HUGE_HEAP_VA_START, SLAB_SLOT};
+use protocol::slab::{NR_CLASSES, class_zone};
 
 use crate::memory::addr::{Gfn, Gva, HUGE_PAGE_SIZE, PAGE_SIZE};
 use crate::memory::backing::{Backing, BackingError};
@@ -134,7 +133,8 @@ pub struct AddressSpace {
     va_small: VaZone,
     va_huge: VaZone,
     /// Slabs: one 64 KiB slot each, no guards (the slot's unused tail is unmapped).
-    va_slab: VaZone,
+    /// One slab zone per size class (`protocol::slab::class_zone`).
+    va_slab: Vec<VaZone>,
     /// Frames unmapped by this batch's frees, discarded and returned at [`Self::flush`].
     pending_free: Vec<Run>,
     /// Frames a lazy-region fault maps at once.
@@ -164,7 +164,12 @@ impl AddressSpace {
             regions: BTreeMap::new(),
             va_small: VaZone::new(HEAP_VA_START, HEAP_VA_END, PAGE_SIZE),
             va_huge: VaZone::new(HUGE_HEAP_VA_START, HUGE_HEAP_VA_END, HUGE_PAGE_SIZE),
-            va_slab: VaZone::with_guard(SLAB_VA_START, SLAB_VA_END, SLAB_SLOT, false),
+            va_slab: (0..NR_CLASSES)
+                .map(|c| {
+                    let (start, end) = class_zone(c);
+                    VaZone::with_guard(start, end, SLAB_SLOT, false)
+                })
+                .collect(),
             pending_free: Vec::new(),
             lazy_window: (fault_around / PAGE_SIZE).clamp(1, LAZY_WINDOW_MAX),
             max_regions,
