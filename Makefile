@@ -1,7 +1,7 @@
 # One command to set up and run, one to test. `.ci/run` calls `make lint test`.
 CARGO ?= cargo
 
-.PHONY: all setup guest run test lint bench fuzz clean
+.PHONY: all setup guest run test lint bench bench-c fuzz clean
 
 all: run
 
@@ -9,6 +9,7 @@ all: run
 setup:
 	rustup target add x86_64-unknown-none
 	rustup component add rustfmt clippy
+	./images/host-packages.sh
 
 # The default guest image (images/out/guest.elf).
 guest: setup
@@ -29,6 +30,12 @@ lint: setup
 
 bench: guest
 	$(CARGO) bench -p vmm
+
+# The C allocator benchmarks (../shared/cbench) in the guest against native glibc and mimalloc:
+# a table, target/bench-plots/cbench.csv and cbench.svg. CBENCH_RUNS=N repeats (default 3);
+# CBENCH_QUICK=1 uses the tests' short arguments.
+bench-c: guest
+	$(CARGO) bench -p vmm --bench cbench
 
 # A short smoke pass of every fuzz target over its corpus (a minute in all); fuzz/run.sh TARGET
 # -runs=N for long runs.

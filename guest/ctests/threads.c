@@ -88,6 +88,24 @@ static void *producer(void *arg)
     return 0;
 }
 
+/* Spinners never block or yield: only preemption lets anyone else run. */
+static volatile int spin_flag;
+
+static void *spinner(void *arg)
+{
+    (void)arg;
+    while (!spin_flag)
+        ;
+    return 0;
+}
+
+static void *setter(void *arg)
+{
+    (void)arg;
+    spin_flag = 1;
+    return 0;
+}
+
 static void *detached(void *arg)
 {
     (void)arg;
@@ -167,6 +185,18 @@ int main(int argc, char **argv)
     double slept = now() - s0;
     CHECK(slept >= 0.029 && slept < 0.5);
 
+    /* As many busy spinners as vCPUs: this thread and the one that stops them get a vCPU only
+     * by preemption. */
+    pthread_t spinners[64], set;
+    for (int i = 0; i < cpus; i++)
+        CHECK(pthread_create(&spinners[i], 0, spinner, 0) == 0);
+    usleep(10000);
+    CHECK(pthread_create(&set, 0, setter, 0) == 0);
+    for (int i = 0; i < cpus; i++)
+        pthread_join(spinners[i], 0);
+    pthread_join(set, 0);
+    CHECK(spin_flag == 1);
+
     /* Numbers in and out. */
     char buf[128];
     snprintf(buf, sizeof buf, "%.3f|%g|%e|%5d|%-4s|%x|%lu", 3.14159, 0.0001, 12345.678, 42, "ab", 255, 123456789012UL);
@@ -184,7 +214,7 @@ int main(int argc, char **argv)
     double wall = now() - t0;
     CHECK(cpu > 0.0 && cpu <= wall * cpus + 0.1);
 
-    printf("threads: %d threads on %d vCPUs, %.1f ms, cpu %.1f ms: %s\n", nthreads + 9, cpus, wall * 1e3, cpu * 1e3,
+    printf("threads: %d threads on %d vCPUs, %.1f ms, cpu %.1f ms: %s\n", nthreads + 10 + cpus, cpus, wall * 1e3, cpu * 1e3,
            failures ? "FAILED" : "ok");
     return failures ? 1 : 0;
 }

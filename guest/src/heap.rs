@@ -30,6 +30,26 @@ crate::percpu! {
     static EXITS: u64 = 0;
 }
 
+crate::percpu! {
+    /// Allocations served on this vCPU (slab objects and regions).
+    static ALLOCS: u64 = 0;
+}
+
+/// Allocations served on every vCPU so far.
+pub fn all_allocs(cpus: u32) -> u64 {
+    (0..cpus as usize)
+        .map(|c| {
+            // SAFETY: a racy read of another vCPU's counter, for a report.
+            unsafe { core::ptr::read_volatile(ALLOCS.slots[c % protocol::MAX_VCPUS].0.get()) }
+        })
+        .sum()
+}
+
+/// Counts an allocation the caller (with preemption off) served.
+pub fn count_alloc() {
+    *ALLOCS.get_mut() += 1;
+}
+
 /// Allocator exits on this vCPU so far.
 pub fn exits() -> u64 {
     *EXITS.get()
@@ -53,6 +73,7 @@ pub fn count_exit() {
 /// Pops an object of `class` from this vCPU's alloc magazine (refilling it if empty), or null.
 pub fn alloc_small(class: usize) -> *mut u8 {
     let _g = NoPreempt::new();
+    *ALLOCS.get_mut() += 1;
     let m = magazine(class);
     // SAFETY: m points into this vCPU's mapped magazines, touched only by this vCPU (the VMM
     // writes them only during this vCPU's exits); preemption is off.

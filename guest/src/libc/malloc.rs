@@ -62,6 +62,7 @@ fn alloc_large(size: usize, align: usize) -> *mut u8 {
     let r = {
         let _g = NoPreempt::new();
         heap::count_exit();
+        heap::count_alloc();
         mem::alloc_call(mem::mk(op::ALLOC, 0, [len as u64, policy::LOCAL, 0, 0]))
     };
     if r.status != status::OK {

@@ -219,15 +219,17 @@ fn finish(status: i32, aborted: bool) -> ! {
     let mut status = status;
     let mut aborted = aborted;
     if bad > 0 && !aborted {
-        let _ = writeln!(crate::console::RawConsole, "free(): invalid pointer: the VMM refused {bad} free(s)");
+        crate::println!("free(): invalid pointer: the VMM refused {bad} free(s) (a double free, or not an object)");
         status = 134;
         aborted = true;
     }
     crate::println!(
-        "@result scenario=cbench name={} status={status} wall_ns={wall} threads={} exits={} bad_frees={bad} switches={} preemptions={}",
+        "@result scenario=cbench name={} status={status} wall_ns={wall} threads={} exits={} allocs={} bad_frees={bad} \
+         switches={} preemptions={}",
         NAME.get(),
         sched::CREATED.load(Ordering::Relaxed).saturating_sub(1),
         heap::all_exits(cpus()),
+        heap::all_allocs(cpus()),
         sched::SWITCHES.load(Ordering::Relaxed),
         sched::PREEMPTIONS.load(Ordering::Relaxed),
     );

@@ -1,0 +1,376 @@
+//! `make bench-c`: mimalloc-bench's allocator benchmarks, unmodified (../shared/cbench and the
+//! manifests in `CBENCH_EXTRA`), in the guest with 1 and 2 vCPUs against the same sources built
+//! natively with gcc and run with 1 and 2 threads, with glibc's malloc and with mimalloc
+//! (`LD_PRELOAD`), interleaved in one run. Each benchmark's own figure (its printed throughput,
+//! or its wall time), the guest's ratio to each native figure (above 1: the guest is better),
+//! and the guest allocator's exits per thousand allocations. Writes the table as
+//! target/bench-plots/cbench.csv and a chart, target/bench-plots/cbench.svg.
+//!
+//! `CBENCH_RUNS=N` repeats each configuration N times and takes the median (default 3);
+//! `CBENCH_QUICK=1` uses the tests' short arguments instead of mimalloc-bench's.
+
+#[path = "../../tests/common/cbench_args.rs"]
+mod cbench_args;
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+#[derive(serde::Deserialize)]
+struct Manifest {
+    #[serde(default)]
+    bench: Vec<Bench>,
+}
+
+#[derive(serde::Deserialize, Clone)]
+struct Bench {
+    name: String,
+    lang: String,
+    sources: Vec<String>,
+    #[serde(default)]
+    flags: Vec<String>,
+    #[serde(default)]
+    args: String,
+    #[serde(skip)]
+    folder: PathBuf,
+}
+
+/// Code generation as in the guest build (guest/build.rs), so both run the same code.
+const CFLAGS: &[&str] = &["-O3", "-DNDEBUG", "-march=x86-64", "-mtune=generic", "-mno-avx", "-w"];
+const MIMALLOC: &str = "/usr/lib/x86_64-linux-gnu/libmimalloc.so.2";
+/// Longest one run may take.
+const TIMEOUT: Duration = Duration::from_secs(600);
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("repo root").to_path_buf()
+}
+
+fn manifests() -> Vec<Bench> {
+    let mut folders = vec![repo().join("../shared/cbench")];
+    if let Ok(extra) = std::env::var("CBENCH_EXTRA") {
+        folders.extend(extra.split(':').filter(|s| !s.is_empty()).map(PathBuf::from));
+    }
+    let mut out = Vec::new();
+    for f in folders {
+        let Ok(text) = std::fs::read_to_string(f.join("MANIFEST.toml")) else { continue };
+        let m: Manifest = toml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+        out.extend(m.bench.into_iter().map(|mut b| {
+            b.folder = f.clone();
+            b
+        }));
+    }
+    out
+}
+
+/// Builds `b` natively; returns the executable.
+fn build_native(b: &Bench, dir: &Path) -> Result<PathBuf, String> {
+    let exe = dir.join(&b.name);
+    let cc = if b.lang == "c++" { "g++" } else { "gcc" };
+    let o = Command::new(cc)
+        .current_dir(&b.folder)
+        .args(CFLAGS)
+        .args(&b.flags)
+        .args(&b.sources)
+        .arg("-o")
+        .arg(&exe)
+        .args(["-pthread", "-lm"])
+        .output()
+        .map_err(|e| format!("{cc}: {e}"))?;
+    if !o.status.success() {
+        return Err(String::from_utf8_lossy(&o.stderr).into_owned());
+    }
+    Ok(exe)
+}
+
+/// What a benchmark reports: the text its figure sits next to (before or after it), a scale,
+/// and the unit; None for benchmarks measured by their wall time.
+fn reported(name: &str) -> Option<(&'static str, bool, f64, &'static str)> {
+    if name.starts_with("larson") {
+        Some(("Throughput =", true, 1.0, "ops/s"))
+    } else if name.starts_with("xmalloc") {
+        Some(("free/sec:", true, 1e6, "frees/s"))
+    } else if name.starts_with("rptest") {
+        Some(("memory ops/CPU second", false, 1.0, "ops/CPU s"))
+    } else {
+        None
+    }
+}
+
+/// Whether a higher figure is better, and its unit.
+fn kind(name: &str) -> (bool, &'static str) {
+    reported(name).map_or((false, "s"), |(_, _, _, unit)| (true, unit))
+}
+
+/// A benchmark's own figure from its output, or its wall time.
+fn figure(name: &str, out: &str, wall_s: f64) -> f64 {
+    let Some((key, after, scale, _)) = reported(name) else { return wall_s };
+    let value = out.rfind(key).and_then(|i| {
+        let word =
+            if after { out[i + key.len()..].split_whitespace().next() } else { out[..i].split_whitespace().last() };
+        word?.trim_matches(|c: char| !c.is_ascii_digit() && c != '.').trim_start_matches('.').parse::<f64>().ok()
+    });
+    value.map_or(0.0, |v| v * scale)
+}
+
+#[derive(Clone, Copy, Default)]
+struct Sample {
+    value: f64,
+    exits: f64,
+    allocs: f64,
+}
+
+fn run_native(exe: &Path, name: &str, args: &str, preload: Option<&str>) -> Option<Sample> {
+    let mut cmd = Command::new("timeout");
+    cmd.arg(TIMEOUT.as_secs().to_string()).arg(exe).args(args.split_whitespace());
+    if let Some(p) = preload {
+        cmd.env("LD_PRELOAD", p);
+    }
+    let start = Instant::now();
+    let o = cmd.output().ok()?;
+    let wall = start.elapsed().as_secs_f64();
+    if !o.status.success() {
+        eprintln!("  native {name} {args}: exit {:?}", o.status.code());
+        return None;
+    }
+    let out = String::from_utf8_lossy(&o.stdout) + String::from_utf8_lossy(&o.stderr);
+    Some(Sample { value: figure(name, &out, wall), ..Default::default() })
+}
+
+fn run_guest(name: &str, args: &str, cpus: u32) -> Option<Sample> {
+    let o = Command::new("timeout")
+        .arg(TIMEOUT.as_secs().to_string())
+        .arg(env!("CARGO_BIN_EXE_vmm"))
+        .args(["run", "--kernel"])
+        .arg(common::guest_image())
+        .args(["--cpus", &cpus.to_string(), "--memory", "size=2G"])
+        .arg("--guest-args")
+        .arg(format!("scenario=cbench name={name} args=\"{args}\""))
+        .output()
+        .ok()?;
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    let result = common::results(&out, "cbench").into_iter().next();
+    let Some(r) = result.filter(|_| o.status.success()) else {
+        eprintln!("  guest {name} {args}: exit {:?}\n{}", o.status.code(), String::from_utf8_lossy(&o.stderr));
+        return None;
+    };
+    let num = |k: &str| r[k].as_str().and_then(|s| s.parse::<f64>().ok()).or_else(|| r[k].as_f64()).unwrap_or(0.0);
+    Some(Sample { value: figure(name, &out, num("wall_ns") / 1e9), exits: num("exits"), allocs: num("allocs") })
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    Some(v[v.len() / 2])
+}
+
+struct Row {
+    name: String,
+    threads: u32,
+    unit: &'static str,
+    higher: bool,
+    guest: Option<f64>,
+    glibc: Option<f64>,
+    mimalloc: Option<f64>,
+    exits_per_k: Option<f64>,
+}
+
+impl Row {
+    /// Guest against an anchor: above 1, the guest is better.
+    fn ratio(&self, anchor: Option<f64>) -> Option<f64> {
+        let (g, a) = (self.guest?, anchor?);
+        if g <= 0.0 || a <= 0.0 {
+            return None;
+        }
+        Some(if self.higher { g / a } else { a / g })
+    }
+}
+
+fn fmt(v: Option<f64>) -> String {
+    match v {
+        None => "-".into(),
+        Some(v) if v >= 1e6 => format!("{:.2}M", v / 1e6),
+        Some(v) if v >= 1e3 => format!("{:.1}k", v / 1e3),
+        Some(v) if v >= 10.0 => format!("{v:.1}"),
+        Some(v) => format!("{v:.3}"),
+    }
+}
+
+fn main() {
+    common::build_guest();
+    let runs: usize = std::env::var("CBENCH_RUNS").ok().and_then(|s| s.parse().ok()).unwrap_or(3).max(1);
+    let quick = std::env::var("CBENCH_QUICK").is_ok_and(|v| v == "1");
+    let benches = manifests();
+    if benches.is_empty() {
+        println!("cbench: no manifests (../shared/cbench/MANIFEST.toml or CBENCH_EXTRA): nothing to run");
+        return;
+    }
+    let mimalloc = Path::new(MIMALLOC).exists().then_some(MIMALLOC);
+    if mimalloc.is_none() {
+        println!("cbench: {MIMALLOC} is missing (make setup installs libmimalloc2.0): no mimalloc column");
+    }
+    let native_dir = repo().join("target/cbench-native");
+    std::fs::create_dir_all(&native_dir).expect("target/ is writable");
+    println!(
+        "cbench: {} benchmarks, {} run(s) each, {} arguments; guest with 1 and 2 vCPUs, native with 1 and 2 threads",
+        benches.len(),
+        runs,
+        if quick { "short" } else { "mimalloc-bench's" }
+    );
+    let mut rows = Vec::new();
+    for b in &benches {
+        let exe = match build_native(b, &native_dir) {
+            Ok(e) => e,
+            Err(e) => {
+                println!("cbench: {} does not build natively, left out: {e}", b.name);
+                continue;
+            }
+        };
+        let base = if quick { cbench_args::short_args(&b.name).unwrap_or(&b.args) } else { &b.args };
+        for threads in [1u32, 2] {
+            let args = base.replace("{N}", &threads.to_string());
+            let (mut g, mut n, mut m, mut e) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            for _ in 0..runs {
+                if let Some(s) = run_guest(&b.name, &args, threads) {
+                    g.push(s.value);
+                    if s.allocs > 0.0 {
+                        e.push(s.exits * 1000.0 / s.allocs);
+                    }
+                }
+                if let Some(s) = run_native(&exe, &b.name, &args, None) {
+                    n.push(s.value);
+                }
+                if let Some(s) = mimalloc.and_then(|p| run_native(&exe, &b.name, &args, Some(p))) {
+                    m.push(s.value);
+                }
+            }
+            let (higher, unit) = kind(&b.name);
+            let row = Row {
+                name: b.name.clone(),
+                threads,
+                unit,
+                higher,
+                guest: median(g),
+                glibc: median(n),
+                mimalloc: median(m),
+                exits_per_k: median(e),
+            };
+            println!(
+                "  {:<15} {threads}  guest {:>9} {unit:<9} glibc {:>9}  mimalloc {:>9}  vs glibc {:>6}x  vs mimalloc {:>6}x",
+                row.name,
+                fmt(row.guest),
+                fmt(row.glibc),
+                fmt(row.mimalloc),
+                fmt(row.ratio(row.glibc)),
+                fmt(row.ratio(row.mimalloc))
+            );
+            rows.push(row);
+        }
+    }
+    print_table(&rows);
+    let plots = repo().join("target/bench-plots");
+    std::fs::create_dir_all(&plots).expect("target/ is writable");
+    write_csv(&plots.join("cbench.csv"), &rows);
+    plot(&plots.join("cbench.svg"), &rows);
+    println!("table: {}; chart: {}", plots.join("cbench.csv").display(), plots.join("cbench.svg").display());
+}
+
+fn print_table(rows: &[Row]) {
+    println!();
+    println!(
+        "{:<15} {:>3} {:>10} {:>10} {:>10} {:<10} {:>9} {:>11} {:>13}",
+        "benchmark", "thr", "guest", "glibc", "mimalloc", "unit", "vs glibc", "vs mimalloc", "exits/1k alloc"
+    );
+    for r in rows {
+        println!(
+            "{:<15} {:>3} {:>10} {:>10} {:>10} {:<10} {:>8}x {:>10}x {:>13}",
+            r.name,
+            r.threads,
+            fmt(r.guest),
+            fmt(r.glibc),
+            fmt(r.mimalloc),
+            r.unit,
+            fmt(r.ratio(r.glibc)),
+            fmt(r.ratio(r.mimalloc)),
+            fmt(r.exits_per_k)
+        );
+    }
+    println!("(ratios: the guest's figure against native, above 1 = the guest is better; wall times inverted)");
+}
+
+fn write_csv(path: &Path, rows: &[Row]) {
+    let opt = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v}"));
+    let mut s = String::from(
+        "benchmark,threads,unit,higher_is_better,guest,glibc,mimalloc,guest_vs_glibc,guest_vs_mimalloc,exits_per_1k_allocs\n",
+    );
+    for r in rows {
+        s += &format!(
+            "{},{},{},{},{},{},{},{},{},{}\n",
+            r.name,
+            r.threads,
+            r.unit,
+            r.higher,
+            opt(r.guest),
+            opt(r.glibc),
+            opt(r.mimalloc),
+            opt(r.ratio(r.glibc)),
+            opt(r.ratio(r.mimalloc)),
+            opt(r.exits_per_k)
+        );
+    }
+    std::fs::write(path, s).expect("target/bench-plots is writable");
+}
+
+/// Bars of the guest's ratio to glibc and to mimalloc per benchmark and thread count, on a log
+/// scale with a line at 1 (parity).
+fn plot(path: &Path, rows: &[Row]) {
+    use plotters::prelude::*;
+    let root = SVGBackend::new(path, (1100, 480)).into_drawing_area();
+    let _ = root.fill(&WHITE);
+    let n = rows.len().max(1);
+    let vals: Vec<(Option<f64>, Option<f64>)> = rows.iter().map(|r| (r.ratio(r.glibc), r.ratio(r.mimalloc))).collect();
+    let all: Vec<f64> = vals.iter().flat_map(|(a, b)| [*a, *b]).flatten().collect();
+    let lo = all.iter().copied().fold(1.0, f64::min).max(1e-4) / 1.5;
+    let hi = all.iter().copied().fold(1.0, f64::max) * 1.5;
+    let Ok(mut chart) = ChartBuilder::on(&root)
+        .caption("C allocator benchmarks: the guest against native (above 1 = guest better)", ("sans-serif", 18))
+        .margin(12)
+        .x_label_area_size(90)
+        .y_label_area_size(64)
+        .build_cartesian_2d(0f64..n as f64, (lo..hi).log_scale())
+    else {
+        return;
+    };
+    let labels: Vec<String> = rows.iter().map(|r| format!("{} {}t", r.name, r.threads)).collect();
+    let _ = chart
+        .configure_mesh()
+        .x_labels(n)
+        .x_label_formatter(&|x| {
+            labels.iter().zip(0..).find(|(_, i)| f64::from(*i) == x.floor()).map(|(l, _)| l.clone()).unwrap_or_default()
+        })
+        .x_label_style(("sans-serif", 11).into_text_style(&root).transform(FontTransform::Rotate90))
+        .y_desc("guest / native")
+        .draw();
+    let bar = |i: usize, off: f64, v: f64, color: RGBColor| {
+        Rectangle::new([(i as f64 + off, lo), (i as f64 + off + 0.38, v)], color.filled())
+    };
+    let _ = chart
+        .draw_series(
+            vals.iter().enumerate().filter_map(|(i, (g, _))| g.map(|v| bar(i, 0.1, v, RGBColor(66, 133, 244)))),
+        )
+        .map(|s| {
+            s.label("vs glibc")
+                .legend(|(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], RGBColor(66, 133, 244).filled()))
+        });
+    let _ = chart
+        .draw_series(vals.iter().enumerate().filter_map(|(i, (_, m))| m.map(|v| bar(i, 0.5, v, RGBColor(219, 68, 55)))))
+        .map(|s| {
+            s.label("vs mimalloc")
+                .legend(|(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], RGBColor(219, 68, 55).filled()))
+        });
+    let _ = chart.draw_series(LineSeries::new([(0.0, 1.0), (n as f64, 1.0)], BLACK.stroke_width(1)));
+    let _ = chart.configure_series_labels().border_style(BLACK).background_style(WHITE).draw();
+    let _ = root.present();
+}
