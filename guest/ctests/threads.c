@@ -4,6 +4,7 @@
  * exits 0 only if every check holds. Usage: threads [vcpus] */
 #include <errno.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -33,6 +34,9 @@ static int queue[16], head, tail;
 static int detached_done;
 
 static void init_once(void) { once_calls++; }
+
+static volatile sig_atomic_t alarmed;
+static void on_alarm(int sig) { alarmed = sig; }
 
 static double now(void)
 {
@@ -69,6 +73,11 @@ static void *worker(void *arg)
         free(blocks[i]);
     }
     CHECK(pthread_getspecific(key) == (void *)(id + 1));
+    /* errno is the thread's own. */
+    errno = (int)id + 1000;
+    sched_yield();
+    usleep(100);
+    CHECK(errno == (int)id + 1000);
     pthread_barrier_wait(&barrier);
     return (void *)(id * 2);
 }
@@ -196,6 +205,15 @@ int main(int argc, char **argv)
         pthread_join(spinners[i], 0);
     pthread_join(set, 0);
     CHECK(spin_flag == 1);
+
+    /* An alarm interrupts whatever runs and calls its handler. */
+    signal(SIGALRM, on_alarm);
+    double a0 = now();
+    alarm(1);
+    while (!alarmed && now() - a0 < 5.0)
+        usleep(10000);
+    CHECK(alarmed == SIGALRM);
+    CHECK(now() - a0 >= 0.9);
 
     /* Numbers in and out. */
     char buf[128];

@@ -223,3 +223,60 @@ impl Ticks {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn periods_are_clamped_and_due_ticks_come_once_per_period() {
+        let t = Ticks::new(2);
+        t.set(0, 0x2000_0000, 1);
+        assert_eq!(t.cpus[0].period_ns.load(Ordering::Relaxed), MIN_TICK_US * 1000);
+        t.set(1, 0x2000_0000, u64::MAX);
+        assert_eq!(t.cpus[1].period_ns.load(Ordering::Relaxed), MAX_TICK_US * 1000);
+        assert_eq!(t.due(0), None, "not yet");
+        std::thread::sleep(Duration::from_millis(2));
+        assert_eq!(t.due(0), Some(0x2000_0000));
+        assert_eq!(t.due(0), None, "missed ticks are not made up");
+        t.set(0, 0, 0);
+        std::thread::sleep(Duration::from_millis(2));
+        assert_eq!(t.due(0), None, "off");
+        assert_eq!(t.due(7), None, "no such vCPU");
+        assert!(t.any(), "vCPU 1 still ticks");
+    }
+
+    #[test]
+    fn a_wake_before_the_idle_is_not_lost_and_sleeps_are_bounded() {
+        let t = Ticks::new(1);
+        assert!(t.wake(0));
+        assert!(!t.wake(1), "no such vCPU");
+        let start = Instant::now();
+        t.idle(0, Duration::from_secs(10), || false);
+        assert!(start.elapsed() < Duration::from_millis(100), "the earlier WAKE counts");
+        let start = Instant::now();
+        t.idle(0, Duration::from_millis(30), || false);
+        let slept = start.elapsed();
+        assert!(slept >= Duration::from_millis(30) && slept < Duration::from_millis(500), "{slept:?}");
+        let start = Instant::now();
+        t.idle(0, Duration::from_secs(3600), || true);
+        assert!(start.elapsed() < Duration::from_millis(100), "interrupted at once");
+        assert_eq!(t.report().idles, 3);
+    }
+
+    #[test]
+    fn another_thread_wakes_a_sleeping_vcpu() {
+        let t = std::sync::Arc::new(Ticks::new(1));
+        let t2 = std::sync::Arc::clone(&t);
+        let waker = std::thread::spawn(move || {
+            while !t2.cpus[0].idle.load(Ordering::Acquire) {
+                std::thread::yield_now();
+            }
+            t2.wake(0);
+        });
+        let start = Instant::now();
+        t.idle(0, MAX_IDLE, || false);
+        waker.join().unwrap();
+        assert!(start.elapsed() < Duration::from_millis(500));
+    }
+}

@@ -231,7 +231,10 @@ static RUNNING: AtomicBool = AtomicBool::new(false);
 
 /// Switches from `cur` (whose state the caller set) to the next ready thread, or to this vCPU's
 /// idle context. Lock held, count 1; returns (on whatever vCPU) with the same.
-fn schedule(s: &mut Sched, cur: *mut Thread) {
+fn schedule(s: &mut Sched, cur: *mut Thread, wakes: &mut Wakes) {
+    // Whoever runs next on this vCPU sends the wake-ups collected so far (this thread may not
+    // run again for a while), after it releases the lock.
+    *DEFERRED_WAKES.get_mut() |= core::mem::take(&mut wakes.0);
     let next = match s.runq.pop_front() {
         Some(t) => t,
         None => idle_context(),
@@ -373,8 +376,7 @@ pub fn exit_thread(ret: *mut u8) -> ! {
         }
     }
     // This thread never runs again: the next context on this vCPU sends its wake-ups.
-    *DEFERRED_WAKES.get_mut() |= wakes.0;
-    schedule(s, cur);
+    schedule(s, cur, &mut wakes);
     unreachable!("a dead thread was resumed");
 }
 
@@ -386,6 +388,7 @@ pub fn join(t: *mut Thread) -> Result<*mut u8, i32> {
         return Err(crate::libc::errno::EDEADLK);
     }
     let _g = NoPreempt::new();
+    let mut wakes = Wakes::default();
     let s = lock();
     // SAFETY: t is a thread the caller created and nobody has joined (the caller's promise, as
     // with pthreads); its fields are the scheduler's under the lock.
@@ -397,12 +400,12 @@ pub fn join(t: *mut Thread) -> Result<*mut u8, i32> {
         if (*t).state != State::Dead {
             (*t).joiner = cur;
             (*cur).state = State::Blocked;
-            schedule(s, cur);
+            schedule(s, cur, &mut wakes);
         }
         let ret = (*t).retval;
         s.free_thread(t);
         unlock();
-        Wakes::default().send();
+        wakes.send();
         Ok(ret)
     }
 }
@@ -442,7 +445,7 @@ pub fn yield_now() {
         // SAFETY: cur is this thread.
         unsafe { (*cur).state = State::Ready };
         s.runq.push_back(cur);
-        schedule(s, cur);
+        schedule(s, cur, &mut wakes);
     }
     unlock();
     preempt_enable_no_resched();
@@ -478,7 +481,7 @@ extern "C" fn on_tick() {
             // SAFETY: cur is this thread.
             unsafe { (*cur).state = State::Ready };
             s.runq.push_back(cur);
-            schedule(s, cur);
+            schedule(s, cur, &mut wakes);
         }
         unlock();
         wakes.send();
@@ -514,7 +517,7 @@ pub fn wait(addr: *const u32, expected: u32, deadline: u64) -> bool {
             s.timers.push(cur);
         }
         s.expire(arch::rdtsc(), &mut wakes);
-        schedule(s, cur);
+        schedule(s, cur, &mut wakes);
         (*cur).timed_out
     };
     unlock();
@@ -570,7 +573,7 @@ pub fn sleep_until(deadline: u64) {
             (*cur).deadline = deadline;
         }
         s.timers.push(cur);
-        schedule(s, cur);
+        schedule(s, cur, &mut wakes);
     }
     unlock();
     wakes.send();
@@ -589,7 +592,7 @@ pub fn idle_loop() -> ! {
         let now = arch::rdtsc();
         s.expire(now, &mut wakes);
         if !s.runq.is_empty() {
-            schedule(s, idle);
+            schedule(s, idle, &mut wakes);
             unlock();
             preempt_enable_no_resched();
             wakes.send();
