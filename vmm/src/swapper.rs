@@ -262,9 +262,9 @@ impl Swapper {
         Ok(())
     }
 
-    /// One batch: staged under the manager's lock, prepared, and handed to the writer; the
-    /// previous batch (`inflight`), written meanwhile, is ended first. Without a writer the
-    /// batch is written here. Returns (frames staged, whether the hand wrapped).
+    /// One batch: staged under the manager's lock, prepared, and queued for the writer; then
+    /// the previous batch (`inflight`), written meanwhile, is ended while the writer goes on
+    /// with this one. Without a writer the batch is written here. Returns (frames staged, whether the hand wrapped).
     fn batch<'a>(
         &'a self,
         shared: &dyn MemoryLock,
@@ -274,17 +274,22 @@ impl Swapper {
         let mut staging = self.store.lock_staging(area);
         let out = shared.mm().swap_stage(&mut staging, STAGE_PAGES)?;
         let prepared = self.store.prepare(&staging)?;
-        self.land(inflight)?;
         let writer = lock(&self.writer);
         match writer.as_ref() {
             Some((jobs, _)) => {
+                // Queued behind the batch being written, so the disk never waits for the
+                // previous batch's ending (its discard and page states) below.
                 let job = WriteJob { staging: &raw const *staging, prepared };
                 if jobs.send(job).is_err() {
                     return Err(SwapperError::WriterGone);
                 }
+                drop(writer);
+                self.land(inflight)?;
                 *inflight = Some(InFlight { area, staging });
             }
             None => {
+                drop(writer);
+                self.land(inflight)?;
                 let written = self.store.write_prepared(&staging, &prepared);
                 self.store.finish(&mut staging, prepared, written)?;
             }
