@@ -16,22 +16,10 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-#[derive(serde::Deserialize)]
-struct Manifest {
-    #[serde(default)]
-    bench: Vec<Bench>,
-}
+#[path = "cbench_manifest.rs"]
+mod manifest;
 
-#[derive(serde::Deserialize)]
-struct Bench {
-    name: String,
-    lang: String,
-    sources: Vec<String>,
-    #[serde(default)]
-    flags: Vec<String>,
-    #[serde(default)]
-    args: String,
-}
+use manifest::Bench;
 
 /// Flags for every C and C++ file built for the guest.
 const COMMON: &[&str] = &[
@@ -89,46 +77,33 @@ fn main() {
         }
     }
 
+    let root = dir.parent().expect("guest/ is in the repository").to_path_buf();
     let mut manifests = vec![dir.join("ctests")];
-    let shared = dir.join("../../shared/cbench");
-    if shared.join("MANIFEST.toml").exists() {
-        manifests.push(shared);
-    }
-    if let Ok(extra) = std::env::var("CBENCH_EXTRA") {
-        manifests.extend(extra.split(':').filter(|s| !s.is_empty()).map(PathBuf::from));
-    }
+    manifests.extend(manifest::third_party_folders(&root));
 
     let mut table = String::new();
     let mut decls = String::new();
     let mut seen = BTreeSet::new();
     for folder in &manifests {
-        let path = folder.join("MANIFEST.toml");
-        println!("cargo:rerun-if-changed={}", path.display());
-        let text = match std::fs::read_to_string(&path) {
-            Ok(t) => t,
+        println!("cargo:rerun-if-changed={}", folder.join("MANIFEST.toml").display());
+        let benches = match manifest::read(folder) {
+            Ok(b) => b,
             Err(e) => {
-                println!("cargo:warning=C benchmarks: cannot read {}: {e}", path.display());
+                println!("cargo:warning=C benchmarks: {e}");
                 continue;
             }
         };
-        let manifest: Manifest = match toml::from_str(&text) {
-            Ok(m) => m,
-            Err(e) => {
-                println!("cargo:warning=C benchmarks: {}: {e}", path.display());
-                continue;
-            }
-        };
-        for b in manifest.bench {
+        for b in benches {
             let id: String = b.name.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
             if !seen.insert(id.clone()) {
                 println!(
                     "cargo:warning=C benchmarks: {} in {} is a second program of that name",
                     b.name,
-                    path.display()
+                    folder.display()
                 );
                 continue;
             }
-            match build_program(folder, &b, &id, &out, &include) {
+            match build_program(&b, &id, &out, &include) {
                 Ok(obj) => {
                     objects.push(obj);
                     let _ = writeln!(decls, "    fn cbench_{id}_main(argc: i32, argv: *mut *mut u8) -> i32;");
@@ -158,7 +133,8 @@ fn main() {
 }
 
 /// Compiles, combines and renames one program; returns its object.
-fn build_program(folder: &Path, b: &Bench, id: &str, out: &Path, include: &Path) -> Result<PathBuf, String> {
+fn build_program(b: &Bench, id: &str, out: &Path, include: &Path) -> Result<PathBuf, String> {
+    let folder = &b.folder;
     let lang = match b.lang.as_str() {
         "c" | "c++" => b.lang.as_str(),
         other => return Err(format!("unknown language {other:?}")),

@@ -135,29 +135,24 @@ double strtod(const char *s, char **end)
         return __builtin_nan("");
     }
     unsigned long long mant = 0;
-    int digits = 0, exp10 = 0, any = 0;
-    while (*p >= '0' && *p <= '9') {
+    int digits = 0, exp10 = 0, any = 0, dot = 0;
+    /* Up to 19 significant digits; the rest only move the decimal exponent. */
+    for (;; p++) {
+        if (*p == '.' && !dot) {
+            dot = 1;
+            continue;
+        }
+        if (*p < '0' || *p > '9')
+            break;
         any = 1;
         if (digits < 19) {
             mant = mant * 10 + (unsigned)(*p - '0');
             if (mant)
                 digits++;
-        } else {
-            exp10++;
-        }
-        p++;
-    }
-    if (*p == '.') {
-        p++;
-        while (*p >= '0' && *p <= '9') {
-            any = 1;
-            if (digits < 19) {
-                mant = mant * 10 + (unsigned)(*p - '0');
-                if (mant)
-                    digits++;
+            if (dot)
                 exp10--;
-            }
-            p++;
+        } else if (!dot) {
+            exp10++;
         }
     }
     if (!any) {
@@ -327,36 +322,31 @@ static void swap_bytes(char *a, char *b, size_t n)
     }
 }
 
+/* Moves the element at `root` down the max-heap of the first `n` elements. */
+static void sift_down(char *b, size_t root, size_t n, size_t size, int (*cmp)(const void *, const void *))
+{
+    while (2 * root + 1 < n) {
+        size_t child = 2 * root + 1;
+        if (child + 1 < n && cmp(b + child * size, b + (child + 1) * size) < 0)
+            child++;
+        if (cmp(b + root * size, b + child * size) >= 0)
+            return;
+        swap_bytes(b + root * size, b + child * size, size);
+        root = child;
+    }
+}
+
 /* Heapsort: in place, O(n log n), no recursion. */
 void qsort(void *base, size_t n, size_t size, int (*cmp)(const void *, const void *))
 {
     char *b = base;
     if (n < 2)
         return;
-    for (size_t start = n / 2; start-- > 0;) {
-        size_t root = start;
-        while (2 * root + 1 < n) {
-            size_t child = 2 * root + 1;
-            if (child + 1 < n && cmp(b + child * size, b + (child + 1) * size) < 0)
-                child++;
-            if (cmp(b + root * size, b + child * size) >= 0)
-                break;
-            swap_bytes(b + root * size, b + child * size, size);
-            root = child;
-        }
-    }
+    for (size_t start = n / 2; start-- > 0;)
+        sift_down(b, start, n, size, cmp);
     for (size_t end = n - 1; end > 0; end--) {
         swap_bytes(b, b + end * size, size);
-        size_t root = 0;
-        while (2 * root + 1 < end) {
-            size_t child = 2 * root + 1;
-            if (child + 1 < end && cmp(b + child * size, b + (child + 1) * size) < 0)
-                child++;
-            if (cmp(b + root * size, b + child * size) >= 0)
-                break;
-            swap_bytes(b + root * size, b + child * size, size);
-            root = child;
-        }
+        sift_down(b, 0, end, size, cmp);
     }
 }
 

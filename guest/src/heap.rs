@@ -37,12 +37,7 @@ crate::percpu! {
 
 /// Allocations served on every vCPU so far.
 pub fn all_allocs(cpus: u32) -> u64 {
-    (0..cpus as usize)
-        .map(|c| {
-            // SAFETY: a racy read of another vCPU's counter, for a report.
-            unsafe { core::ptr::read_volatile(ALLOCS.slots[c % protocol::MAX_VCPUS].0.get()) }
-        })
-        .sum()
+    ALLOCS.sum(cpus)
 }
 
 /// Counts an allocation the caller (with preemption off) served.
@@ -57,12 +52,7 @@ pub fn exits() -> u64 {
 
 /// Allocator exits on every vCPU so far.
 pub fn all_exits(cpus: u32) -> u64 {
-    (0..cpus as usize)
-        .map(|c| {
-            // SAFETY: a racy read of another vCPU's counter, for a report.
-            unsafe { core::ptr::read_volatile(EXITS.slots[c % protocol::MAX_VCPUS].0.get()) }
-        })
-        .sum()
+    EXITS.sum(cpus)
 }
 
 /// Counts an exit the caller (with preemption off) is about to take for the allocator.

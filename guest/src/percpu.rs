@@ -45,3 +45,18 @@ impl<T> PerCpu<T> {
         unsafe { &mut *slot.0.get() }
     }
 }
+
+impl PerCpu<u64> {
+    /// The sum of the first `cpus` vCPUs' counters (racy reads: for reports).
+    pub fn sum(&self, cpus: u32) -> u64 {
+        self.slots
+            .iter()
+            .take(cpus as usize)
+            .map(|s| {
+                // SAFETY: a volatile read of a u64 another vCPU may be updating; a torn value is
+                // impossible for an aligned u64 on x86-64, a stale one is fine for a report.
+                unsafe { core::ptr::read_volatile(s.0.get()) }
+            })
+            .sum()
+    }
+}

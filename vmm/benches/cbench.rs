@@ -17,24 +17,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-#[derive(serde::Deserialize)]
-struct Manifest {
-    #[serde(default)]
-    bench: Vec<Bench>,
-}
+#[path = "../../guest/cbench_manifest.rs"]
+mod manifest;
 
-#[derive(serde::Deserialize, Clone)]
-struct Bench {
-    name: String,
-    lang: String,
-    sources: Vec<String>,
-    #[serde(default)]
-    flags: Vec<String>,
-    #[serde(default)]
-    args: String,
-    #[serde(skip)]
-    folder: PathBuf,
-}
+use manifest::Bench;
 
 /// Code generation as in the guest build (guest/build.rs), so both run the same code.
 const CFLAGS: &[&str] = &["-O3", "-DNDEBUG", "-march=x86-64", "-mtune=generic", "-mno-avx", "-w"];
@@ -47,20 +33,10 @@ fn repo() -> PathBuf {
 }
 
 fn manifests() -> Vec<Bench> {
-    let mut folders = vec![repo().join("../shared/cbench")];
-    if let Ok(extra) = std::env::var("CBENCH_EXTRA") {
-        folders.extend(extra.split(':').filter(|s| !s.is_empty()).map(PathBuf::from));
-    }
-    let mut out = Vec::new();
-    for f in folders {
-        let Ok(text) = std::fs::read_to_string(f.join("MANIFEST.toml")) else { continue };
-        let m: Manifest = toml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
-        out.extend(m.bench.into_iter().map(|mut b| {
-            b.folder = f.clone();
-            b
-        }));
-    }
-    out
+    manifest::third_party_folders(&repo())
+        .iter()
+        .flat_map(|f| manifest::read(f).unwrap_or_else(|e| panic!("{e}")))
+        .collect()
 }
 
 /// Builds `b` natively; returns the executable.
