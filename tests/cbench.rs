@@ -99,3 +99,55 @@ fn an_unknown_program_is_a_bad_argument() {
     assert_eq!(run.code, 4, "{}\n{}", run.stdout, run.stderr);
     assert!(run.stdout.contains("no C program `no-such-program`") && run.stdout.contains("threads"), "{}", run.stdout);
 }
+
+#[test]
+fn cbench_extra_adds_programs_with_no_change_to_the_project() {
+    // A folder of our own with a manifest in the same format, as a user would add one.
+    let dir = common::scratch("extra-cbench");
+    std::fs::create_dir_all(dir.join("src")).unwrap();
+    std::fs::write(
+        dir.join("MANIFEST.toml"),
+        r#"[[bench]]
+name = "extra-sum"
+lang = "c"
+sources = ["src/sum.c"]
+flags = ["-DSCALE=3"]
+args = "{N} 1000"
+measures = "nothing: a test of CBENCH_EXTRA"
+"#,
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("src/sum.c"),
+        r#"#include <stdio.h>
+#include <stdlib.h>
+int main(int argc, char **argv) {
+    int threads = atoi(argv[1]);
+    long n = atol(argv[2]), sum = 0;
+    long *v = malloc(n * sizeof *v);
+    for (long i = 0; i < n; i++) v[i] = i * SCALE;
+    for (long i = 0; i < n; i++) sum += v[i];
+    free(v);
+    printf("extra-sum: %d threads, sum %ld\n", threads, sum);
+    return sum == SCALE * n * (n - 1) / 2 ? 0 : 1;
+}
+"#,
+    )
+    .unwrap();
+    let image = common::scratch("extra-guest.elf");
+    let target = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("guest-extra");
+    let status = std::process::Command::new("bash")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../images/build.sh"))
+        .env("CBENCH_EXTRA", &dir)
+        .env("GUEST_TARGET_DIR", &target)
+        .env("GUEST_OUT", &image)
+        .status()
+        .expect("images/build.sh runs");
+    assert!(status.success());
+    let image = image.display().to_string();
+    let run = common::run(&["--kernel", &image, "--cpus", "2", "--guest-args", "scenario=cbench name=extra-sum"]);
+    run.assert_ok();
+    assert!(run.stdout.contains("extra-sum: 2 threads, sum 1498500"), "{}", run.stdout);
+    let r = run.result("name", "extra-sum").expect("a result");
+    assert_eq!(num(&r, "status"), 0);
+}
