@@ -49,6 +49,47 @@ fn load_and_run_code() -> u32 {
     failures
 }
 
+/// The scheduler's ports with bad values: a tick handler outside the image's code, a wake-up
+/// for a vCPU that does not exist, an endless sleep: errors or bounded waits, nothing else.
+/// Returns the number of failed checks.
+fn bad_scheduler_calls() -> u32 {
+    let page = arch::cpu_page();
+    let mut failures = 0;
+    let set_tick = |handler: u64, period: u32| {
+        // SAFETY: this vCPU's CpuPage; the VMM writes the status into args[0] during the exit.
+        unsafe {
+            (*page).args[0] = handler;
+            arch::out32(port::SET_TICK, period);
+            core::ptr::read_volatile(&(*page).args[0])
+        }
+    };
+    static DATA: u64 = 0;
+    for (what, handler) in [("in data", &raw const DATA as u64), ("null", 0), ("non-canonical", 1 << 63)] {
+        let st = set_tick(handler, 1000);
+        if st != EINVAL {
+            println!("guest: badcalls: a tick handler {what}: status {st}, expected {EINVAL}");
+            failures += 1;
+        }
+    }
+    if set_tick(0, 0) != OK {
+        println!("guest: badcalls: turning ticks off failed");
+        failures += 1;
+    }
+    arch::out32(port::WAKE, 100_000);
+    arch::out32(port::WAKE, u32::MAX);
+    // The longest sleep is a second, whatever the guest asks.
+    let t0 = arch::rdtsc();
+    // SAFETY: this vCPU's CpuPage.
+    unsafe { (*page).args[0] = u64::MAX };
+    arch::out32(port::IDLE, 0);
+    let slept = arch::rdtsc() - t0;
+    if slept > 3 * crate::bootinfo::get().map_or(u64::MAX, |bi| bi.tsc_khz * 1000) {
+        println!("guest: badcalls: IDLE with an endless timeout slept {slept} cycles");
+        failures += 1;
+    }
+    failures
+}
+
 pub fn run(ctx: &Ctx) {
     if ctx.cpu != 0 {
         return;
@@ -134,6 +175,7 @@ pub fn run(ctx: &Ctx) {
         failures += 1;
     }
     failures += load_and_run_code();
+    failures += bad_scheduler_calls();
     let after = mem::stats(ALL_NODES).unwrap_or_default();
     if super::util::data_frames(&after) != super::util::data_frames(&before) {
         println!("guest: badcalls: frames leaked");
