@@ -10,7 +10,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::config::{SwapConfig, check_swap_limit};
@@ -29,6 +29,8 @@ const PERIOD: Duration = Duration::from_millis(10);
 const GIVE_UP_FOR: Duration = Duration::from_millis(500);
 /// Frames a background swap-in looks at per step.
 const SWAP_IN_STEP: u64 = 4096;
+/// How long `stop` waits for the batches in flight (a write to a dying disk may never end).
+const STOP_WAIT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SwapperError {
@@ -97,6 +99,9 @@ pub struct Swapper {
     /// The writer thread's job queue and its answers, once it runs.
     writer: Mutex<Option<(SyncSender<WriteJob>, Receiver<WriteDone>)>>,
     stop: AtomicBool,
+    /// Whether the swapper thread is not running (not started yet, or ended): `stop` waits for
+    /// it, so that nothing is half-evicted when the final stats are taken.
+    stopped: (Mutex<bool>, Condvar),
 }
 
 /// A batch for the writer thread: its staging area (locked by the swapper until the answer
@@ -140,6 +145,7 @@ impl Swapper {
             resting: Mutex::new(None),
             writer: Mutex::new(None),
             stop: AtomicBool::new(false),
+            stopped: (Mutex::new(true), Condvar::new()),
         }
     }
 
@@ -183,22 +189,32 @@ impl Swapper {
                 }
             }
         })?;
-        std::thread::Builder::new().name("swapper".into()).spawn(move || {
+        *lock(&self.stopped.0) = false;
+        let me = Arc::clone(&self);
+        let spawned = std::thread::Builder::new().name("swapper".into()).spawn(move || {
             let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 init().map_err(SwapperError::ThreadSetup).and_then(|()| self.run(shared.as_ref()))
             }))
             .unwrap_or(Err(SwapperError::Panicked));
+            *lock(&self.stopped.0) = true;
+            self.stopped.1.notify_all();
             if let Err(e) = res {
                 on_error(e);
             }
-        })?;
+        });
+        if let Err(e) = spawned {
+            *lock(&me.stopped.0) = true;
+            return Err(e);
+        }
         Ok(())
     }
 
-    /// Stops the thread at its next wake-up.
+    /// Stops the thread and waits (at most [`STOP_WAIT`]) until it has ended its batches.
     pub fn stop(&self) {
         self.stop.store(true, Ordering::Release);
         self.store.kick();
+        let g = lock(&self.stopped.0);
+        let _ = self.stopped.1.wait_timeout_while(g, STOP_WAIT, |stopped| !*stopped);
     }
 
     /// `PATCH /swap`: a new limit (the pool keeps its share of it).
