@@ -33,7 +33,7 @@ bench: guest
 
 # The C allocator benchmarks (../shared/cbench) in the guest against native glibc and mimalloc:
 # a table, target/bench-plots/cbench.csv and cbench.svg. CBENCH_RUNS=N repeats (default 3);
-# CBENCH_QUICK=1 uses the tests' short arguments.
+# CBENCH_QUICK=1 uses the tests' short arguments; CBENCH_ONLY=larson,rptest runs only those.
 bench-c: guest
 	$(CARGO) bench -p vmm --bench cbench
 

@@ -110,7 +110,7 @@ fn stats_carry_slabinfo_and_the_run_prints_a_final_report() {
     let r = run(&["--guest-args", "scenario=churn ops=20000"]);
     r.assert_ok();
     let classes = r.stats.as_ref().unwrap()["slab"]["classes"].as_array().unwrap().clone();
-    assert_eq!(classes.len(), 17);
+    assert_eq!(classes.len(), protocol::slab::NR_CLASSES);
     let used: Vec<&Value> = classes.iter().filter(|c| n(c, "slabs") > 0).collect();
     assert!(used.len() >= 8, "{classes:?}");
     for c in used {

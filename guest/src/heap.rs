@@ -1,6 +1,6 @@
 //! The guest's `#[global_allocator]`: `Box`, `Vec` and friends get memory from the VMM.
 //!
-//! Objects up to 4 KiB come from the VMM's slabs through this vCPU's magazines
+//! Objects up to 32 KiB come from the VMM's slabs through this vCPU's magazines
 //! (`protocol::slab`): an allocation pops a ready object, a free pushes the object onto the free
 //! magazine, and only an empty alloc magazine or a full free magazine costs an exit (one
 //! SLAB_EXCHANGE moves a whole batch both ways). Freed objects are never reused here: each goes

@@ -11,11 +11,13 @@
 use super::PAGE_SIZE;
 
 /// Object sizes.
-pub const CLASSES: [u32; 17] = [8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096];
+pub const CLASSES: [u32; 22] = [
+    8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 8192, 12288, 16384, 24576, 32768,
+];
 /// Number of classes.
 pub const NR_CLASSES: usize = CLASSES.len();
 /// Largest slab object; larger allocations are whole pages (ALLOC).
-pub const MAX_OBJECT: u32 = 4096;
+pub const MAX_OBJECT: u32 = 32768;
 /// Entries per magazine.
 pub const MAG: usize = 128;
 /// Offset of the magazines (`[Magazine; NR_CLASSES]`) within the vCPU's CPU area.
@@ -68,7 +70,6 @@ const CLASS_OF: [u8; MAX_OBJECT as usize / 8 + 1] = {
     t
 };
 
-/// The smallest class holding `size` bytes at `align`, if any.
 /// The size class of the slab object at `va` (by the zone it lies in), if `va` lies in the slab
 /// zone of a class. Says nothing about whether an object is there.
 pub const fn class_of_addr(va: u64) -> Option<usize> {
@@ -87,6 +88,7 @@ pub const fn class_zone(class: usize) -> (u64, u64) {
     (start, start + SLAB_CLASS_SPAN)
 }
 
+/// The smallest class holding `size` bytes at `align`, if any.
 pub const fn class_for(size: usize, align: usize) -> Option<usize> {
     if align <= 8 {
         return if size <= MAX_OBJECT as usize { Some(CLASS_OF[size.div_ceil(8)] as usize) } else { None };

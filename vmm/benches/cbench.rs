@@ -7,7 +7,8 @@
 //! target/bench-plots/cbench.csv and a chart, target/bench-plots/cbench.svg.
 //!
 //! `CBENCH_RUNS=N` repeats each configuration N times and takes the median (default 3);
-//! `CBENCH_QUICK=1` uses the tests' short arguments instead of mimalloc-bench's.
+//! `CBENCH_QUICK=1` uses the tests' short arguments instead of mimalloc-bench's;
+//! `CBENCH_ONLY=a,b` runs only the benchmarks named.
 
 #[path = "../../tests/common/cbench_args.rs"]
 mod cbench_args;
@@ -178,7 +179,10 @@ fn main() {
     common::build_guest();
     let runs: usize = std::env::var("CBENCH_RUNS").ok().and_then(|s| s.parse().ok()).unwrap_or(3).max(1);
     let quick = std::env::var("CBENCH_QUICK").is_ok_and(|v| v == "1");
-    let benches = manifests();
+    let only: Option<Vec<String>> =
+        std::env::var("CBENCH_ONLY").ok().map(|v| v.split(',').map(str::to_string).collect());
+    let benches: Vec<Bench> =
+        manifests().into_iter().filter(|b| only.as_ref().is_none_or(|o| o.contains(&b.name))).collect();
     if benches.is_empty() {
         println!("cbench: no manifests (../shared/cbench/MANIFEST.toml or CBENCH_EXTRA): nothing to run");
         return;
