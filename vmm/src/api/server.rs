@@ -77,13 +77,29 @@ fn bind(path: &Path) -> Result<UnixListener, ApiError> {
             }
         }
     }
+    // Bound under a temporary name and renamed into place once listening: a client that sees
+    // the path never finds a socket that refuses it (bind and listen are two calls). A path
+    // too long for the temporary name is bound directly.
+    let tmp = path.with_file_name(format!(".vmm-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    if let Ok(listener) = bind_0600(&tmp) {
+        if std::fs::rename(&tmp, path).is_ok() {
+            return Ok(listener);
+        }
+        let _ = std::fs::remove_file(&tmp);
+    }
+    bind_0600(path).map_err(|source| ApiError::Bind { path: path.to_path_buf(), source })
+}
+
+/// Binds a Unix socket at `path`, created with mode 0600.
+fn bind_0600(path: &Path) -> std::io::Result<UnixListener> {
     // SAFETY: umask only changes this process's file-creation mask; the socket file is
     // created 0600 by bind below, and the old mask is restored right after.
     let old = unsafe { libc::umask(0o177) };
     let bound = UnixListener::bind(path);
     // SAFETY: as above.
     unsafe { libc::umask(old) };
-    bound.map_err(|source| ApiError::Bind { path: path.to_path_buf(), source })
+    bound
 }
 
 /// Accepts connections, at most [`MAX_CONNECTIONS`] at a time.

@@ -316,6 +316,10 @@ pub struct SwapStore {
     /// One bit per frame: it came back soon after its last eviction (a refault), so its next
     /// eviction goes to the pool.
     warm: ZeroedVec<AtomicU64>,
+    /// One bit per frame: an eviction of it is staged and not yet ended. A frame the guest
+    /// frees and gets back meanwhile is not staged again until then: otherwise the first
+    /// eviction's ending would take the second claim for its own (and record the old copy).
+    evicting: ZeroedVec<AtomicU64>,
     file: SwapFile,
     file_max: u64,
     inner: Mutex<Inner>,
@@ -356,6 +360,7 @@ impl SwapStore {
         let frames = ram.ranges().iter().map(|r| r.end() / PAGE_SIZE).max().unwrap_or(0);
         let locations = ZeroedVec::try_new(to_usize(frames)).map_err(SwapError::Staging)?;
         let warm = ZeroedVec::try_new(to_usize(frames.div_ceil(64))).map_err(SwapError::Staging)?;
+        let evicting = ZeroedVec::try_new(to_usize(frames.div_ceil(64))).map_err(SwapError::Staging)?;
         // Two staging areas, side by side: one batch is written while the next is staged.
         let len = STAGING_AREAS as u64 * STAGE_PAGES as u64 * PAGE_SIZE;
         // SAFETY: a fresh private anonymous mapping that the store owns until drop.
@@ -382,6 +387,7 @@ impl SwapStore {
             uffd,
             locations,
             warm,
+            evicting,
             file,
             file_max,
             inner: Mutex::new(Inner { pool: Pool::new(if compress { pool } else { 0 }) }),
@@ -453,14 +459,27 @@ impl SwapStore {
     }
 
     /// Called by the fault handler after it made memory resident: when guest RAM uses more
-    /// than the limit plus `slack`, wake the swapper and give it up to `wait` to catch up.
+    /// than the limit plus `slack`, wake the swapper and wait while it catches up (giving up
+    /// after `wait` without progress).
     pub fn throttle(&self, slack: u64, wait: Duration) {
         if self.usage() <= self.limit() + slack {
             return;
         }
         self.kick();
         let start = Instant::now();
-        while self.usage() > self.limit() + slack && start.elapsed() < wait && !self.file_full() {
+        // Waits while the swapper makes progress; gives up after `wait` without any (everything
+        // hot, the file full or failing), so a fault is slowed but never stuck.
+        let (mut best, mut since) = (self.usage(), start);
+        loop {
+            let usage = self.usage();
+            if usage <= self.limit() + slack || self.file_full() {
+                break;
+            }
+            if usage < best {
+                (best, since) = (usage, Instant::now());
+            } else if since.elapsed() >= wait {
+                break;
+            }
             std::thread::sleep(Duration::from_micros(200));
         }
         self.counters.throttled_us.add(crate::metrics::micros(start.elapsed()));
@@ -578,6 +597,7 @@ impl SwapStore {
             file_full: self.file_full(),
             metadata_bytes: self.locations.resident_bytes()
                 + self.warm.resident_bytes()
+                + self.evicting.resident_bytes()
                 + self.file.metadata_bytes()
                 + pool_meta,
             swap_in_latency: self.latency.summary(),
@@ -620,6 +640,12 @@ impl SwapStore {
                 }
             }
         }
+        // (Called with the swapper stopped: no eviction is in flight.)
+        if let Some(i) =
+            (0..self.evicting.len()).find(|&i| self.evicting.get(i).is_some_and(|w| w.load(Ordering::Acquire) != 0))
+        {
+            return Err(format!("an eviction of a frame near {:#x} never ended", i as u64 * 64 * PAGE_SIZE));
+        }
         if file_pages != self.file.stats().slots_used {
             return Err(format!(
                 "{file_pages} frames have file copies, the file has {} slots",
@@ -646,6 +672,12 @@ fn set_bit(bits: &ZeroedVec<AtomicU64>, gfn: Gfn) {
     if let Some(w) = bits.get(i / 64) {
         w.fetch_or(1 << (i % 64), Ordering::Relaxed);
     }
+}
+
+/// Whether `gfn`'s bit in `bits` is set.
+fn test_bit(bits: &ZeroedVec<AtomicU64>, gfn: Gfn) -> bool {
+    let i = to_usize(gfn.0);
+    bits.get(i / 64).is_some_and(|w| w.load(Ordering::Acquire) & (1 << (i % 64)) != 0)
 }
 
 /// Clears `gfn`'s bit in `bits`; returns whether it was set.

@@ -11,7 +11,7 @@ use crate::sync::lock;
 
 use super::super::uffd::UffdError;
 use super::file::{AlignedBuf, SwapFileError};
-use super::{Loc, STAGE_PAGES, STAGING_AREAS, Staging, SwapError, SwapStore};
+use super::{Loc, STAGE_PAGES, STAGING_AREAS, Staging, SwapError, SwapStore, set_bit, take_bit, test_bit};
 
 /// An eviction's outcome: the frame, its new state, and its new location (`None`: the one it
 /// has).
@@ -69,7 +69,12 @@ impl SwapStore {
                 break;
             }
             let Some(hva) = self.ram.host_addr(gfn.gpa()) else { continue };
+            if test_bit(&self.evicting, gfn) {
+                // Freed, handed out again and resident, while its last eviction is in flight.
+                continue;
+            }
             if self.states.transition(gfn, FrameState::Resident, FrameState::SwappingOut) {
+                set_bit(&self.evicting, gfn);
                 claimed.push((i, hva as u64));
             }
         }
@@ -101,12 +106,12 @@ impl SwapStore {
                 // The page at `k` would not move (busy: pinned, or under migration): it stays
                 // where it is; the rest of the run is tried again.
                 let (i, _) = claimed[k];
-                self.states.transition(frames[i], FrameState::SwappingOut, FrameState::Resident);
+                self.unclaim(frames[i]);
                 if let Err(source) = res
                     && !matches!(source, UffdError::Again { .. } | UffdError::Exists { .. })
                 {
                     for &(j, _) in &claimed[k + 1..] {
-                        self.states.transition(frames[j], FrameState::SwappingOut, FrameState::Resident);
+                        self.unclaim(frames[j]);
                     }
                     return Err(SwapError::Uffd { gpa: frames[i].gpa().0, source });
                 }
@@ -322,13 +327,22 @@ impl SwapStore {
             if let Some(l) = loc {
                 self.location(gfn).store(l.encode(), Ordering::Release);
             }
+            // Still this eviction's claim (no other can exist while `evicting` is set), or the
+            // frame was freed meanwhile and its copy goes.
             if self.states.transition(gfn, FrameState::SwappingOut, to) {
                 self.counters.pages_out.inc();
                 recent.evicted(gfn);
             } else {
                 self.release(&mut inner, gfn);
             }
+            take_bit(&self.evicting, gfn);
         }
+    }
+
+    /// Gives back a claim whose page was not moved: the frame stays resident.
+    fn unclaim(&self, gfn: Gfn) {
+        self.states.transition(gfn, FrameState::SwappingOut, FrameState::Resident);
+        take_bit(&self.evicting, gfn);
     }
 
     /// Puts a staged page back into guest RAM (its write failed): it stays resident.
@@ -336,10 +350,12 @@ impl SwapStore {
         self.counters.put_back.inc();
         if !self.states.transition(gfn, FrameState::SwappingOut, FrameState::Populating) {
             // Freed meanwhile: nothing to put back.
+            take_bit(&self.evicting, gfn);
             return Ok(());
         }
         let res = self.install(gfn, page);
         self.states.transition(gfn, FrameState::Populating, FrameState::Resident);
+        take_bit(&self.evicting, gfn);
         res
     }
 
