@@ -39,7 +39,7 @@ use crate::sync::{ThreadInit, lock};
 use super::populate::{Populate, PopulateError, ZeroSource};
 use super::ram::GuestRam;
 use super::swap::{MAX_READAHEAD, SwapError, SwapStore};
-use super::uffd::{UFFD_EVENT_PAGEFAULT, UFFD_PAGEFAULT_FLAG_WP, Uffd, UffdError, UffdMsg};
+use super::uffd::{UFFD_EVENT_PAGEFAULT, UFFD_PAGEFAULT_FLAG_WP, UFFD_PAGEFAULT_FLAG_WRITE, Uffd, UffdError, UffdMsg};
 use crate::memory::addr::{Gfn, PAGE_SIZE};
 use crate::memory::frames::page_state::{FrameState, PageStates};
 
@@ -98,6 +98,8 @@ pub struct FaultStats {
     pub free_frame: Counter,
     /// Write-protect faults during translation invalidations.
     pub write_protect: Counter,
+    /// Reads of known-zero frames served with the shared zero page.
+    pub zero_page: Counter,
     /// Faults that continued a vCPU's sequential stream (and got a grown window).
     pub sequential: Counter,
     /// Time to serve a zero-fill fault, from reading the message to waking the vCPU.
@@ -123,6 +125,7 @@ pub struct FaultReport {
     pub spurious: u64,
     pub free_frame: u64,
     pub write_protect: u64,
+    pub zero_page: u64,
     pub latency: LatencySummary,
 }
 
@@ -137,6 +140,7 @@ impl FaultStats {
             spurious: self.spurious.get(),
             free_frame: self.free_frame.get(),
             write_protect: self.write_protect.get(),
+            zero_page: self.zero_page.get(),
             latency: self.latency.summary(),
         }
     }
@@ -284,10 +288,15 @@ impl FaultHandler {
                 self.wake(page)
             }
             FrameState::Resident => self.resident(gpa, page),
-            // A known-zero frame (an emptied page table, or a page swap found all zero) gets a
-            // private zeroed page, read or write. Not the shared zero page, even for a read: a
-            // later write would copy it in the kernel, unseen here, and the frame would hold
-            // data while still counted `Zero` (not resident, and never evicted).
+            FrameState::Zero if flags & UFFD_PAGEFAULT_FLAG_WRITE == 0 => {
+                // A read of a known-zero frame (KVM walking an emptied page table): the shared
+                // zero page costs no memory.
+                self.stats.zero_page.inc();
+                match self.uffd.zeropage(page, PAGE_SIZE, true) {
+                    Ok(_) | Err(UffdError::Exists { .. }) | Err(UffdError::Again { .. }) => self.wake(page),
+                    Err(e) => Err(FaultError::Uffd(e)),
+                }
+            }
             FrameState::Zero => {
                 if self.states.transition(gfn, FrameState::Zero, FrameState::Populating) {
                     self.populate
