@@ -135,26 +135,27 @@ pub fn push_free(class: usize, ptr: u64) {
     }
 }
 
-/// Objects waiting in vCPU `cpu`'s alloc magazines (handed out by the VMM, not yet used).
-pub fn cached_objects(cpu: u32) -> u64 {
+/// The sum over vCPU `cpu`'s magazines of the `u32` field at `offset` in [`Magazine`].
+fn sum_magazines(cpu: u32, offset: usize) -> u64 {
     let base = (cpu_area(cpu) + MAGAZINES_OFFSET) as *const Magazine;
     (0..CLASSES.len())
         .map(|c| {
-            // SAFETY: every vCPU's CPU area is mapped readable for the guest.
-            u64::from(unsafe { read_volatile(addr_of!((*base.wrapping_add(c)).alloc_count)) })
+            let field = base.wrapping_add(c).wrapping_byte_add(offset).cast::<u32>();
+            // SAFETY: every vCPU's CPU area is mapped readable for the guest; `offset` names a
+            // u32 field of the magazine (callers pass `offset_of!`).
+            u64::from(unsafe { read_volatile(field) })
         })
         .sum()
 }
 
+/// Objects waiting in vCPU `cpu`'s alloc magazines (handed out by the VMM, not yet used).
+pub fn cached_objects(cpu: u32) -> u64 {
+    sum_magazines(cpu, core::mem::offset_of!(Magazine, alloc_count))
+}
+
 /// Frees the VMM refused on vCPU `cpu` so far (its magazines' reports).
 pub fn bad_frees_of(cpu: u32) -> u64 {
-    let base = (cpu_area(cpu) + MAGAZINES_OFFSET) as *const Magazine;
-    (0..CLASSES.len())
-        .map(|c| {
-            // SAFETY: every vCPU's CPU area is mapped readable for the guest.
-            u64::from(unsafe { read_volatile(addr_of!((*base.wrapping_add(c)).free_errors)) })
-        })
-        .sum()
+    sum_magazines(cpu, core::mem::offset_of!(Magazine, free_errors))
 }
 
 /// The magazine's bad-free report: (count, last status, last pointer).

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod guest_output;
 pub mod vm;
 
 use std::path::{Path, PathBuf};

@@ -107,22 +107,9 @@ pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
     }
 }
 
-pub fn rss_kib(pid: u32) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    s.lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
-/// The `@result` lines of `scenario` in `out` (stdout, tagged by vCPU or not).
-pub fn results(out: &str, scenario: &str) -> Vec<Value> {
-    out.lines()
-        .filter_map(|l| l.find("@result ").map(|i| &l[i..]))
-        .map(|l| serde_json::to_value(vmm::console::parse_result(l)).unwrap())
-        .filter(|r| r["scenario"] == scenario)
-        .collect()
-}
+// Each test uses part of these.
+#[allow(unused_imports)]
+pub use super::guest_output::{results, rss_kib};
 
 pub fn n(v: &Value, k: &str) -> u64 {
     v[k].as_u64().unwrap_or_else(|| panic!("`{k}` missing from {v}"))

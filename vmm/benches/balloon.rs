@@ -64,18 +64,7 @@ fn inflate(size: u64) -> (Duration, Duration, u64) {
 /// One `MADV_DONTNEED` of `size` MiB of resident anonymous memory.
 fn raw_dontneed(size: u64) -> Duration {
     let len = usize::try_from(size * MIB).expect("fits");
-    // SAFETY: a fresh private anonymous mapping, ours alone; unmapped below.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    assert_ne!(p, libc::MAP_FAILED, "mmap");
+    let p = common::anon_mapping(len);
     for off in (0..len).step_by(4096) {
         // SAFETY: within the mapping just made.
         unsafe { p.cast::<u8>().add(off).write_volatile(1) };

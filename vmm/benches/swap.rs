@@ -139,18 +139,7 @@ fn raw_swap_in(dir: &Path, count: usize, file_mib: u64) -> f64 {
     }
     let uffd = Uffd::new().expect("userfaultfd");
     let len = count * PAGE;
-    // SAFETY: a fresh private anonymous mapping, ours alone; unmapped below.
-    let area = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    assert_ne!(area, libc::MAP_FAILED);
+    let area = common::anon_mapping(len);
     // SAFETY: the mapping above, alive until the munmap below; nothing touches it but COPY.
     unsafe { uffd.register(area as u64, len as u64, false) }.expect("register");
     let mut page = AlignedBuf::new(PAGE);

@@ -146,20 +146,25 @@ impl Vm {
     }
 }
 
-/// The RSS of process `pid` in KiB (0 once it is gone).
-pub fn rss_kib(pid: u32) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    s.lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
+#[path = "../../../tests/common/guest_output.rs"]
+mod guest_output;
+// Each benchmark uses part of these.
+#[allow(unused_imports)]
+pub use guest_output::{results, rss_kib};
 
-/// The `@result` lines of `scenario` in a guest's output, as JSON objects.
-pub fn results(out: &str, scenario: &str) -> Vec<Value> {
-    out.lines()
-        .filter_map(|l| l.find("@result ").map(|i| &l[i..]))
-        .map(|l| serde_json::to_value(vmm::console::parse_result(l)).expect("a result"))
-        .filter(|r| r["scenario"] == scenario)
-        .collect()
+/// A fresh private anonymous read-write mapping of `len` bytes (the caller unmaps it).
+pub fn anon_mapping(len: usize) -> *mut libc::c_void {
+    // SAFETY: a new private anonymous mapping chosen by the kernel; it overlaps nothing.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    assert_ne!(p, libc::MAP_FAILED, "mmap");
+    p
 }
