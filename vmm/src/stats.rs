@@ -325,7 +325,7 @@ pub fn table(s: &Stats) -> String {
     if let Some(f) = &s.faults {
         let _ = writeln!(
             out,
-            "faults: {} zero-fill ({} pages, window {}K..{}K, p50 {} us, p99 {} us), {} spurious, {} free-frame, {} write-protect",
+            "faults: {} zero-fill ({} pages, window {}K..{}K, p50 {} us, p99 {} us), {} spurious, {} free-frame, {} write-protect, {} zero-page reads ({} written)",
             f.zero_fill,
             f.pages,
             f.fault_around_bytes / 1024,
@@ -334,7 +334,9 @@ pub fn table(s: &Stats) -> String {
             f.latency.p99_ns / 1000,
             f.spurious,
             f.free_frame,
-            f.write_protect
+            f.write_protect,
+            f.zero_page,
+            f.zero_written
         );
     }
     let m = &s.memcalls;

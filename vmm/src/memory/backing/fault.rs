@@ -18,8 +18,10 @@
 //! - `Free` and never handed out since boot: no translation the VMM ever made leads there, so
 //!   nothing can explain the access. The VM stops with an error naming the address. This is
 //!   exact, not a guess: the page-state map remembers which frames were ever handed out.
-//! - Write-protect faults (a write during a translation invalidation) are resolved by lifting
-//!   the protection.
+//! - `Zero`: a read gets the shared zero page, write-protected; a write (or the write-protect
+//!   fault of a write to that zero page) a private page, and the frame becomes `Resident`.
+//! - Other write-protect faults (a write during a translation invalidation) are resolved by
+//!   lifting the protection.
 //! - `Swapped`: read the page back from swap (and, for a sequential stream, the swapped pages
 //!   after it); `SwappingOut`: wait until its eviction is over, then look again. After making
 //!   memory resident, a handler gives the swapper time to keep guest RAM near its limit.
@@ -100,6 +102,8 @@ pub struct FaultStats {
     pub write_protect: Counter,
     /// Reads of known-zero frames served with the shared zero page.
     pub zero_page: Counter,
+    /// Writes to those zero pages (write-protect faults that made the frame resident).
+    pub zero_written: Counter,
     /// Faults that continued a vCPU's sequential stream (and got a grown window).
     pub sequential: Counter,
     /// Time to serve a zero-fill fault, from reading the message to waking the vCPU.
@@ -126,6 +130,7 @@ pub struct FaultReport {
     pub free_frame: u64,
     pub write_protect: u64,
     pub zero_page: u64,
+    pub zero_written: u64,
     pub latency: LatencySummary,
 }
 
@@ -141,6 +146,7 @@ impl FaultStats {
             free_frame: self.free_frame.get(),
             write_protect: self.write_protect.get(),
             zero_page: self.zero_page.get(),
+            zero_written: self.zero_written.get(),
             latency: self.latency.summary(),
         }
     }
@@ -252,11 +258,18 @@ impl FaultHandler {
         let start = Instant::now();
         let page = addr & !(PAGE_SIZE - 1);
         let gpa = self.ram.gpa_of(page).ok_or(FaultError::OutsideRam { addr })?;
+        let gfn = Gfn::containing(gpa);
         if flags & UFFD_PAGEFAULT_FLAG_WP != 0 {
-            self.stats.write_protect.inc();
+            // A write to a `Zero` frame's write-protected zero page: from now on the frame holds
+            // what the guest writes (the kernel gives it a private page once the protection is
+            // off). Otherwise a write during a translation invalidation.
+            if self.states.transition(gfn, FrameState::Zero, FrameState::Resident) {
+                self.stats.zero_written.inc();
+            } else {
+                self.stats.write_protect.inc();
+            }
             return self.uffd.writeprotect(page, PAGE_SIZE, false).map_err(FaultError::Uffd);
         }
-        let gfn = Gfn::containing(gpa);
         match self.states.get(gfn) {
             FrameState::Allocated => {
                 self.fill_window(gfn, tid)?;
@@ -289,13 +302,14 @@ impl FaultHandler {
             }
             FrameState::Resident => self.resident(gpa, page),
             FrameState::Zero if flags & UFFD_PAGEFAULT_FLAG_WRITE == 0 => {
-                // A read of a known-zero frame (KVM walking an emptied page table): the shared
-                // zero page costs no memory.
+                // A read of a known-zero frame (KVM walking an emptied page table, or a page
+                // swap found all zero): the shared zero page costs no memory; it is mapped
+                // write-protected, so the first write is seen.
                 self.stats.zero_page.inc();
-                match self.uffd.zeropage(page, PAGE_SIZE, true) {
-                    Ok(_) | Err(UffdError::Exists { .. }) | Err(UffdError::Again { .. }) => self.wake(page),
-                    Err(e) => Err(FaultError::Uffd(e)),
-                }
+                self.populate
+                    .map_zero(&self.ram, &self.states, gfn)
+                    .map_err(|source| FaultError::Populate { gpa: gpa.0, source })?;
+                self.wake(page)
             }
             FrameState::Zero => {
                 if self.states.transition(gfn, FrameState::Zero, FrameState::Populating) {

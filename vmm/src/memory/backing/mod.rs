@@ -272,7 +272,9 @@ impl Backing {
             s.drop_clean(runs);
         }
         let runs = self.split_at_ranges(runs);
-        self.populate.invalidate(&self.ram, &runs).map_err(|source| BackingError::Populate { gfn: first, source })
+        self.populate
+            .invalidate(&self.ram, &self.states, &runs)
+            .map_err(|source| BackingError::Populate { gfn: first, source })
     }
 
     /// `runs` cut where RAM ranges end: each range is its own host mapping, and a call that
@@ -288,7 +290,9 @@ impl Backing {
     pub fn refresh(&self, runs: &[Run]) -> Result<(), BackingError> {
         let Some(&(first, _)) = runs.first() else { return Ok(()) };
         let runs = self.split_at_ranges(runs);
-        self.populate.refresh(&self.ram, &runs).map_err(|source| BackingError::Populate { gfn: first, source })
+        self.populate
+            .refresh(&self.ram, &self.states, &runs)
+            .map_err(|source| BackingError::Populate { gfn: first, source })
     }
 
     /// The page-state map.

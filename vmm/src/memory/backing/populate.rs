@@ -229,7 +229,7 @@ impl Populate {
     /// translations; a write in the short window takes a WP fault that the fault handler
     /// resolves. (Without userfaultfd an mprotect toggle does the same, with a window in which a
     /// concurrent guest write fails: that mode is for measurements only.)
-    pub fn invalidate(&self, ram: &GuestRam, runs: &[(Gfn, u64)]) -> Result<(), PopulateError> {
+    pub fn invalidate(&self, ram: &GuestRam, states: &PageStates, runs: &[(Gfn, u64)]) -> Result<(), PopulateError> {
         for &(gfn, pages) in runs {
             let hva = ram.host_addr(gfn.gpa()).ok_or(PopulateError::NotRam(gfn))? as u64;
             let len = pages * PAGE_SIZE;
@@ -238,6 +238,7 @@ impl Populate {
                     let wp = |on| uffd.writeprotect(hva, len, on).map_err(|source| PopulateError::Copy { gfn, source });
                     wp(true)?;
                     wp(false)?;
+                    self.reprotect_zero(ram, states, gfn, pages)?;
                 }
                 Populate::Direct => {
                     for prot in [libc::PROT_READ, libc::PROT_READ | libc::PROT_WRITE] {
@@ -262,13 +263,87 @@ impl Populate {
     /// drops its translations (measured here: it halves the misses on a hot set, the same as a
     /// protect-unprotect toggle, with one call instead of two and no write-fault window).
     /// Without userfaultfd, an mprotect toggle as in [`invalidate`](Self::invalidate).
-    pub fn refresh(&self, ram: &GuestRam, runs: &[(Gfn, u64)]) -> Result<(), PopulateError> {
-        let Populate::Uffd { uffd, .. } = self else { return self.invalidate(ram, runs) };
+    pub fn refresh(&self, ram: &GuestRam, states: &PageStates, runs: &[(Gfn, u64)]) -> Result<(), PopulateError> {
+        let Populate::Uffd { uffd, .. } = self else { return self.invalidate(ram, states, runs) };
         for &(gfn, pages) in runs {
             let hva = ram.host_addr(gfn.gpa()).ok_or(PopulateError::NotRam(gfn))? as u64;
             uffd.writeprotect(hva, pages * PAGE_SIZE, false).map_err(|source| PopulateError::Copy { gfn, source })?;
+            self.reprotect_zero(ram, states, gfn, pages)?;
         }
         Ok(())
+    }
+
+    /// Maps the kernel's shared zero page, write-protected, for a read of the `Zero` frame
+    /// `gfn`, without waking the reader. The protection is what keeps the accounting exact: a
+    /// later guest write takes a write-protect fault, which marks the frame `Resident` before
+    /// lifting it (otherwise the kernel's copy-on-write would give the frame a private page the
+    /// VMM never hears of, and that page would never be counted nor evicted). A write that
+    /// lands between the mapping and the protection is caught by looking at the page.
+    pub fn map_zero(&self, ram: &GuestRam, states: &PageStates, gfn: Gfn) -> Result<(), PopulateError> {
+        let Populate::Uffd { uffd, .. } = self else { return Ok(()) };
+        let hva = ram.host_addr(gfn.gpa()).ok_or(PopulateError::NotRam(gfn))? as u64;
+        match uffd.zeropage(hva, PAGE_SIZE, false) {
+            Ok(_) | Err(UffdError::Exists { .. }) | Err(UffdError::Again { .. }) => {}
+            Err(source) => return Err(PopulateError::Copy { gfn, source }),
+        }
+        uffd.writeprotect(hva, PAGE_SIZE, true).map_err(|source| PopulateError::Copy { gfn, source })?;
+        let present = Self::present(hva, PAGE_SIZE).map_err(|source| PopulateError::Protect { gfn, source })?;
+        if present.first() == Some(&1) {
+            Self::note_written(states, gfn, hva);
+        }
+        Ok(())
+    }
+
+    /// Puts the write protection back on the `Zero` frames of a run whose protection was just
+    /// lifted (see [`map_zero`](Self::map_zero)), and marks `Resident` any whose page the guest
+    /// wrote while it was off.
+    fn reprotect_zero(&self, ram: &GuestRam, states: &PageStates, gfn: Gfn, pages: u64) -> Result<(), PopulateError> {
+        let Populate::Uffd { uffd, .. } = self else { return Ok(()) };
+        let mut i = 0;
+        while i < pages {
+            if states.get(gfn.plus(i)) != FrameState::Zero {
+                i += 1;
+                continue;
+            }
+            let start = i;
+            while i < pages && states.get(gfn.plus(i)) == FrameState::Zero {
+                i += 1;
+            }
+            let first = gfn.plus(start);
+            let hva = ram.host_addr(first.gpa()).ok_or(PopulateError::NotRam(first))? as u64;
+            let len = (i - start) * PAGE_SIZE;
+            uffd.writeprotect(hva, len, true).map_err(|source| PopulateError::Copy { gfn: first, source })?;
+            let present = Self::present(hva, len).map_err(|source| PopulateError::Protect { gfn: first, source })?;
+            for (k, _) in present.iter().enumerate().filter(|(_, p)| **p & 1 != 0) {
+                Self::note_written(states, first.plus(k as u64), hva + k as u64 * PAGE_SIZE);
+            }
+        }
+        Ok(())
+    }
+
+    /// Which pages of `[hva, hva + len)` have a page table entry (`mincore`: the zero page
+    /// counts): only those may be read without a fault.
+    fn present(hva: u64, len: u64) -> std::io::Result<Vec<u8>> {
+        let mut vec = vec![0u8; to_usize(len / PAGE_SIZE)];
+        // SAFETY: mincore reads the page tables of guest RAM (our mapping) and writes one byte
+        // per page into `vec`, which has exactly that many.
+        let rc = unsafe { libc::mincore(hva as *mut libc::c_void, to_usize(len), vec.as_mut_ptr()) };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(vec)
+    }
+
+    /// A write-protected, present page of the `Zero` frame `gfn` at `hva` that holds anything
+    /// but zeroes was written before its protection: the frame is `Resident`.
+    fn note_written(states: &PageStates, gfn: Gfn, hva: u64) {
+        let words = hva as *const u64;
+        // SAFETY: the page at `hva` is guest RAM with a present entry (the caller checked), so
+        // reading it cannot fault; it is write-protected, so nothing changes it meanwhile.
+        let written = (0..to_usize(PAGE_SIZE) / 8).any(|k| unsafe { words.add(k).read_volatile() } != 0);
+        if written {
+            states.transition(gfn, FrameState::Zero, FrameState::Resident);
+        }
     }
 
     /// Whether missing pages fault to the VMM.

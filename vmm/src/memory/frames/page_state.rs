@@ -10,8 +10,10 @@
 //!                                                     emptied    ▼  │ written
 //!                                                              Zero ┘
 //! ```
-//! `Zero` is a frame the VMM knows holds only zeroes (an emptied page table): its private
-//! backing was dropped, reads are served with the kernel's shared zero page.
+//! `Zero` is a frame the VMM knows holds only zeroes (an emptied page table, or a page swap
+//! found all zero): its private backing was dropped, reads are served with the kernel's shared
+//! zero page, mapped write-protected so that the first write (a write-protect fault) makes the
+//! frame `Resident` before the kernel copies the page.
 //! `Ballooned` frames are held by the balloon: taken from the buddy allocator like an allocation,
 //! but never handed out and never backed.
 //!
@@ -41,8 +43,8 @@ pub enum FrameState {
     Populating = 2,
     /// Handed out and backed by host memory.
     Resident = 3,
-    /// Handed out, all zeroes, with no private backing: reads get the shared zero page, the
-    /// first write a private page.
+    /// Handed out, all zeroes, with no private backing: reads get the shared zero page
+    /// (write-protected), the first write a private page and `Resident`.
     Zero = 4,
     /// Held by the balloon: out of the buddy allocator, never handed out, never backed.
     Ballooned = 5,
