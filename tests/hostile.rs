@@ -164,7 +164,7 @@ fn sigterm_and_sigint_stop_the_vm_cleanly_with_the_stats_written() {
 fn every_vmm_thread_runs_under_seccomp_and_a_forbidden_call_stops_the_vmm() {
     // The whole suite runs with the filters on (the default); here each kind of thread makes a
     // call its filter forbids.
-    for kind in ["main", "vcpu", "fault", "signals", "api", "swapper", "ticker"] {
+    for kind in ["main", "vcpu", "fault", "signals", "api", "swapper", "ticker", "rings"] {
         let socket = common::scratch("seccomp.sock");
         let out = std::process::Command::new(common::vmm_bin())
             .args(["run", "--kernel"])
@@ -180,6 +180,7 @@ fn every_vmm_thread_runs_under_seccomp_and_a_forbidden_call_stops_the_vmm() {
             "vcpu" => "vCPU",
             "fault" => "fault handler",
             "api" => "API",
+            "rings" => "slab rings",
             k => k,
         };
         assert_eq!(

@@ -130,3 +130,56 @@ fn workloads_are_reproducible_from_their_seed() {
     assert_eq!(checksum(5), checksum(5));
     assert_ne!(checksum(5), checksum(6));
 }
+
+/// CPU time (user + system, in clock ticks) of each of `pid`'s threads, by thread name.
+fn thread_cpu(pid: u32) -> Vec<(String, u64)> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+        let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else { continue };
+        let (open, close) = (stat.find('(').unwrap(), stat.rfind(')').unwrap());
+        let fields: Vec<&str> = stat[close + 2..].split(' ').collect();
+        // utime and stime are fields 14 and 15; `fields` starts at field 3.
+        let ticks = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+        out.push((stat[open + 1..close].to_string(), ticks));
+    }
+    out
+}
+
+#[test]
+fn an_idle_guest_costs_no_busy_vmm_thread() {
+    use std::io::{BufRead, BufReader};
+    // Both vCPUs allocate (the rings' service thread works), then spin without an exit: after
+    // the idle period no VMM thread but the vCPUs' may use the CPU.
+    let stats = common::scratch("idle-stats.json");
+    let mut child = common::spawn(&[
+        "--cpus",
+        "2",
+        "--stats-file",
+        stats.to_str().unwrap(),
+        "--guest-args",
+        "scenario=spin alloc=200000 seconds=5",
+    ]);
+    let pid = child.id();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let warm = lines.by_ref().map_while(Result::ok).find(|l| l.contains("scenario=spin-warm"));
+    assert!(warm.is_some(), "the guest never finished its allocations");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let before = thread_cpu(pid);
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let after = thread_cpu(pid);
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}");
+    assert!(before.iter().any(|(name, _)| name == "rings"), "no rings thread: {before:?}");
+    for (name, t1) in &after {
+        let t0 = before.iter().find(|(n, _)| n == name).map_or(0, |b| b.1);
+        if name.starts_with("vcpu") {
+            continue;
+        }
+        // At most 2 ticks (20 ms at the usual 100 Hz) in 2 s: 1% of a core.
+        assert!(t1 - t0 <= 2, "thread `{name}` used {} ticks of CPU in 2 s while the guest was idle", t1 - t0);
+    }
+    // The service went to sleep (it did not just poll slowly).
+    let s: Value = serde_json::from_str(&std::fs::read_to_string(&stats).unwrap()).unwrap();
+    let _ = std::fs::remove_file(&stats);
+    assert!(n(&s["rings"], "sleeps") >= 1 && n(&s["rings"], "objects_out") > 1000, "{}", s["rings"]);
+}

@@ -1,20 +1,22 @@
 //! The guest's `#[global_allocator]`: `Box`, `Vec` and friends get memory from the VMM.
 //!
-//! Objects up to 32 KiB come from the VMM's slabs through this vCPU's magazines
-//! (`protocol::slab`): an allocation pops a ready object, a free pushes the object onto the free
-//! magazine, and only an empty alloc magazine or a full free magazine costs an exit (one
-//! SLAB_EXCHANGE moves a whole batch both ways). Freed objects are never reused here: each goes
-//! back through the VMM, which checks it. Larger allocations are whole pages (ALLOC / FREE).
+//! Objects up to 32 KiB come from the VMM's slabs through this vCPU's rings
+//! (`protocol::slab`): an allocation takes a ready object from the alloc ring, a free puts the
+//! object in the free ring, and a VMM thread refills and drains the rings while the guest runs,
+//! without an exit. Only an empty alloc ring or a full free ring costs an exit (one
+//! SLAB_EXCHANGE does both synchronously). Freed objects are never reused here: each goes back
+//! through the VMM, which checks it. Larger allocations are whole pages (ALLOC / FREE).
 //!
-//! Magazines are per vCPU: every use runs with preemption off (`sched::NoPreempt`), so a thread
-//! cannot move to another vCPU half-way, and no locking is needed.
+//! Rings are per vCPU: every use runs with preemption off (`sched::NoPreempt`), so a thread
+//! cannot move to another vCPU half-way, and the guest side of each ring has one user.
 
 use core::alloc::{GlobalAlloc, Layout};
 use core::ptr::{addr_of, addr_of_mut, null_mut, read_volatile, write_volatile};
+use core::sync::atomic::{Ordering, compiler_fence};
 
 use protocol::layout::cpu_area;
 use protocol::memcall::{op, policy};
-use protocol::slab::{CLASSES, MAGAZINES_OFFSET, Magazine, batch, class_for};
+use protocol::slab::{CLASSES, MAGAZINES_OFFSET, Magazine, RING, class_for, slot, target};
 use protocol::status;
 
 use crate::sched::NoPreempt;
@@ -60,102 +62,110 @@ pub fn count_exit() {
     *EXITS.get_mut() += 1;
 }
 
-/// Pops an object of `class` from this vCPU's alloc magazine (refilling it if empty), or null.
+/// Takes an object of `class` from this vCPU's alloc ring (after an exchange if it is empty),
+/// or null.
 pub fn alloc_small(class: usize) -> *mut u8 {
     let _g = NoPreempt::new();
     *ALLOCS.get_mut() += 1;
     let m = magazine(class);
-    // SAFETY: m points into this vCPU's mapped magazines, touched only by this vCPU (the VMM
-    // writes them only during this vCPU's exits); preemption is off.
+    // SAFETY: m points into this vCPU's mapped magazines; the guest side of its rings is used
+    // only by this vCPU, with preemption off. The VMM writes only `alloc_head` and the entries
+    // before it, and publishes the entries first.
     unsafe {
-        let mut n = read_volatile(addr_of!((*m).alloc_count)) as usize;
-        if n == 0 {
+        let tail = read_volatile(addr_of!((*m).alloc_tail));
+        if read_volatile(addr_of!((*m).alloc_head)) == tail {
             exchange(class);
-            n = read_volatile(addr_of!((*m).alloc_count)) as usize;
-            if n == 0 {
+            if read_volatile(addr_of!((*m).alloc_head)) == tail {
                 return null_mut();
             }
         }
-        n -= 1;
-        write_volatile(addr_of_mut!((*m).alloc_count), n as u32);
-        read_volatile(addr_of!((*m).alloc[n])) as *mut u8
+        compiler_fence(Ordering::Acquire);
+        let obj = read_volatile(addr_of!((*m).alloc[slot(tail)]));
+        compiler_fence(Ordering::Release);
+        write_volatile(addr_of_mut!((*m).alloc_tail), tail.wrapping_add(1));
+        obj as *mut u8
     }
 }
 
-/// Pushes `ptr` onto this vCPU's free magazine of `class` (the VMM checks it).
+/// Puts `ptr` in this vCPU's free ring of `class` (the VMM checks it).
 pub fn free_small(class: usize, ptr: u64) {
     let _g = NoPreempt::new();
     push_free(class, ptr);
 }
 
-fn magazine(class: usize) -> *mut Magazine {
+/// This vCPU's magazine of `class` (the caller keeps preemption off while it uses it).
+pub fn magazine(class: usize) -> *mut Magazine {
     ((cpu_area(arch::cpu_id()) + MAGAZINES_OFFSET) as *mut Magazine).wrapping_add(class)
 }
 
-/// One SLAB_EXCHANGE for `class`: drain the free magazine, refill the alloc magazine.
+/// One SLAB_EXCHANGE for `class`: drain the free ring, refill the alloc ring.
 fn exchange(class: usize) -> u64 {
     *EXITS.get_mut() += 1;
-    let want = batch(CLASSES[class]) as u64;
+    let want = target(CLASSES[class]) as u64;
     mem::alloc_call(mem::mk(op::SLAB_EXCHANGE, 0, [class as u64, want, 0, 0])).status
 }
 
-/// Drains every free magazine of this vCPU (so the VMM sees every free now); returns the bad
+/// Entries of this vCPU's free ring of `class` the VMM has not taken yet.
+fn pending_frees(m: *const Magazine) -> u32 {
+    // SAFETY: m points into this vCPU's mapped magazines.
+    unsafe { read_volatile(addr_of!((*m).free_head)).wrapping_sub(read_volatile(addr_of!((*m).free_tail))) }
+}
+
+/// Drains every free ring of this vCPU (so the VMM has seen every free now); returns the bad
 /// frees it reported.
 pub fn flush() -> u64 {
     let mut bad = 0;
     for c in 0..CLASSES.len() {
         let m = magazine(c);
-        // SAFETY: m points into this vCPU's mapped magazines, touched only by this vCPU.
-        if unsafe { read_volatile(addr_of!((*m).free_count)) } > 0 {
+        if pending_frees(m) > 0 {
             exchange(c);
         }
-        // SAFETY: as above.
+        // SAFETY: m points into this vCPU's mapped magazines.
         bad += u64::from(unsafe { read_volatile(addr_of!((*m).free_errors)) });
     }
     bad
 }
 
-/// Refills the alloc magazine of `class` to a full batch (and drains its free magazine).
+/// Refills the alloc ring of `class` to its target (and drains its free ring) now.
 pub fn top_up(class: usize) {
     exchange(class);
 }
 
-/// Pushes `ptr` onto the free magazine of `class` without any check here: the VMM checks it.
+/// Puts `ptr` in the free ring of `class` without any check here: the VMM checks it.
 pub fn push_free(class: usize, ptr: u64) {
     let m = magazine(class);
-    // SAFETY: m points into this vCPU's mapped magazines, touched only by this vCPU.
+    if pending_frees(m) as usize >= RING {
+        exchange(class);
+    }
+    // SAFETY: m points into this vCPU's mapped magazines; the guest side of the free ring is
+    // used only by this vCPU. The slot at `head` is free: the VMM has taken everything up to
+    // `free_tail`, and the ring holds fewer than RING entries.
     unsafe {
-        let n = read_volatile(addr_of!((*m).free_count)) as usize;
-        if n >= batch(CLASSES[class]) {
-            exchange(class);
-        }
-        let n = read_volatile(addr_of!((*m).free_count)) as usize;
-        write_volatile(addr_of_mut!((*m).free[n]), ptr);
-        write_volatile(addr_of_mut!((*m).free_count), n as u32 + 1);
+        let head = read_volatile(addr_of!((*m).free_head));
+        write_volatile(addr_of_mut!((*m).free[slot(head)]), ptr);
+        compiler_fence(Ordering::Release);
+        write_volatile(addr_of_mut!((*m).free_head), head.wrapping_add(1));
     }
 }
 
-/// The sum over vCPU `cpu`'s magazines of the `u32` field at `offset` in [`Magazine`].
-fn sum_magazines(cpu: u32, offset: usize) -> u64 {
+/// The sum over vCPU `cpu`'s magazines of `f(magazine)`.
+fn sum_magazines(cpu: u32, f: impl Fn(*const Magazine) -> u32) -> u64 {
     let base = (cpu_area(cpu) + MAGAZINES_OFFSET) as *const Magazine;
-    (0..CLASSES.len())
-        .map(|c| {
-            let field = base.wrapping_add(c).wrapping_byte_add(offset).cast::<u32>();
-            // SAFETY: every vCPU's CPU area is mapped readable for the guest; `offset` names a
-            // u32 field of the magazine (callers pass `offset_of!`).
-            u64::from(unsafe { read_volatile(field) })
-        })
-        .sum()
+    (0..CLASSES.len()).map(|c| u64::from(f(base.wrapping_add(c)))).sum()
 }
 
-/// Objects waiting in vCPU `cpu`'s alloc magazines (handed out by the VMM, not yet used).
+/// Objects waiting in vCPU `cpu`'s alloc rings (handed out by the VMM, not yet used).
 pub fn cached_objects(cpu: u32) -> u64 {
-    sum_magazines(cpu, core::mem::offset_of!(Magazine, alloc_count))
+    // SAFETY: every vCPU's CPU area is mapped readable for the guest.
+    sum_magazines(cpu, |m| unsafe {
+        read_volatile(addr_of!((*m).alloc_head)).wrapping_sub(read_volatile(addr_of!((*m).alloc_tail)))
+    })
 }
 
 /// Frees the VMM refused on vCPU `cpu` so far (its magazines' reports).
 pub fn bad_frees_of(cpu: u32) -> u64 {
-    sum_magazines(cpu, core::mem::offset_of!(Magazine, free_errors))
+    // SAFETY: as above.
+    sum_magazines(cpu, |m| unsafe { read_volatile(addr_of!((*m).free_errors)) })
 }
 
 /// The magazine's bad-free report: (count, last status, last pointer).

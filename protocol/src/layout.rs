@@ -5,9 +5,9 @@
 //! 0x0000_0000_0010_0000  BootInfo, read-only                      BOOT_INFO_VA
 //! 0x0000_0000_0010_1000  SharedPage, read-only, VMM-updated        SHARED_VA
 //! 0x0000_0000_0018_0000  GDT, IDT, TSSs: supervisor-only           SYSTEM_VA
-//! 0x0000_0000_0040_0000  per-vCPU areas, CPU_AREA_STRIDE each      CPU_AREA_VA
 //! 0x0000_0000_0200_0000  guest image (ELF segments)                IMAGE_VA_START..IMAGE_VA_END
 //! 0x0000_0000_4000_0000  per-vCPU stacks, STACK_STRIDE each        STACK_VA
+//! 0x0000_0000_8000_0000  per-vCPU areas, CPU_AREA_STRIDE each      CPU_AREA_VA
 //! 0x0000_0010_0000_0000  heap mapped with 4 KiB pages              HEAP_VA_START..HEAP_VA_END
 //! 0x0000_0400_0000_0000  heap mapped with 2 MiB pages              HUGE_HEAP_VA_START..HUGE_HEAP_VA_END
 //! 0x0000_0800_0000_0000  slabs, one per 64 KiB slot                SLAB_VA_START..SLAB_VA_END
@@ -26,13 +26,6 @@ pub const SHARED_VA: u64 = BOOT_INFO_VA + PAGE_SIZE;
 pub const SYSTEM_VA: u64 = 0x18_0000;
 /// Size of the system area.
 pub const SYSTEM_SIZE: u64 = 0x8_0000;
-/// Per-vCPU areas: vCPU `i`'s starts at `CPU_AREA_VA + i * CPU_AREA_STRIDE`.
-pub const CPU_AREA_VA: u64 = 0x40_0000;
-/// Distance between two vCPUs' areas.
-pub const CPU_AREA_STRIDE: u64 = 0x1_0000;
-/// Pages mapped in each vCPU area: the CpuPage, the memory-call request area (2 pages) and
-/// the slab magazines.
-pub const CPU_AREA_PAGES: u64 = 16;
 /// Lowest address a guest image segment may occupy.
 pub const IMAGE_VA_START: u64 = 0x200_0000;
 /// End of the image window.
@@ -47,6 +40,13 @@ pub const EXC_STACK_OFFSET: u64 = PAGE_SIZE;
 pub const EXC_STACK_SIZE: u64 = 4 * PAGE_SIZE;
 /// Size of the main stack. It ends at the top of the slot; the page below it is unmapped.
 pub const STACK_SIZE: u64 = 256 * 1024;
+/// Per-vCPU areas: vCPU `i`'s starts at `CPU_AREA_VA + i * CPU_AREA_STRIDE`.
+pub const CPU_AREA_VA: u64 = 0x8000_0000;
+/// Distance between two vCPUs' areas.
+pub const CPU_AREA_STRIDE: u64 = 0x4_0000;
+/// Pages mapped in each vCPU area: the CpuPage, the memory-call request area (2 pages) and
+/// the slab magazines (rings).
+pub const CPU_AREA_PAGES: u64 = 48;
 /// Heap for 4 KiB-page mappings.
 pub const HEAP_VA_START: u64 = 0x10_0000_0000;
 /// End of the 4 KiB-page heap.
@@ -82,11 +82,11 @@ pub const fn exc_stack_top(cpu: u32) -> u64 {
 }
 
 const _: () = assert!(SHARED_VA + PAGE_SIZE <= SYSTEM_VA);
-const _: () = assert!(SYSTEM_VA + SYSTEM_SIZE <= CPU_AREA_VA);
-const _: () = assert!(CPU_AREA_VA + super::MAX_VCPUS as u64 * CPU_AREA_STRIDE <= IMAGE_VA_START);
-const _: () = assert!(CPU_AREA_PAGES * PAGE_SIZE <= CPU_AREA_STRIDE);
+const _: () = assert!(SYSTEM_VA + SYSTEM_SIZE <= IMAGE_VA_START);
 const _: () = assert!(IMAGE_VA_END <= STACK_VA);
-const _: () = assert!(STACK_VA + super::MAX_VCPUS as u64 * STACK_STRIDE <= HEAP_VA_START);
+const _: () = assert!(STACK_VA + super::MAX_VCPUS as u64 * STACK_STRIDE <= CPU_AREA_VA);
+const _: () = assert!(CPU_AREA_PAGES * PAGE_SIZE <= CPU_AREA_STRIDE);
+const _: () = assert!(CPU_AREA_VA + super::MAX_VCPUS as u64 * CPU_AREA_STRIDE <= HEAP_VA_START);
 const _: () = assert!(EXC_STACK_OFFSET + EXC_STACK_SIZE + PAGE_SIZE + STACK_SIZE <= STACK_STRIDE);
 const _: () = assert!(HUGE_HEAP_VA_START.is_multiple_of(512 * HUGE_PAGE_SIZE));
 const _: () = assert!(SLAB_VA_END <= 1 << 47 && SLAB_VA_START.is_multiple_of(512 * HUGE_PAGE_SIZE));

@@ -57,10 +57,11 @@ pub mod op {
     pub const STATS: u32 = 7;
     /// `args = [address, 0, 0, 0]` -> `ret = [guest-physical address, node]` of the page.
     pub const TRANSLATE: u32 = 8;
-    /// `args = [class, want, 0, 0]`: drains the calling vCPU's free magazine of `class`
-    /// (every object validated; bad ones are skipped and reported in the magazine), then
-    /// refills its alloc magazine up to `want` objects (at most
-    /// [`super::super::slab::batch`]) -> `ret = [objects in the alloc magazine, bad frees]`.
+    /// `args = [class, want, 0, 0]`: drains the calling vCPU's free ring of `class` (every
+    /// object validated; bad ones are skipped and reported in the magazine), then refills its
+    /// alloc ring up to `want` objects (at most [`super::super::slab::target`]) -> `ret =
+    /// [objects in the alloc ring, bad frees]`. The synchronous path of the rings, which a
+    /// VMM thread otherwise services without an exit (`protocol::slab`).
     pub const SLAB_EXCHANGE: u32 = 9;
     /// `args = [object, 0, 0, 0]`: frees one slab object now (EFAULT: not an object,
     /// EALREADY: already free).

@@ -1,12 +1,24 @@
 //! Small objects: size classes and the per-vCPU magazines through which the guest gets and
-//! returns slab objects without an exit per object.
+//! returns slab objects without an exit per object, and in the steady state without any exit.
 //!
-//! Each vCPU has, per class, an *alloc* magazine of ready objects (the guest pops from it) and a
-//! *free* magazine (the guest pushes freed objects onto it). When the alloc magazine is empty or
-//! the free magazine full, one SLAB_EXCHANGE call drains and refills it. The guest never reuses
-//! a freed object itself: every object goes back through the VMM, which checks it belongs to a
-//! live slab, sits on an object boundary and is not already free, before it can be handed out
-//! again. Bad frees change nothing and are counted in the magazine.
+//! Each vCPU has, per class, two single-producer single-consumer rings in its CPU area: an
+//! *alloc* ring of ready objects (the VMM produces, the guest consumes) and a *free* ring (the
+//! guest produces freed objects, the VMM consumes). Indices run freely (wrapping `u32`); entry
+//! `i` lives at `i % RING`. Each side writes only its own index and the entries it owns, and
+//! publishes entries before the index that covers them.
+//!
+//! A VMM thread services the rings while the guest runs: it refills an alloc ring that falls
+//! below half its [`target`] and drains a free ring that holds [`DRAIN_AT`] entries, with no
+//! exit. When an alloc ring is empty or a free ring full anyway (the service thread sleeps
+//! after an idle period, or did not keep up), the guest sends SLAB_EXCHANGE, which does both
+//! synchronously and wakes the service. The guest never reuses a freed object itself: every
+//! object goes back through the VMM, which checks it belongs to a live slab, sits on an object
+//! boundary and is not already free, before it can be handed out again. Bad frees change
+//! nothing and are counted in the magazine.
+//!
+//! The VMM keeps its own copy of the indices it owns and checks the guest's against them: a
+//! guest index that claims more than a ring holds is refused (counted in `ring_errors`), so a
+//! guest that writes garbage into its magazines can only lose its own objects.
 
 use super::PAGE_SIZE;
 
@@ -18,38 +30,59 @@ pub const CLASSES: [u32; 22] = [
 pub const NR_CLASSES: usize = CLASSES.len();
 /// Largest slab object; larger allocations are whole pages (ALLOC).
 pub const MAX_OBJECT: u32 = 32768;
-/// Entries per magazine.
-pub const MAG: usize = 128;
+/// Entries per ring (a power of two).
+pub const RING: usize = 512;
+/// A free ring holding this many entries is drained by the service thread.
+pub const DRAIN_AT: u32 = 64;
 /// Offset of the magazines (`[Magazine; NR_CLASSES]`) within the vCPU's CPU area.
 pub const MAGAZINES_OFFSET: u64 = 3 * PAGE_SIZE;
 
-/// One class's magazines on one vCPU.
+/// One class's rings on one vCPU.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct Magazine {
-    /// Objects in `alloc` (the guest pops from the end; the VMM refills).
-    pub alloc_count: u32,
-    /// Objects in `free` (the guest pushes; the VMM drains).
-    pub free_count: u32,
-    /// Bad frees found in this magazine so far (VMM).
+    /// Guest: objects taken from `alloc` (its consumer index).
+    pub alloc_tail: u32,
+    /// Guest: objects put in `free` (its producer index).
+    pub free_head: u32,
+    _guest: [u32; 14],
+    /// VMM: objects put in `alloc` (its producer index).
+    pub alloc_head: u32,
+    /// VMM: objects taken from `free` (its consumer index).
+    pub free_tail: u32,
+    /// VMM: bad frees found in this magazine so far.
     pub free_errors: u32,
-    /// Status of the last bad free (VMM).
+    /// VMM: status of the last bad free.
     pub last_status: u32,
-    /// The last bad pointer (VMM).
+    /// VMM: the last bad pointer.
     pub last_bad: u64,
-    pub alloc: [u64; MAG],
-    pub free: [u64; MAG],
+    _vmm: [u64; 5],
+    pub alloc: [u64; RING],
+    pub free: [u64; RING],
 }
 
-/// Offset of `alloc` in a [`Magazine`].
+/// Offsets of the fields in a [`Magazine`].
+pub const MAG_ALLOC_TAIL: u64 = core::mem::offset_of!(Magazine, alloc_tail) as u64;
+pub const MAG_FREE_HEAD: u64 = core::mem::offset_of!(Magazine, free_head) as u64;
+pub const MAG_ALLOC_HEAD: u64 = core::mem::offset_of!(Magazine, alloc_head) as u64;
+pub const MAG_FREE_TAIL: u64 = core::mem::offset_of!(Magazine, free_tail) as u64;
+pub const MAG_FREE_ERRORS: u64 = core::mem::offset_of!(Magazine, free_errors) as u64;
+pub const MAG_LAST_STATUS: u64 = core::mem::offset_of!(Magazine, last_status) as u64;
+pub const MAG_LAST_BAD: u64 = core::mem::offset_of!(Magazine, last_bad) as u64;
 pub const MAG_ALLOC: u64 = core::mem::offset_of!(Magazine, alloc) as u64;
-/// Offset of `free` in a [`Magazine`].
 pub const MAG_FREE: u64 = core::mem::offset_of!(Magazine, free) as u64;
-const _: () = assert!(core::mem::size_of::<Magazine>() == 24 + 16 * MAG);
+const _: () = assert!(MAG_ALLOC_HEAD == 64 && MAG_ALLOC == 128);
+const _: () = assert!(core::mem::size_of::<Magazine>() == 128 + 16 * RING);
+const _: () = assert!(RING.is_power_of_two());
 const _: () = assert!(
     MAGAZINES_OFFSET + (NR_CLASSES * core::mem::size_of::<Magazine>()) as u64
         <= super::layout::CPU_AREA_PAGES * PAGE_SIZE
 );
+
+/// The slot of free-running index `i` in a ring.
+pub const fn slot(i: u32) -> usize {
+    i as usize & (RING - 1)
+}
 
 /// Class of each size in 8-byte steps (for alignments up to 8): `CLASS_OF[size.div_ceil(8)]`.
 const CLASS_OF: [u8; MAX_OBJECT as usize / 8 + 1] = {
@@ -118,14 +151,14 @@ const _: () = {
     }
 };
 
-/// How many objects one exchange moves for a class of `size` bytes: about 32 KiB worth,
-/// between 16 and [`MAG`] (so even 4 KiB objects make 32 operations per exit).
-pub const fn batch(size: u32) -> usize {
-    let n = 32768 / size as usize;
+/// How many objects the VMM keeps in an alloc ring of a class of `size` bytes: about 128 KiB
+/// worth, between 16 and [`RING`]. The service thread refills a ring that falls to half of it.
+pub const fn target(size: u32) -> usize {
+    let n = 131_072 / size as usize;
     if n < 16 {
         16
-    } else if n > MAG {
-        MAG
+    } else if n > RING {
+        RING
     } else {
         n
     }

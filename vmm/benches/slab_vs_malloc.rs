@@ -13,7 +13,7 @@
 use std::hint::black_box;
 use std::time::Instant;
 
-use protocol::slab::{CLASSES, NR_CLASSES, batch, class_for};
+use protocol::slab::{CLASSES, NR_CLASSES, class_for, target};
 use vmm::memory::MemoryManager;
 use vmm::memory::addr::NodeId;
 
@@ -54,7 +54,7 @@ fn run_slab(steps: &[(usize, usize)], slots: usize) -> f64 {
     let mut live: Vec<Option<(u64, usize)>> = vec![None; slots];
     let exchange = |mm: &mut MemoryManager, mags: &mut Magazines, c: usize| {
         let frees = std::mem::take(&mut mags.free[c]);
-        let want = batch(CLASSES[c]).saturating_sub(mags.alloc[c].len());
+        let want = target(CLASSES[c]).saturating_sub(mags.alloc[c].len());
         let (out, bad) = mm.slab_exchange(0, NodeId(0), c, &frees, want).expect("exchange");
         assert!(bad.is_empty());
         mags.alloc[c].extend(out);
@@ -63,7 +63,7 @@ fn run_slab(steps: &[(usize, usize)], slots: usize) -> f64 {
     let t = Instant::now();
     for &(slot, size) in steps {
         if let Some((p, c)) = live[slot].take() {
-            if mags.free[c].len() == batch(CLASSES[c]) {
+            if mags.free[c].len() == target(CLASSES[c]) {
                 exchange(&mut mm, &mut mags, c);
             }
             mags.free[c].push(p);

@@ -28,6 +28,7 @@ pub fn stats(shared: &VmShared, exit: Option<ExitInfo>) -> Stats {
         notify: shared.notifier.report(),
         swapper: shared.swapper.as_ref().map(|s| s.report()),
         ticks: shared.ticks.report(),
+        rings: shared.rings.report(),
         results: shared.results(),
     })
 }

@@ -11,13 +11,16 @@ use vm_memory::{Bytes, GuestAddress};
 
 use protocol::layout::{CPU_AREA_PAGES, cpu_area};
 use protocol::memcall::{AREA_OFFSET, MAX_BATCH, op};
-use protocol::slab::{MAG, MAG_ALLOC, MAG_FREE, MAGAZINES_OFFSET, Magazine, NR_CLASSES};
+use protocol::slab::{
+    MAG_ALLOC, MAG_ALLOC_HEAD, MAG_ALLOC_TAIL, MAG_FREE, MAG_FREE_HEAD, MAGAZINES_OFFSET, Magazine, NR_CLASSES, slot,
+};
 
 use crate::boot::CpuBoot;
 use crate::console::{KEEP_PER_SCENARIO, LineBuffer, MAX_LINE, MAX_SCENARIOS, ResultLog, parse_result};
 use crate::memcall::{MemCallCounters, MemCallCtx, doorbell, lazy_fault};
 use crate::memory::addr::NodeId;
 use crate::memory::standalone;
+use crate::rings::Rings;
 
 /// Reads the input front to back; zeroes once it runs out.
 struct Input<'a>(&'a [u8]);
@@ -75,7 +78,8 @@ pub fn memcalls(data: &[u8]) {
     let cpu = CpuBoot { id, node: id, cpu_page_gpa: area.gpa(), cpu_page_va: cpu_area(id), tss_va: 0, stack_top: 0 };
     let mm = Mutex::new(mm);
     let counters = MemCallCounters::default();
-    let ctx = MemCallCtx { mm: &mm, ram: &ram, counters: &counters };
+    let rings = Rings::new([(id, id, area.gpa().0)], false);
+    let ctx = MemCallCtx { mm: &mm, ram: &ram, counters: &counters, rings: &rings };
     let mem = ram.mem();
     let calls = area.gpa().0 + AREA_OFFSET;
     let mut handed: Vec<u64> = Vec::new();
@@ -112,29 +116,37 @@ pub fn memcalls(data: &[u8]) {
                     }
                 }
             }
-            // A slab exchange with a magazine the fuzzer wrote.
+            // A slab exchange, or a service pass, over rings whose indices and free entries
+            // the fuzzer wrote.
             2 => {
                 let class = usize::from(input.u8()) % NR_CLASSES;
                 let mag = area.gpa().0 + MAGAZINES_OFFSET + (class * size_of::<Magazine>()) as u64;
-                let (alloc_count, free_count) = (input.u32(), input.u32());
-                mem.write_obj(alloc_count, GuestAddress(mag)).expect("magazine");
-                mem.write_obj(free_count, GuestAddress(mag + 4)).expect("magazine");
-                for i in 0..(free_count as usize).min(MAG).min(16) {
+                let at = |off: u64| GuestAddress(mag + off);
+                let (alloc_tail, free_head) = (input.u32(), input.u32());
+                mem.write_obj(alloc_tail, at(MAG_ALLOC_TAIL)).expect("magazine");
+                mem.write_obj(free_head, at(MAG_FREE_HEAD)).expect("magazine");
+                for i in 0..u32::from(input.u8() % 17) {
                     let v = resolve(input.u64(), &handed);
-                    mem.write_obj(v, GuestAddress(mag + MAG_FREE + i as u64 * 8)).expect("magazine");
+                    let s = slot(free_head.wrapping_sub(1 + i)) as u64;
+                    mem.write_obj(v, at(MAG_FREE + s * 8)).expect("magazine");
                 }
-                let class_arg = if kind & 0x40 != 0 { u64::from(input.u8()) } else { class as u64 };
-                let want = u64::from(input.u8());
-                let mut c = [0u8; 64];
-                c[..4].copy_from_slice(&op::SLAB_EXCHANGE.to_le_bytes());
-                c[8..16].copy_from_slice(&class_arg.to_le_bytes());
-                c[16..24].copy_from_slice(&want.to_le_bytes());
-                mem.write_slice(&c, GuestAddress(calls)).expect("the request area");
-                doorbell(ctx, &cpu, 1).expect("guest input never causes a host failure");
-                let count: u32 = mem.read_obj(GuestAddress(mag)).expect("magazine");
-                for i in 0..(count as usize).min(MAG) {
-                    let obj: u64 = mem.read_obj(GuestAddress(mag + MAG_ALLOC + i as u64 * 8)).expect("magazine");
-                    if handed.len() < 4096 {
+                if kind & 0x80 != 0 {
+                    rings.pass(&mm, mem, kind & 0x40 != 0).expect("guest input never causes a host failure");
+                } else {
+                    let class_arg = if kind & 0x40 != 0 { u64::from(input.u8()) } else { class as u64 };
+                    let want = u64::from(input.u32() % 1024);
+                    let mut c = [0u8; 64];
+                    c[..4].copy_from_slice(&op::SLAB_EXCHANGE.to_le_bytes());
+                    c[8..16].copy_from_slice(&class_arg.to_le_bytes());
+                    c[16..24].copy_from_slice(&want.to_le_bytes());
+                    mem.write_slice(&c, GuestAddress(calls)).expect("the request area");
+                    doorbell(ctx, &cpu, 1).expect("guest input never causes a host failure");
+                }
+                let head: u32 = mem.read_obj(at(MAG_ALLOC_HEAD)).expect("magazine");
+                for i in 1..=16 {
+                    let s = slot(head.wrapping_sub(i)) as u64;
+                    let obj: u64 = mem.read_obj(at(MAG_ALLOC + s * 8)).expect("magazine");
+                    if obj != 0 && handed.len() < 4096 {
                         handed.push(obj);
                     }
                 }

@@ -17,6 +17,7 @@ pub mod memcall;
 pub mod memory;
 pub mod metrics;
 pub mod notify;
+pub mod rings;
 pub mod seccomp;
 pub mod shared;
 pub mod signals;

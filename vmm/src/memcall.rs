@@ -8,7 +8,7 @@ use std::time::Instant;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryError};
 
 use protocol::memcall::{ALL_NODES, AREA_OFFSET, MAX_BATCH, MemCall, op, policy};
-use protocol::slab::{self, CLASSES, MAG, MAG_ALLOC, MAG_FREE, MAGAZINES_OFFSET, Magazine, NR_CLASSES};
+use protocol::slab::{NR_CLASSES, RING};
 use protocol::{CPU_PAGE_ARGS, CPU_PAGE_FAULT_STATUS, CPU_PAGE_MEMCALL_DONE, CPU_PAGE_TRAP_CR2, MemStats, status};
 
 use crate::boot::CpuBoot;
@@ -17,6 +17,7 @@ use crate::memory::backing::ram::GuestRam;
 use crate::memory::frames::policy::Policy;
 use crate::memory::{MemoryError, MemoryManager};
 use crate::metrics::{Counter, Histogram, LatencySummary};
+use crate::rings::{self, RingError, Rings};
 use crate::sync::lock;
 use crate::wire::Wire;
 
@@ -39,6 +40,8 @@ pub enum MemCallError {
     },
     #[error(transparent)]
     Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Rings(#[from] RingError),
 }
 
 /// Why one call failed: a status for the guest, or a host failure.
@@ -166,6 +169,7 @@ pub struct MemCallCtx<'a> {
     pub mm: &'a Mutex<MemoryManager>,
     pub ram: &'a GuestRam,
     pub counters: &'a MemCallCounters,
+    pub rings: &'a Rings,
 }
 
 /// Serves `out MEMCALL, n | first << 16` from vCPU `cpu`.
@@ -315,8 +319,7 @@ fn dispatch(
     }
 }
 
-/// SLAB_EXCHANGE: drain the vCPU's free magazine of `class`, refill its alloc magazine up to
-/// `want`. Every field read from the magazine is clamped; every pointer in it is validated.
+/// SLAB_EXCHANGE: drain the vCPU's free ring of `class`, refill its alloc ring up to `want`.
 fn slab_exchange(
     mm: &mut MemoryManager,
     ctx: MemCallCtx<'_>,
@@ -325,46 +328,17 @@ fn slab_exchange(
     want: u64,
 ) -> Result<[u64; 2], Refusal> {
     let class = usize::try_from(class).ok().filter(|&c| c < NR_CLASSES).ok_or_else(invalid)?;
-    let want = usize::try_from(want).ok().filter(|&w| w <= MAG).ok_or_else(invalid)?;
-    let mem = ctx.ram.mem();
-    let mag = cpu.cpu_page_gpa.0 + MAGAZINES_OFFSET + (class * size_of::<Magazine>()) as u64;
-    let read_u32 = |off: u64| -> Result<u32, MemCallError> {
-        mem.read_obj(GuestAddress(mag + off)).map_err(|source| MemCallError::Read { gpa: mag + off, len: 4, source })
-    };
-    let alloc_count = (read_u32(0)? as usize).min(MAG);
-    let free_count = (read_u32(4)? as usize).min(MAG);
-    let mut frees = vec![0u64; free_count];
-    for (i, f) in frees.iter_mut().enumerate() {
-        let at = mag + MAG_FREE + i as u64 * 8;
-        *f = mem.read_obj(GuestAddress(at)).map_err(|source| MemCallError::Read { gpa: at, len: 8, source })?;
+    let want = usize::try_from(want).ok().filter(|&w| w <= RING).ok_or_else(invalid)?;
+    let r = ctx.rings.exchange_sync(mm, ctx.ram.mem(), cpu.id, class, want).map_err(|e| match e {
+        RingError::Memory(e) => Refusal::from(e),
+        e @ RingError::Access { .. } => Refusal::Host(e.into()),
+    })?;
+    ctx.counters.slab_objects_out.add(r.out as u64);
+    ctx.counters.slab_objects_in.add(r.freed as u64);
+    match rings::status_of(&r, want) {
+        status::OK => Ok([u64::from(r.level), r.bad as u64]),
+        st => Err(Refusal::Status(st)),
     }
-    let limit = want.min(slab::batch(CLASSES[class]));
-    let need = limit.saturating_sub(alloc_count);
-    let (out, bad) = mm.slab_exchange(cpu.id, NodeId(cpu.node), class, &frees, need)?;
-    let write = |off: u64, bytes: &[u8]| {
-        mem.write_slice(bytes, GuestAddress(mag + off)).map_err(|source| MemCallError::Write {
-            gpa: mag + off,
-            len: bytes.len(),
-            source,
-        })
-    };
-    let objs: Vec<u8> = out.iter().flat_map(|v| v.to_le_bytes()).collect();
-    write(MAG_ALLOC + alloc_count as u64 * 8, &objs)?;
-    let new_count = u32::try_from(alloc_count + out.len()).expect("at most MAG");
-    write(0, &new_count.to_le_bytes())?;
-    write(4, &0u32.to_le_bytes())?;
-    if let Some(&(ptr, st)) = bad.last() {
-        let errors = read_u32(8)?.saturating_add(u32::try_from(bad.len()).expect("at most MAG"));
-        write(8, &errors.to_le_bytes())?;
-        write(12, &u32::try_from(st).expect("small status").to_le_bytes())?;
-        write(16, &ptr.to_le_bytes())?;
-    }
-    ctx.counters.slab_objects_out.add(out.len() as u64);
-    ctx.counters.slab_objects_in.add((frees.len() - bad.len()) as u64);
-    if need > 0 && out.is_empty() {
-        return Err(Refusal::Status(status::ENOMEM));
-    }
-    Ok([u64::from(new_count), bad.len() as u64])
 }
 
 /// Checks that a reserved argument is zero.

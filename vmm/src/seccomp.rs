@@ -61,10 +61,12 @@ pub enum ThreadKind {
     Swapper = 6,
     /// The ticker (timer ticks for guests that schedule threads).
     Ticker = 7,
+    /// The slab rings' service thread.
+    Rings = 8,
 }
 
 impl ThreadKind {
-    const ALL: [ThreadKind; 7] = [
+    const ALL: [ThreadKind; 8] = [
         ThreadKind::Main,
         ThreadKind::Vcpu,
         ThreadKind::Fault,
@@ -72,6 +74,7 @@ impl ThreadKind {
         ThreadKind::Api,
         ThreadKind::Swapper,
         ThreadKind::Ticker,
+        ThreadKind::Rings,
     ];
 
     /// The name used in messages.
@@ -84,6 +87,7 @@ impl ThreadKind {
             ThreadKind::Api => "API",
             ThreadKind::Swapper => "swapper",
             ThreadKind::Ticker => "ticker",
+            ThreadKind::Rings => "slab rings",
         }
     }
 
@@ -182,6 +186,13 @@ fn allowed(kind: ThreadKind) -> (Vec<libc::c_long>, Vec<u64>) {
             calls.extend([libc::SYS_tgkill, libc::SYS_rt_sigaction, libc::SYS_unlink, libc::SYS_unlinkat]);
             Vec::new()
         }
+        // What a memory call does to slabs: memslots as frames come into use, userfaultfd as
+        // it backs or invalidates them.
+        ThreadKind::Rings => {
+            let mut v = vec![KVM_SET_USER_MEMORY_REGION()];
+            v.extend(uffd_ioctls());
+            v
+        }
         // Kicks of vCPUs whose ticks are due.
         ThreadKind::Ticker => {
             calls.push(libc::SYS_tgkill);
@@ -256,7 +267,7 @@ pub fn apply(kind: ThreadKind) -> Result<(), SeccompError> {
     Ok(())
 }
 
-/// `VMM_SECCOMP_SELFTEST=<kind>` (`main`, `vcpu`, `fault`, `signals`, `api`, `swapper`, `ticker`): that kind of thread makes
+/// `VMM_SECCOMP_SELFTEST=<kind>` (`main`, `vcpu`, `fault`, `signals`, `api`, `swapper`, `ticker`, `rings`): that kind of thread makes
 /// a forbidden system call right after installing its filter. For the tests.
 fn self_test(kind: ThreadKind) {
     let wanted = std::env::var("VMM_SECCOMP_SELFTEST").ok();
@@ -268,6 +279,7 @@ fn self_test(kind: ThreadKind) {
         ThreadKind::Api => "api",
         ThreadKind::Swapper => "swapper",
         ThreadKind::Ticker => "ticker",
+        ThreadKind::Rings => "rings",
     };
     if wanted.as_deref() == Some(name) {
         // SAFETY: socket(2) with constant arguments; it is meant to be refused.

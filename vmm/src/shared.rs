@@ -16,6 +16,7 @@ use crate::memory::MemoryManager;
 use crate::memory::backing::ram::GuestRam;
 use crate::metrics::{Counter, Timing};
 use crate::notify::Notifier;
+use crate::rings::Rings;
 use crate::swapper::{MemoryLock, Swapper};
 use crate::sync::lock;
 use crate::ticks::Ticks;
@@ -75,6 +76,8 @@ pub struct VmShared {
     pub swapper: Option<Arc<Swapper>>,
     /// Timer ticks and sleeping vCPUs, for guests that schedule threads.
     pub ticks: Ticks,
+    /// The vCPUs' slab rings and their service thread's wake-up.
+    pub rings: Rings,
     pub nr_vcpus: u32,
     /// Set when the VM is being stopped: vCPUs leave their run loop at their next exit.
     stop: AtomicBool,
@@ -95,6 +98,7 @@ impl VmShared {
         idt_gpa: GuestAddress,
         notifier: Notifier,
         swapper: Option<Arc<Swapper>>,
+        rings: Rings,
         nr_vcpus: u32,
     ) -> Self {
         VmShared {
@@ -111,6 +115,7 @@ impl VmShared {
             notifier,
             swapper,
             ticks: Ticks::new(nr_vcpus),
+            rings,
             nr_vcpus,
             stop: AtomicBool::new(false),
             results: Mutex::new(ResultLog::default()),

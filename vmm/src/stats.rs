@@ -40,6 +40,8 @@ pub struct Stats {
     /// Second-level (userfaultfd) faults; `null` with `backing=demand`.
     pub faults: Option<FaultReport>,
     pub memcalls: MemCallReport,
+    /// The slab rings: objects moved by the service thread (no exit) and by SLAB_EXCHANGE.
+    pub rings: crate::rings::RingReport,
     pub slab: SlabSnapshot,
     pub balloon: BalloonSnapshot,
     /// Notifications to the guest (the shared page changed).
@@ -163,6 +165,7 @@ pub struct Sources<'a> {
     /// "ok" or the first broken invariant, when they were checked.
     pub invariants: Option<String>,
     pub memcalls: MemCallReport,
+    pub rings: crate::rings::RingReport,
     pub notify: NotifyReport,
     pub swapper: Option<SwapperReport>,
     pub ticks: crate::ticks::TickReport,
@@ -236,6 +239,7 @@ pub fn assemble(src: Sources<'_>) -> Stats {
         exits: src.exits,
         faults: m.backing.faults,
         memcalls: src.memcalls,
+        rings: src.rings,
         slab: m.slab,
         balloon: m.balloon,
         notify: src.notify,
@@ -256,13 +260,15 @@ pub fn summary(s: &Stats) -> String {
     let slabs: u64 = s.slab.classes.iter().map(|c| c.slabs).sum();
     let faults = s.faults.as_ref().map_or(0, |f| f.zero_fill);
     format!(
-        "vmm: peak RSS {} MiB; {} exits ({} memory calls in {} doorbells, {} slab objects moved); {} second-level faults\n\
+        "vmm: peak RSS {} MiB; {} exits ({} memory calls in {} doorbells; {} slab objects moved, {} without an exit); {} second-level faults\n\
          vmm: slabs: {} objects active in {} slabs ({} KiB); buddy: {} of {} MiB free; page tables: {} pages",
         s.host.vm_hwm_kib / 1024,
         s.exits.total,
         s.memcalls.calls,
         s.memcalls.doorbells,
-        s.memcalls.slab_objects_out + s.memcalls.slab_objects_in,
+        s.rings.objects_out + s.rings.objects_in,
+        (s.rings.objects_out + s.rings.objects_in)
+            .saturating_sub(s.memcalls.slab_objects_out + s.memcalls.slab_objects_in),
         faults,
         s.slab.active_objects,
         slabs,

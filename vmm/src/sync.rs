@@ -20,6 +20,16 @@ pub const URGENT_NICE: i32 = -10;
 
 /// Gives the calling thread nice value `nice`, if the process may (root, or CAP_SYS_NICE);
 /// otherwise it keeps its own.
+/// Makes this thread's sleeps end within `ns` nanoseconds of when they are due (the default
+/// slack is 50 us, longer than the short sleeps of a polling thread).
+pub fn set_timer_slack(ns: u64) {
+    // SAFETY: PR_SET_TIMERSLACK changes only this thread's timer slack.
+    let rc = unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, ns as libc::c_ulong, 0, 0, 0) };
+    if rc != 0 {
+        log::debug!("cannot set a thread's timer slack: {}", std::io::Error::last_os_error());
+    }
+}
+
 pub fn set_thread_nice(nice: i32) {
     // SAFETY: gettid has no preconditions.
     let tid = unsafe { libc::gettid() };

@@ -185,7 +185,12 @@ impl Vcpu {
     }
 
     fn memcalls(&self) -> MemCallCtx<'_> {
-        MemCallCtx { mm: &self.shared.mm, ram: &self.shared.ram, counters: &self.shared.memcalls }
+        MemCallCtx {
+            mm: &self.shared.mm,
+            ram: &self.shared.ram,
+            counters: &self.shared.memcalls,
+            rings: &self.shared.rings,
+        }
     }
 
     fn run_loop(&mut self) -> VcpuEnd {

@@ -28,6 +28,7 @@ use crate::memory::backing::uffd::UffdError;
 use crate::memory::{MemoryError, MemoryManager};
 use crate::metrics::Timing;
 use crate::notify::Notifier;
+use crate::rings::Rings;
 use crate::seccomp::{self, SeccompError, ThreadKind};
 use crate::shared::VmShared;
 use crate::signals::Request;
@@ -301,6 +302,7 @@ impl Vm {
             boot.idt_gpa,
             notifier,
             swapper,
+            Rings::new(boot.cpus.iter().map(|c| (c.id, c.node, c.cpu_page_gpa.0)), cfg.rings),
             cfg.cpus,
         ));
         let mut vcpus = Vec::with_capacity(fds.len());
@@ -362,6 +364,29 @@ impl Vm {
                 })
                 .map_err(VmError::Thread)?;
             self.threads.push(t);
+        }
+        if self.shared.rings.has_service() {
+            // The slab rings' service: refills and drains them while the vCPUs run.
+            let shared = Arc::clone(&self.shared);
+            let init: ThreadInit = Arc::new(|| {
+                crate::sync::set_timer_slack(1000);
+                Ok(seccomp::apply(ThreadKind::Rings)?)
+            });
+            let events = self.sender.clone();
+            std::thread::Builder::new()
+                .name("rings".into())
+                .spawn(move || {
+                    let res = init().map_err(|e| e.to_string()).and_then(|()| {
+                        shared
+                            .rings
+                            .run_service(&shared.mm, shared.ram.mem(), || shared.stopping())
+                            .map_err(|e| crate::error_chain(&e))
+                    });
+                    if let Err(e) = res {
+                        events.send(VmEvent::ThreadFailed("slab rings", e));
+                    }
+                })
+                .map_err(VmError::Thread)?;
         }
         let pthreads: Vec<libc::pthread_t> = self.threads.iter().map(|t| t.as_pthread_t() as libc::pthread_t).collect();
         self.shared.notifier.set_threads(pthreads.clone());

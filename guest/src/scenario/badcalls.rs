@@ -1,5 +1,6 @@
 //! `scenario=badcalls`: every kind of invalid memory call gets its error code back, changes
-//! nothing, and the VMM keeps serving good calls.
+//! nothing, and the VMM keeps serving good calls. So do garbage ring indices and bad frees put
+//! in the slab rings.
 
 use protocol::exit;
 use protocol::memcall::{ALL_NODES, MAX_BATCH, flags, op, policy, prot};
@@ -9,7 +10,7 @@ use protocol::status::{EALREADY, EFAULT, EINVAL, ENOMEM, ENOSYS, OK};
 use super::{Ctx, fail};
 use crate::mem::{self, Batch, mk};
 use crate::trap::{self, pf};
-use crate::{arch, println};
+use crate::{arch, heap, println};
 
 /// W^X done right: write code into writable memory, make it read+exec, run it; writing it then
 /// faults. Returns the number of failed checks.
@@ -90,10 +91,90 @@ fn bad_scheduler_calls() -> u32 {
     failures
 }
 
+/// Garbage in the slab rings of one class: indices claiming more than a ring holds get EFAULT
+/// from SLAB_EXCHANGE and are skipped by the service thread meanwhile; wild pointers in the free
+/// ring are found and counted by whichever side drains it (the service thread, without an exit,
+/// when it runs). Afterwards the class works as before. Returns the number of failed checks.
+fn bad_rings(service: bool) -> u32 {
+    use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
+    let class = protocol::slab::NR_CLASSES - 1;
+    let _g = crate::sched::NoPreempt::new();
+    let mut failures = 0;
+    let mut check = |ok: bool, what: &str| {
+        if !ok {
+            println!("guest: badcalls: rings: {what}");
+            failures += 1;
+        }
+    };
+    heap::top_up(class);
+    let m = heap::magazine(class);
+    let exchange = || mem::call(mk(op::SLAB_EXCHANGE, 0, [class as u64, 1, 0, 0])).status;
+    let rd = |p: *const u32| {
+        // SAFETY: p points into this vCPU's mapped magazine.
+        unsafe { read_volatile(p) }
+    };
+    let wr = |p: *mut u32, v: u32| {
+        // SAFETY: as above; the guest's own fields, which only this vCPU uses.
+        unsafe { write_volatile(p, v) }
+    };
+    // SAFETY (the field addresses below): m points into this vCPU's mapped magazines.
+    let (tail_p, head_p) = unsafe { (addr_of_mut!((*m).alloc_tail), addr_of_mut!((*m).free_head)) };
+    let (vmm_head, vmm_tail) = unsafe { (addr_of!((*m).alloc_head), addr_of!((*m).free_tail)) };
+    let (tail, head) = (rd(tail_p), rd(head_p));
+    let wait = |ms: u64| {
+        let t0 = arch::rdtsc();
+        let khz = crate::bootinfo::get().map_or(1_000_000, |bi| bi.tsc_khz);
+        while arch::rdtsc() - t0 < ms * khz {
+            arch::pause();
+        }
+    };
+    // Consumed more than there was; holding more than a ring's worth of frees.
+    wr(tail_p, rd(vmm_head).wrapping_add(1));
+    check(exchange() == EFAULT, "an alloc index past the ring's end was accepted");
+    wr(tail_p, rd(vmm_head).wrapping_sub(protocol::slab::RING as u32 + 1));
+    check(exchange() == EFAULT, "an alloc index a ring behind was accepted");
+    wr(tail_p, tail);
+    wr(head_p, rd(vmm_tail).wrapping_add(protocol::slab::RING as u32 + 7));
+    check(exchange() == EFAULT, "a free index beyond the ring was accepted");
+    // The service thread meets the same garbage for a while.
+    wait(30);
+    wr(head_p, head);
+    check(exchange() == OK, "the ring does not work after its indices were restored");
+    // Wild pointers in the free ring: counted, nothing else.
+    let (n0, _, _) = heap::bad_frees(class);
+    let (page, _) = mem::alloc(4096, policy::LOCAL, 0, 0).expect("a page");
+    let wild = [0xdead_0000, 1 << 63, 8, page, page + 32768];
+    for w in wild {
+        heap::push_free(class, w);
+    }
+    if service {
+        // Drained without an exit.
+        for _ in 0..200 {
+            if rd(vmm_tail) == rd(head_p) {
+                break;
+            }
+            wait(5);
+        }
+        check(rd(vmm_tail) == rd(head_p), "the service thread did not drain the free ring");
+    }
+    heap::flush();
+    let (n1, st, bad) = heap::bad_frees(class);
+    check(n1 == n0 + wild.len() as u32, "wild frees in the ring were not all counted");
+    check(u64::from(st) == EFAULT && bad == page + 32768, "the last bad free was misreported");
+    check(mem::free(page).is_ok(), "the page was disturbed by frees of it in the ring");
+    let obj = heap::alloc_small(class);
+    check(!obj.is_null(), "no object of the class after the garbage");
+    heap::free_small(class, obj as u64);
+    failures
+}
+
 pub fn run(ctx: &Ctx) {
     if ctx.cpu != 0 {
         return;
     }
+    // First, so that the slab it uses is there before and after the frame count below.
+    let mut failures = bad_rings(ctx.args.num("service", 1).unwrap_or(1) != 0);
+    heap::flush();
     let before = mem::stats(ALL_NODES).unwrap_or_default();
     let (good, _) = mem::alloc(3 * 4096, policy::LOCAL, 0, 0).expect("a good allocation");
     let (lazy, _) = mem::map_lazy(16 * 4096, policy::LOCAL, 0, 0).expect("a good lazy region");
@@ -136,7 +217,6 @@ pub fn run(ctx: &Ctx) {
         ("protect write+exec (W^X)", op::PROTECT, prot::WRITE | prot::EXEC, [good, 4096, 0, 0], EINVAL),
         ("protect read+write+exec (W^X)", op::PROTECT, prot::ALL, [good, 4096, 0, 0], EINVAL),
     ];
-    let mut failures = 0;
     // All in one batch: one exit, each call judged on its own.
     let mut b = Batch::new();
     for &(_, o, f, a, _) in cases {

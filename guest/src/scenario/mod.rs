@@ -63,8 +63,21 @@ pub fn fail(status: u32) {
     let _ = STATUS.compare_exchange(0, status, Ordering::AcqRel, Ordering::Acquire);
 }
 
-/// `scenario=spin seconds=N`: no exits at all, on every vCPU, for N seconds (0: forever).
+/// `scenario=spin seconds=N [alloc=K]`: no exits at all, on every vCPU, for N seconds (0:
+/// forever); with `alloc`, K allocations and frees of small objects first (the slab rings and
+/// their service thread are then busy, then idle), and a `spin-warm` result line.
 fn spin(ctx: &Ctx) {
+    let warm = ctx.args.num("alloc", 0).unwrap_or(0);
+    for i in 0..warm {
+        let v: alloc::vec::Vec<u8> = alloc::vec::Vec::with_capacity(16 + (i as usize * 97) % 4000);
+        core::hint::black_box(&v);
+    }
+    if warm > 0 {
+        ctx.barrier();
+        if ctx.cpu == 0 {
+            println!("@result scenario=spin-warm allocs={warm}");
+        }
+    }
     let seconds = ctx.args.num("seconds", 0).unwrap_or(0);
     let end = arch::rdtsc().saturating_add(seconds.saturating_mul(ctx.bi.tsc_khz).saturating_mul(1000));
     while seconds == 0 || arch::rdtsc() < end {

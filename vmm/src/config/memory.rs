@@ -26,7 +26,8 @@ pub enum HugeLeaves {
 }
 
 /// The `--memory` argument:
-/// `size=SIZE[,fault-around=SIZE][,fault-around-max=SIZE][,backing=uffd|demand][,huge-leaves=auto|on|off]`.
+/// `size=SIZE[,fault-around=SIZE][,fault-around-max=SIZE][,backing=uffd|demand][,huge-leaves=auto|on|off]`
+/// `[,rings=on|off]`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct MemoryArg {
     pub size: Option<u64>,
@@ -34,6 +35,8 @@ pub struct MemoryArg {
     pub fault_around_max: Option<u64>,
     pub backing: Option<Backing>,
     pub huge_leaves: Option<HugeLeaves>,
+    /// Whether a VMM thread services the slab rings (off: only SLAB_EXCHANGE exits do).
+    pub rings: Option<bool>,
 }
 
 /// Parses `--memory`.
@@ -61,6 +64,14 @@ pub fn parse_memory_arg(spec: &str) -> Result<MemoryArg, ConfigError> {
                     _ => return Err(bad(format!("huge-leaves `{v}` is not `auto`, `on` or `off`"))),
                 };
                 m.huge_leaves.replace(h).is_some()
+            }
+            "rings" => {
+                let on = match v {
+                    "on" => true,
+                    "off" => false,
+                    _ => return Err(bad(format!("rings `{v}` is not `on` or `off`"))),
+                };
+                m.rings.replace(on).is_some()
             }
             "backing" => {
                 let b = match v {

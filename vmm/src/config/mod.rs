@@ -143,6 +143,8 @@ pub struct VmConfig {
     pub backing: Backing,
     /// Whether HUGE allocations get 2 MiB guest leaves.
     pub huge_leaves: HugeLeaves,
+    /// Whether a VMM thread services the slab rings without exits.
+    pub rings: bool,
     /// vCPU count.
     pub cpus: u32,
     pub numa: NumaConfig,
@@ -254,6 +256,7 @@ impl VmConfigBuilder {
             },
             backing,
             huge_leaves: self.memory.huge_leaves.unwrap_or(HugeLeaves::Auto),
+            rings: self.memory.rings.unwrap_or(true),
             cpus,
             numa,
             guest_args,
@@ -390,7 +393,7 @@ mod tests {
         assert!(matches!(build(&[], &[], Some("size=4097"), None), Err(ConfigError::UnalignedMemory(4097))));
         assert_eq!(build(&[], &[], None, Some(0)).unwrap_err(), ConfigError::ZeroCpus);
         assert!(parse_memory_arg("512M").is_err());
-        let m = parse_memory_arg("size=1G,fault-around=2M,backing=demand").unwrap();
+        let m = parse_memory_arg("size=1G,fault-around=2M,backing=demand,rings=off").unwrap();
         assert_eq!(
             m,
             MemoryArg {
@@ -398,9 +401,11 @@ mod tests {
                 fault_around: Some(2 << 20),
                 fault_around_max: None,
                 backing: Some(Backing::Demand),
-                huge_leaves: None
+                huge_leaves: None,
+                rings: Some(false),
             }
         );
+        assert!(parse_memory_arg("size=1G,rings=maybe").is_err());
         let small = VmConfigBuilder {
             memory: parse_memory_arg("fault-around=64K,fault-around-max=16K").unwrap(),
             ..Default::default()

@@ -93,9 +93,9 @@ fn set_bit(words: &mut [u64], i: u32, on: bool) {
     }
 }
 
-/// Objects of `size` a class keeps in quarantine: two exchange batches.
+/// Objects of `size` a class keeps in quarantine: about 64 KiB worth, between 32 and 256.
 pub fn quarantine_len(size: u32) -> usize {
-    2 * protocol::slab::batch(size)
+    (65_536 / size as usize).clamp(32, 256)
 }
 
 /// Objects per slab of `size`.

@@ -1,0 +1,402 @@
+//! The slab rings: each vCPU's per-class alloc and free rings (`protocol::slab`), serviced
+//! without an exit by a VMM thread while the guest runs, and synchronously by SLAB_EXCHANGE
+//! when the guest finds an alloc ring empty or a free ring full.
+//!
+//! The VMM owns the producer index of every alloc ring and the consumer index of every free
+//! ring; it keeps them here and only ever *writes* them to guest memory. The guest's indices
+//! are read once per exchange and checked against ours: a ring that claims to hold more than
+//! [`RING`] entries is refused (`ring_errors`). Every freed pointer is copied out once and
+//! validated by the slab layer, as before. All changes happen under the memory manager's lock,
+//! which both paths hold; the service thread only peeks at indices without it.
+//!
+//! The service thread polls while there is work: after a pass that moved objects it sleeps
+//! [`MIN_POLL`], after an empty pass twice as long as before, up to [`MAX_POLL`]. After
+//! [`IDLE_PERIOD`] without work it drains what the free rings hold and sleeps until a
+//! SLAB_EXCHANGE exit wakes it, so an idle VM costs no CPU.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryError, GuestMemoryMmap};
+
+use protocol::slab::{
+    CLASSES, MAG_ALLOC, MAG_ALLOC_HEAD, MAG_ALLOC_TAIL, MAG_FREE, MAG_FREE_ERRORS, MAG_FREE_HEAD, MAG_FREE_TAIL,
+    MAG_LAST_BAD, MAG_LAST_STATUS, MAGAZINES_OFFSET, Magazine, NR_CLASSES, RING, slot, target,
+};
+use protocol::status;
+
+use crate::memory::addr::NodeId;
+use crate::memory::{MemoryError, MemoryManager};
+use crate::metrics::Counter;
+use crate::sync::lock;
+
+/// Shortest sleep between two passes (right after one that moved objects).
+pub const MIN_POLL: Duration = Duration::from_micros(20);
+/// Longest sleep between two passes while the service is awake.
+pub const MAX_POLL: Duration = Duration::from_millis(1);
+/// Time without work after which the service sleeps until an exit wakes it.
+pub const IDLE_PERIOD: Duration = Duration::from_millis(100);
+/// How long a sleeping service waits before looking whether the VM is stopping.
+const SLEEP_CHECK: Duration = Duration::from_millis(100);
+
+#[derive(Debug, thiserror::Error)]
+pub enum RingError {
+    #[error("cannot access the magazine at {gpa:#x}")]
+    Access {
+        gpa: u64,
+        #[source]
+        source: GuestMemoryError,
+    },
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+}
+
+/// Ring counters.
+#[derive(Debug, Default)]
+pub struct RingCounters {
+    /// Service passes, and those that moved objects.
+    pub passes: Counter,
+    pub busy_passes: Counter,
+    /// Exchanges done by the service thread (no exit) and by SLAB_EXCHANGE (an exit).
+    pub serviced: Counter,
+    pub synchronous: Counter,
+    /// Objects put in alloc rings and taken from free rings (good frees only).
+    pub objects_out: Counter,
+    pub objects_in: Counter,
+    /// Bad frees found in free rings.
+    pub bad_frees: Counter,
+    /// Rings refused because the guest's index claimed more than a ring holds.
+    pub ring_errors: Counter,
+    /// Times the service went to sleep after its idle period, and was woken by an exit.
+    pub sleeps: Counter,
+    pub wakeups: Counter,
+}
+
+/// Serializable snapshot of [`RingCounters`].
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RingReport {
+    pub service: bool,
+    pub passes: u64,
+    pub busy_passes: u64,
+    pub serviced: u64,
+    pub synchronous: u64,
+    pub objects_out: u64,
+    pub objects_in: u64,
+    pub bad_frees: u64,
+    pub ring_errors: u64,
+    pub sleeps: u64,
+    pub wakeups: u64,
+}
+
+/// What one exchange did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Exchanged {
+    /// Objects in the alloc ring afterwards (0 if it was refused).
+    pub level: u32,
+    pub out: usize,
+    pub freed: usize,
+    pub bad: usize,
+    /// The guest's index of a ring was out of range: that ring was left alone.
+    pub refused: bool,
+}
+
+/// The VMM's indices of one class's rings on one vCPU.
+#[derive(Debug, Default)]
+struct ClassRing {
+    alloc_head: AtomicU32,
+    free_tail: AtomicU32,
+}
+
+/// One vCPU's rings.
+#[derive(Debug)]
+struct CpuRings {
+    id: u32,
+    node: u32,
+    /// Guest-physical address of its first magazine.
+    mags: u64,
+    /// Classes the guest has used (SLAB_EXCHANGE sent once): only those are serviced.
+    active: AtomicU32,
+    classes: Vec<ClassRing>,
+}
+
+/// Every vCPU's rings, and the service thread's wake-up.
+#[derive(Debug)]
+pub struct Rings {
+    cpus: Vec<CpuRings>,
+    /// Whether a service thread runs (`--memory rings=on`).
+    service: bool,
+    asleep: AtomicBool,
+    poked: Mutex<bool>,
+    wake: Condvar,
+    pub counters: RingCounters,
+}
+
+const _: () = assert!(NR_CLASSES <= 32);
+
+impl Rings {
+    /// Rings for vCPUs given as `(id, node, guest-physical address of its CPU page)`.
+    pub fn new(cpus: impl IntoIterator<Item = (u32, u32, u64)>, service: bool) -> Rings {
+        let cpus = cpus
+            .into_iter()
+            .map(|(id, node, page)| CpuRings {
+                id,
+                node,
+                mags: page + MAGAZINES_OFFSET,
+                active: AtomicU32::new(0),
+                classes: (0..NR_CLASSES).map(|_| ClassRing::default()).collect(),
+            })
+            .collect();
+        Rings {
+            cpus,
+            service,
+            asleep: AtomicBool::new(false),
+            poked: Mutex::new(false),
+            wake: Condvar::new(),
+            counters: RingCounters::default(),
+        }
+    }
+
+    fn cpu(&self, id: u32) -> Option<&CpuRings> {
+        self.cpus.iter().find(|c| c.id == id)
+    }
+
+    /// SLAB_EXCHANGE from vCPU `cpu`: drains the free ring of `class` and refills its alloc
+    /// ring up to `want` (at most the class's target); wakes the service thread if it sleeps.
+    pub fn exchange_sync(
+        &self,
+        mm: &mut MemoryManager,
+        mem: &GuestMemoryMmap,
+        cpu: u32,
+        class: usize,
+        want: usize,
+    ) -> Result<Exchanged, RingError> {
+        let Some(c) = self.cpu(cpu) else { return Ok(Exchanged { refused: true, ..Exchanged::default() }) };
+        c.active.fetch_or(1 << class, Ordering::Relaxed);
+        self.counters.synchronous.inc();
+        let r = exchange(mm, mem, c, class, want, true, &self.counters)?;
+        self.poke();
+        Ok(r)
+    }
+
+    /// Wakes the service thread if it sleeps.
+    pub fn poke(&self) {
+        if self.service && self.asleep.load(Ordering::Acquire) {
+            *lock(&self.poked) = true;
+            self.wake.notify_one();
+        }
+    }
+
+    /// The `(cpu, class)` rings that need the service now: an alloc ring at or below half its
+    /// target, a free ring holding [`protocol::slab::DRAIN_AT`] entries (any, with `all`).
+    /// Reads only indices, without the manager's lock.
+    fn due(&self, mem: &GuestMemoryMmap, all: bool) -> Vec<(usize, usize)> {
+        let mut due = Vec::new();
+        for (i, c) in self.cpus.iter().enumerate() {
+            let mut active = c.active.load(Ordering::Relaxed);
+            while active != 0 {
+                let class = active.trailing_zeros() as usize;
+                active &= active - 1;
+                let mag = mag_gpa(c, class);
+                let ring = &c.classes[class];
+                let (Ok(tail), Ok(head)) = (load(mem, mag + MAG_ALLOC_TAIL), load(mem, mag + MAG_FREE_HEAD)) else {
+                    continue;
+                };
+                let level = ring.alloc_head.load(Ordering::Relaxed).wrapping_sub(tail) as usize;
+                let pending = head.wrapping_sub(ring.free_tail.load(Ordering::Relaxed));
+                let low = level <= RING && level * 2 <= target(CLASSES[class]);
+                let full = pending as usize <= RING && (pending >= protocol::slab::DRAIN_AT || (all && pending > 0));
+                if low || full {
+                    due.push((i, class));
+                }
+            }
+        }
+        due
+    }
+
+    /// One service pass: exchanges every ring that is due, under one hold of the manager's
+    /// lock. Returns the objects moved.
+    pub fn pass(&self, mm: &Mutex<MemoryManager>, mem: &GuestMemoryMmap, all: bool) -> Result<usize, RingError> {
+        self.counters.passes.inc();
+        let due = self.due(mem, all);
+        if due.is_empty() {
+            return Ok(0);
+        }
+        let mut moved = 0;
+        {
+            let mut mm = lock(mm);
+            for (i, class) in due {
+                let r = exchange(&mut mm, mem, &self.cpus[i], class, RING, false, &self.counters)?;
+                self.counters.serviced.inc();
+                moved += r.out + r.freed + r.bad;
+            }
+            mm.flush()?;
+        }
+        if moved > 0 {
+            self.counters.busy_passes.inc();
+        }
+        Ok(moved)
+    }
+
+    /// The service thread's loop, until `stopping()`.
+    pub fn run_service(
+        &self,
+        mm: &Mutex<MemoryManager>,
+        mem: &GuestMemoryMmap,
+        stopping: impl Fn() -> bool,
+    ) -> Result<(), RingError> {
+        let mut poll = MIN_POLL;
+        let mut last_work = Instant::now();
+        while !stopping() {
+            if self.pass(mm, mem, false)? > 0 {
+                poll = MIN_POLL;
+                last_work = Instant::now();
+            } else {
+                poll = (poll * 2).min(MAX_POLL);
+            }
+            if last_work.elapsed() < IDLE_PERIOD {
+                std::thread::sleep(poll);
+                continue;
+            }
+            // Idle: make every free visible, then sleep until an exit needs us.
+            self.pass(mm, mem, true)?;
+            self.counters.sleeps.inc();
+            self.asleep.store(true, Ordering::Release);
+            let mut poked = lock(&self.poked);
+            while !*poked && !stopping() {
+                poked = self.wake.wait_timeout(poked, SLEEP_CHECK).expect("the lock is never poisoned").0;
+            }
+            *poked = false;
+            drop(poked);
+            self.asleep.store(false, Ordering::Release);
+            self.counters.wakeups.inc();
+            poll = MIN_POLL;
+            last_work = Instant::now();
+        }
+        Ok(())
+    }
+
+    pub fn report(&self) -> RingReport {
+        let c = &self.counters;
+        RingReport {
+            service: self.service,
+            passes: c.passes.get(),
+            busy_passes: c.busy_passes.get(),
+            serviced: c.serviced.get(),
+            synchronous: c.synchronous.get(),
+            objects_out: c.objects_out.get(),
+            objects_in: c.objects_in.get(),
+            bad_frees: c.bad_frees.get(),
+            ring_errors: c.ring_errors.get(),
+            sleeps: c.sleeps.get(),
+            wakeups: c.wakeups.get(),
+        }
+    }
+
+    /// Whether a service thread is configured.
+    pub fn has_service(&self) -> bool {
+        self.service
+    }
+}
+
+fn mag_gpa(c: &CpuRings, class: usize) -> u64 {
+    c.mags + (class * size_of::<Magazine>()) as u64
+}
+
+fn load(mem: &GuestMemoryMmap, gpa: u64) -> Result<u32, RingError> {
+    mem.load(GuestAddress(gpa), Ordering::Acquire).map_err(|source| RingError::Access { gpa, source })
+}
+
+fn store(mem: &GuestMemoryMmap, gpa: u64, v: u32) -> Result<(), RingError> {
+    mem.store(v, GuestAddress(gpa), Ordering::Release).map_err(|source| RingError::Access { gpa, source })
+}
+
+/// Drains the free ring of `class` on `c` and refills its alloc ring up to `want` (at most the
+/// class's target). The caller holds the manager (`mm`), so nothing else changes our indices.
+fn exchange(
+    mm: &mut MemoryManager,
+    mem: &GuestMemoryMmap,
+    c: &CpuRings,
+    class: usize,
+    want: usize,
+    sync: bool,
+    counters: &RingCounters,
+) -> Result<Exchanged, RingError> {
+    let mag = mag_gpa(c, class);
+    let ring = &c.classes[class];
+    let mut r = Exchanged::default();
+
+    // The free ring: copy out what the guest published, once.
+    let free_tail = ring.free_tail.load(Ordering::Relaxed);
+    let pending = load(mem, mag + MAG_FREE_HEAD)?.wrapping_sub(free_tail) as usize;
+    let mut frees = Vec::new();
+    if pending > RING {
+        r.refused = true;
+    } else {
+        frees.reserve(pending);
+        for i in 0..u32::try_from(pending).expect("at most RING") {
+            let at = mag + MAG_FREE + slot(free_tail.wrapping_add(i)) as u64 * 8;
+            frees.push(mem.read_obj::<u64>(GuestAddress(at)).map_err(|source| RingError::Access { gpa: at, source })?);
+        }
+    }
+
+    // The alloc ring: room up to the target.
+    let alloc_head = ring.alloc_head.load(Ordering::Relaxed);
+    let level = alloc_head.wrapping_sub(load(mem, mag + MAG_ALLOC_TAIL)?) as usize;
+    let need = if level > RING {
+        r.refused = true;
+        0
+    } else {
+        want.min(target(CLASSES[class])).saturating_sub(level)
+    };
+    if r.refused {
+        counters.ring_errors.inc();
+        if !sync && frees.is_empty() && need == 0 {
+            return Ok(r);
+        }
+    }
+
+    let (out, bad) = mm.slab_exchange(c.id, NodeId(c.node), class, &frees, need)?;
+    for (i, obj) in (0u32..).zip(&out) {
+        let at = mag + MAG_ALLOC + slot(alloc_head.wrapping_add(i)) as u64 * 8;
+        mem.write_obj(*obj, GuestAddress(at)).map_err(|source| RingError::Access { gpa: at, source })?;
+    }
+    let new_head = alloc_head.wrapping_add(u32::try_from(out.len()).expect("at most RING"));
+    ring.alloc_head.store(new_head, Ordering::Relaxed);
+    store(mem, mag + MAG_ALLOC_HEAD, new_head)?;
+
+    if let Some(&(ptr, st)) = bad.last() {
+        let errors = load(mem, mag + MAG_FREE_ERRORS)?.saturating_add(u32::try_from(bad.len()).expect("at most RING"));
+        store(mem, mag + MAG_FREE_ERRORS, errors)?;
+        store(mem, mag + MAG_LAST_STATUS, u32::try_from(st).unwrap_or(u32::MAX))?;
+        mem.write_obj(ptr, GuestAddress(mag + MAG_LAST_BAD))
+            .map_err(|source| RingError::Access { gpa: mag + MAG_LAST_BAD, source })?;
+    }
+    if !frees.is_empty() {
+        // The errors above are visible before the guest sees its frees taken.
+        let new_tail = free_tail.wrapping_add(u32::try_from(frees.len()).expect("at most RING"));
+        ring.free_tail.store(new_tail, Ordering::Relaxed);
+        store(mem, mag + MAG_FREE_TAIL, new_tail)?;
+    }
+
+    r.level = if level > RING { 0 } else { u32::try_from(level + out.len()).expect("at most RING") };
+    r.out = out.len();
+    r.freed = frees.len() - bad.len();
+    r.bad = bad.len();
+    counters.objects_out.add(r.out as u64);
+    counters.objects_in.add(r.freed as u64);
+    counters.bad_frees.add(r.bad as u64);
+    Ok(r)
+}
+
+/// SLAB_EXCHANGE's status for an exchange: ENOMEM when an empty ring could not be refilled,
+/// EFAULT when the guest's ring indices were out of range.
+pub fn status_of(r: &Exchanged, want: usize) -> u64 {
+    if r.refused {
+        status::EFAULT
+    } else if want > 0 && r.level == 0 {
+        status::ENOMEM
+    } else {
+        status::OK
+    }
+}
