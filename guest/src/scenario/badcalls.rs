@@ -117,8 +117,9 @@ fn bad_rings(service: bool) -> u32 {
         // SAFETY: as above; the guest's own fields, which only this vCPU uses.
         unsafe { write_volatile(p, v) }
     };
-    // SAFETY (the field addresses below): m points into this vCPU's mapped magazines.
+    // SAFETY: m points into this vCPU's mapped magazines; only field addresses are taken.
     let (tail_p, head_p) = unsafe { (addr_of_mut!((*m).alloc_tail), addr_of_mut!((*m).free_head)) };
+    // SAFETY: as above.
     let (vmm_head, vmm_tail) = unsafe { (addr_of!((*m).alloc_head), addr_of!((*m).free_tail)) };
     let (tail, head) = (rd(tail_p), rd(head_p));
     let wait = |ms: u64| {
