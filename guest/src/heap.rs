@@ -16,7 +16,7 @@ use core::sync::atomic::{Ordering, compiler_fence};
 
 use protocol::layout::cpu_area;
 use protocol::memcall::{op, policy};
-use protocol::slab::{CLASSES, MAGAZINES_OFFSET, Magazine, RING, class_for, slot, target};
+use protocol::slab::{CLASSES, MAGAZINES_OFFSET, Magazine, RING, SERVICE_WAIT_US, class_for, slot, target};
 use protocol::status;
 
 use crate::sched::NoPreempt;
@@ -30,6 +30,16 @@ static ALLOC: GuestAlloc = GuestAlloc;
 crate::percpu! {
     /// Exits taken by the allocator on this vCPU.
     static EXITS: u64 = 0;
+}
+
+crate::percpu! {
+    /// Times this vCPU found a ring empty (or full) and the service thread came in time.
+    static SERVICE_WAITS: u64 = 0;
+}
+
+/// Exits the service thread saved on every vCPU so far.
+pub fn all_service_waits(cpus: u32) -> u64 {
+    SERVICE_WAITS.sum(cpus)
 }
 
 crate::percpu! {
@@ -73,7 +83,9 @@ pub fn alloc_small(class: usize) -> *mut u8 {
     // before it, and publishes the entries first.
     unsafe {
         let tail = read_volatile(addr_of!((*m).alloc_tail));
-        if read_volatile(addr_of!((*m).alloc_head)) == tail {
+        if read_volatile(addr_of!((*m).alloc_head)) == tail
+            && !wait_for_service(m, || read_volatile(addr_of!((*m).alloc_head)) != tail)
+        {
             exchange(class);
             if read_volatile(addr_of!((*m).alloc_head)) == tail {
                 return null_mut();
@@ -85,6 +97,25 @@ pub fn alloc_small(class: usize) -> *mut u8 {
         write_volatile(addr_of_mut!((*m).alloc_tail), tail.wrapping_add(1));
         obj as *mut u8
     }
+}
+
+/// Waits up to [`SERVICE_WAIT_US`] for `ready()` while the VMM's service thread runs; returns
+/// whether it became true (false at once when no service runs).
+fn wait_for_service(m: *const Magazine, ready: impl Fn() -> bool) -> bool {
+    // SAFETY: m points into this vCPU's mapped magazines.
+    if unsafe { read_volatile(addr_of!((*m).service)) } == 0 {
+        return false;
+    }
+    let khz = crate::bootinfo::get().map_or(0, |bi| bi.tsc_khz);
+    let t0 = arch::rdtsc();
+    while arch::rdtsc() - t0 < SERVICE_WAIT_US * khz / 1000 {
+        if ready() {
+            *SERVICE_WAITS.get_mut() += 1;
+            return true;
+        }
+        arch::pause();
+    }
+    false
 }
 
 /// Puts `ptr` in this vCPU's free ring of `class` (the VMM checks it).
@@ -134,7 +165,7 @@ pub fn top_up(class: usize) {
 /// Puts `ptr` in the free ring of `class` without any check here: the VMM checks it.
 pub fn push_free(class: usize, ptr: u64) {
     let m = magazine(class);
-    if pending_frees(m) as usize >= RING {
+    if pending_frees(m) as usize >= RING && !wait_for_service(m, || (pending_frees(m) as usize) < RING) {
         exchange(class);
     }
     // SAFETY: m points into this vCPU's mapped magazines; the guest side of the free ring is

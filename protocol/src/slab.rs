@@ -34,6 +34,9 @@ pub const MAX_OBJECT: u32 = 32768;
 pub const RING: usize = 512;
 /// A free ring holding this many entries is drained by the service thread.
 pub const DRAIN_AT: u32 = 64;
+/// How long a guest waits for the service thread (see [`Magazine::service`]) before it sends
+/// SLAB_EXCHANGE, in microseconds: less than an exit costs.
+pub const SERVICE_WAIT_US: u64 = 20;
 /// Offset of the magazines (`[Magazine; NR_CLASSES]`) within the vCPU's CPU area.
 pub const MAGAZINES_OFFSET: u64 = 3 * PAGE_SIZE;
 
@@ -56,7 +59,11 @@ pub struct Magazine {
     pub last_status: u32,
     /// VMM: the last bad pointer.
     pub last_bad: u64,
-    _vmm: [u64; 5],
+    /// VMM: nonzero while a VMM thread services the rings without exits: a guest that finds
+    /// its alloc ring empty or its free ring full may wait a few microseconds for it before it
+    /// sends SLAB_EXCHANGE.
+    pub service: u32,
+    _vmm: [u32; 9],
     pub alloc: [u64; RING],
     pub free: [u64; RING],
 }
@@ -69,6 +76,7 @@ pub const MAG_FREE_TAIL: u64 = core::mem::offset_of!(Magazine, free_tail) as u64
 pub const MAG_FREE_ERRORS: u64 = core::mem::offset_of!(Magazine, free_errors) as u64;
 pub const MAG_LAST_STATUS: u64 = core::mem::offset_of!(Magazine, last_status) as u64;
 pub const MAG_LAST_BAD: u64 = core::mem::offset_of!(Magazine, last_bad) as u64;
+pub const MAG_SERVICE: u64 = core::mem::offset_of!(Magazine, service) as u64;
 pub const MAG_ALLOC: u64 = core::mem::offset_of!(Magazine, alloc) as u64;
 pub const MAG_FREE: u64 = core::mem::offset_of!(Magazine, free) as u64;
 const _: () = assert!(MAG_ALLOC_HEAD == 64 && MAG_ALLOC == 128);

@@ -8,7 +8,9 @@
 //!
 //! `CBENCH_RUNS=N` repeats each configuration N times and takes the median (default 3);
 //! `CBENCH_QUICK=1` uses the tests' short arguments instead of mimalloc-bench's;
-//! `CBENCH_ONLY=a,b` runs only the benchmarks named.
+//! `CBENCH_ONLY=a,b` runs only the benchmarks named; `CBENCH_BEFORE=1` also runs the guest
+//! with `--memory rings=off` (slab rings refilled only by exits, as before they had a service
+//! thread) and adds its ratio to glibc as a column.
 
 #[path = "../../tests/common/cbench_args.rs"]
 mod cbench_args;
@@ -114,13 +116,13 @@ fn run_native(exe: &Path, name: &str, args: &str, preload: Option<&str>) -> Opti
     Some(Sample { value: figure(name, &out, wall), ..Default::default() })
 }
 
-fn run_guest(name: &str, args: &str, cpus: u32) -> Option<Sample> {
+fn run_guest(name: &str, args: &str, cpus: u32, rings: bool) -> Option<Sample> {
     let o = Command::new("timeout")
         .arg(TIMEOUT.as_secs().to_string())
         .arg(env!("CARGO_BIN_EXE_vmm"))
         .args(["run", "--kernel"])
         .arg(common::guest_image())
-        .args(["--cpus", &cpus.to_string(), "--memory", "size=2G"])
+        .args(["--cpus", &cpus.to_string(), "--memory", if rings { "size=2G" } else { "size=2G,rings=off" }])
         .arg("--guest-args")
         .arg(format!("scenario=cbench name={name} args=\"{args}\""))
         .output()
@@ -149,6 +151,8 @@ struct Row {
     unit: &'static str,
     higher: bool,
     guest: Option<f64>,
+    /// The guest with `rings=off` (CBENCH_BEFORE=1).
+    before: Option<f64>,
     glibc: Option<f64>,
     mimalloc: Option<f64>,
     exits_per_k: Option<f64>,
@@ -157,7 +161,11 @@ struct Row {
 impl Row {
     /// Guest against an anchor: above 1, the guest is better.
     fn ratio(&self, anchor: Option<f64>) -> Option<f64> {
-        let (g, a) = (self.guest?, anchor?);
+        self.ratio_of(self.guest, anchor)
+    }
+
+    fn ratio_of(&self, guest: Option<f64>, anchor: Option<f64>) -> Option<f64> {
+        let (g, a) = (guest?, anchor?);
         if g <= 0.0 || a <= 0.0 {
             return None;
         }
@@ -179,6 +187,7 @@ fn main() {
     common::build_guest();
     let runs: usize = std::env::var("CBENCH_RUNS").ok().and_then(|s| s.parse().ok()).unwrap_or(3).max(1);
     let quick = std::env::var("CBENCH_QUICK").is_ok_and(|v| v == "1");
+    let before = std::env::var("CBENCH_BEFORE").is_ok_and(|v| v == "1");
     let only: Option<Vec<String>> =
         std::env::var("CBENCH_ONLY").ok().map(|v| v.split(',').map(str::to_string).collect());
     let benches: Vec<Bench> =
@@ -212,8 +221,12 @@ fn main() {
         for threads in [1u32, 2] {
             let args = base.replace("{N}", &threads.to_string());
             let (mut g, mut n, mut m, mut e) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            let mut off = Vec::new();
             for _ in 0..runs {
-                if let Some(s) = run_guest(&b.name, &args, threads) {
+                if before && let Some(s) = run_guest(&b.name, &args, threads, false) {
+                    off.push(s.value);
+                }
+                if let Some(s) = run_guest(&b.name, &args, threads, true) {
                     g.push(s.value);
                     if s.allocs > 0.0 {
                         e.push(s.exits * 1000.0 / s.allocs);
@@ -233,18 +246,24 @@ fn main() {
                 unit,
                 higher,
                 guest: median(g),
+                before: median(off),
                 glibc: median(n),
                 mimalloc: median(m),
                 exits_per_k: median(e),
             };
             println!(
-                "  {:<15} {threads}  guest {:>9} {unit:<9} glibc {:>9}  mimalloc {:>9}  vs glibc {:>6}x  vs mimalloc {:>6}x",
+                "  {:<15} {threads}  guest {:>9} {unit:<9} glibc {:>9}  mimalloc {:>9}  vs glibc {:>6}x  vs mimalloc {:>6}x{}",
                 row.name,
                 fmt(row.guest),
                 fmt(row.glibc),
                 fmt(row.mimalloc),
                 fmt(row.ratio(row.glibc)),
-                fmt(row.ratio(row.mimalloc))
+                fmt(row.ratio(row.mimalloc)),
+                if before {
+                    format!("  (rings off: {}x)", fmt(row.ratio_of(row.before, row.glibc)))
+                } else {
+                    String::new()
+                }
             );
             rows.push(row);
         }
@@ -260,12 +279,21 @@ fn main() {
 fn print_table(rows: &[Row]) {
     println!();
     println!(
-        "{:<15} {:>3} {:>10} {:>10} {:>10} {:<10} {:>9} {:>11} {:>13}",
-        "benchmark", "thr", "guest", "glibc", "mimalloc", "unit", "vs glibc", "vs mimalloc", "exits/1k alloc"
+        "{:<15} {:>3} {:>10} {:>10} {:>10} {:<10} {:>9} {:>11} {:>13} {:>18}",
+        "benchmark",
+        "thr",
+        "guest",
+        "glibc",
+        "mimalloc",
+        "unit",
+        "vs glibc",
+        "vs mimalloc",
+        "exits/1k alloc",
+        "rings off vs glibc"
     );
     for r in rows {
         println!(
-            "{:<15} {:>3} {:>10} {:>10} {:>10} {:<10} {:>8}x {:>10}x {:>13}",
+            "{:<15} {:>3} {:>10} {:>10} {:>10} {:<10} {:>8}x {:>10}x {:>13} {:>17}x",
             r.name,
             r.threads,
             fmt(r.guest),
@@ -274,7 +302,8 @@ fn print_table(rows: &[Row]) {
             r.unit,
             fmt(r.ratio(r.glibc)),
             fmt(r.ratio(r.mimalloc)),
-            fmt(r.exits_per_k)
+            fmt(r.exits_per_k),
+            fmt(r.ratio_of(r.before, r.glibc))
         );
     }
     println!("(ratios: the guest's figure against native, above 1 = the guest is better; wall times inverted)");

@@ -78,7 +78,7 @@ pub fn memcalls(data: &[u8]) {
     let cpu = CpuBoot { id, node: id, cpu_page_gpa: area.gpa(), cpu_page_va: cpu_area(id), tss_va: 0, stack_top: 0 };
     let mm = Mutex::new(mm);
     let counters = MemCallCounters::default();
-    let rings = Rings::new([(id, id, area.gpa().0)], false);
+    let rings = Rings::new(ram.mem(), [(id, id, area.gpa().0)], false).expect("the magazines are RAM");
     let ctx = MemCallCtx { mm: &mm, ram: &ram, counters: &counters, rings: &rings };
     let mem = ram.mem();
     let calls = area.gpa().0 + AREA_OFFSET;
@@ -131,7 +131,7 @@ pub fn memcalls(data: &[u8]) {
                     mem.write_obj(v, at(MAG_FREE + s * 8)).expect("magazine");
                 }
                 if kind & 0x80 != 0 {
-                    rings.pass(&mm, mem, kind & 0x40 != 0).expect("guest input never causes a host failure");
+                    rings.pass(&mm, kind & 0x40 != 0).expect("guest input never causes a host failure");
                 } else {
                     let class_arg = if kind & 0x40 != 0 { u64::from(input.u8()) } else { class as u64 };
                     let want = u64::from(input.u32() % 1024);

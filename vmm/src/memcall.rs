@@ -329,7 +329,7 @@ fn slab_exchange(
 ) -> Result<[u64; 2], Refusal> {
     let class = usize::try_from(class).ok().filter(|&c| c < NR_CLASSES).ok_or_else(invalid)?;
     let want = usize::try_from(want).ok().filter(|&w| w <= RING).ok_or_else(invalid)?;
-    let r = ctx.rings.exchange_sync(mm, ctx.ram.mem(), cpu.id, class, want).map_err(|e| match e {
+    let r = ctx.rings.exchange_sync(mm, cpu.id, class, want).map_err(|e| match e {
         RingError::Memory(e) => Refusal::from(e),
         e @ RingError::Access { .. } => Refusal::Host(e.into()),
     })?;

@@ -9,8 +9,10 @@
 //! validated by the slab layer, as before. All changes happen under the memory manager's lock,
 //! which both paths hold; the service thread only peeks at indices without it.
 //!
-//! The service thread polls while there is work: after a pass that moved objects it sleeps
-//! [`MIN_POLL`], after an empty pass twice as long as before, up to [`MAX_POLL`]. After
+//! The service thread polls while there is work: after a pass that moved objects it only yields
+//! the CPU, after an empty pass it sleeps [`MIN_POLL`], then twice as long each time, up to
+//! [`MAX_POLL`]. It tells the guest it runs (`Magazine::service`), so that a guest finding a
+//! ring empty waits a little for it rather than exit. After
 //! [`IDLE_PERIOD`] without work it drains what the free rings hold and sleeps until a
 //! SLAB_EXCHANGE exit wakes it, so an idle VM costs no CPU.
 
@@ -18,15 +20,15 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryError, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryError, GuestMemoryMmap};
 
 use protocol::slab::{
     CLASSES, MAG_ALLOC, MAG_ALLOC_HEAD, MAG_ALLOC_TAIL, MAG_FREE, MAG_FREE_ERRORS, MAG_FREE_HEAD, MAG_FREE_TAIL,
-    MAG_LAST_BAD, MAG_LAST_STATUS, MAGAZINES_OFFSET, Magazine, NR_CLASSES, RING, slot, target,
+    MAG_LAST_BAD, MAG_LAST_STATUS, MAG_SERVICE, MAGAZINES_OFFSET, Magazine, NR_CLASSES, RING, slot, target,
 };
 use protocol::status;
 
-use crate::memory::addr::NodeId;
+use crate::memory::addr::{NodeId, to_usize};
 use crate::memory::{MemoryError, MemoryManager};
 use crate::metrics::Counter;
 use crate::sync::lock;
@@ -113,12 +115,23 @@ struct ClassRing {
 struct CpuRings {
     id: u32,
     node: u32,
-    /// Guest-physical address of its first magazine.
-    mags: u64,
+    /// Its magazines in the VMM's mapping of guest RAM (contiguous: the CPU area is one run of
+    /// frames in one RAM range), for plain atomic and volatile accesses.
+    host: HostPtr,
     /// Classes the guest has used (SLAB_EXCHANGE sent once): only those are serviced.
     active: AtomicU32,
     classes: Vec<ClassRing>,
 }
+
+/// A pointer into guest RAM's mapping, which lives as long as the VM.
+#[derive(Debug, Clone, Copy)]
+struct HostPtr(*mut u8);
+
+// SAFETY: guest RAM's mapping is shared with the vCPUs by design; every access through the
+// pointer is atomic or volatile, and the mapping outlives the rings (both live in the VM).
+unsafe impl Send for HostPtr {}
+// SAFETY: as above.
+unsafe impl Sync for HostPtr {}
 
 /// Every vCPU's rings, and the service thread's wake-up.
 #[derive(Debug)]
@@ -135,26 +148,37 @@ pub struct Rings {
 const _: () = assert!(NR_CLASSES <= 32);
 
 impl Rings {
-    /// Rings for vCPUs given as `(id, node, guest-physical address of its CPU page)`.
-    pub fn new(cpus: impl IntoIterator<Item = (u32, u32, u64)>, service: bool) -> Rings {
+    /// Rings for vCPUs given as `(id, node, guest-physical address of its CPU page)`, whose
+    /// magazines lie in `mem`.
+    pub fn new(
+        mem: &GuestMemoryMmap,
+        cpus: impl IntoIterator<Item = (u32, u32, u64)>,
+        service: bool,
+    ) -> Result<Rings, RingError> {
         let cpus = cpus
             .into_iter()
-            .map(|(id, node, page)| CpuRings {
-                id,
-                node,
-                mags: page + MAGAZINES_OFFSET,
-                active: AtomicU32::new(0),
-                classes: (0..NR_CLASSES).map(|_| ClassRing::default()).collect(),
+            .map(|(id, node, page)| {
+                let mags = page + MAGAZINES_OFFSET;
+                let slice = mem
+                    .get_slice(GuestAddress(mags), NR_CLASSES * size_of::<Magazine>())
+                    .map_err(|source| RingError::Access { gpa: mags, source })?;
+                Ok(CpuRings {
+                    id,
+                    node,
+                    host: HostPtr(slice.ptr_guard_mut().as_ptr()),
+                    active: AtomicU32::new(0),
+                    classes: (0..NR_CLASSES).map(|_| ClassRing::default()).collect(),
+                })
             })
-            .collect();
-        Rings {
+            .collect::<Result<_, RingError>>()?;
+        Ok(Rings {
             cpus,
             service,
             asleep: AtomicBool::new(false),
             poked: Mutex::new(false),
             wake: Condvar::new(),
             counters: RingCounters::default(),
-        }
+        })
     }
 
     fn cpu(&self, id: u32) -> Option<&CpuRings> {
@@ -166,7 +190,6 @@ impl Rings {
     pub fn exchange_sync(
         &self,
         mm: &mut MemoryManager,
-        mem: &GuestMemoryMmap,
         cpu: u32,
         class: usize,
         want: usize,
@@ -174,7 +197,7 @@ impl Rings {
         let Some(c) = self.cpu(cpu) else { return Ok(Exchanged { refused: true, ..Exchanged::default() }) };
         c.active.fetch_or(1 << class, Ordering::Relaxed);
         self.counters.synchronous.inc();
-        let r = exchange(mm, mem, c, class, want, true, &self.counters)?;
+        let r = exchange(mm, c, class, want, true, &self.counters)?;
         self.poke();
         Ok(r)
     }
@@ -190,18 +213,15 @@ impl Rings {
     /// The `(cpu, class)` rings that need the service now: an alloc ring at or below half its
     /// target, a free ring holding [`protocol::slab::DRAIN_AT`] entries (any, with `all`).
     /// Reads only indices, without the manager's lock.
-    fn due(&self, mem: &GuestMemoryMmap, all: bool) -> Vec<(usize, usize)> {
+    fn due(&self, all: bool) -> Vec<(usize, usize)> {
         let mut due = Vec::new();
         for (i, c) in self.cpus.iter().enumerate() {
             let mut active = c.active.load(Ordering::Relaxed);
             while active != 0 {
                 let class = active.trailing_zeros() as usize;
                 active &= active - 1;
-                let mag = mag_gpa(c, class);
                 let ring = &c.classes[class];
-                let (Ok(tail), Ok(head)) = (load(mem, mag + MAG_ALLOC_TAIL), load(mem, mag + MAG_FREE_HEAD)) else {
-                    continue;
-                };
+                let (tail, head) = (load(c, class, MAG_ALLOC_TAIL), load(c, class, MAG_FREE_HEAD));
                 let level = ring.alloc_head.load(Ordering::Relaxed).wrapping_sub(tail) as usize;
                 let pending = head.wrapping_sub(ring.free_tail.load(Ordering::Relaxed));
                 let low = level <= RING && level * 2 <= target(CLASSES[class]);
@@ -214,23 +234,21 @@ impl Rings {
         due
     }
 
-    /// One service pass: exchanges every ring that is due, under one hold of the manager's
-    /// lock. Returns the objects moved.
-    pub fn pass(&self, mm: &Mutex<MemoryManager>, mem: &GuestMemoryMmap, all: bool) -> Result<usize, RingError> {
+    /// One service pass: exchanges every ring that is due, each under its own hold of the
+    /// manager's lock (a vCPU's exit waits for one exchange at most). Returns the objects moved.
+    pub fn pass(&self, mm: &Mutex<MemoryManager>, all: bool) -> Result<usize, RingError> {
         self.counters.passes.inc();
-        let due = self.due(mem, all);
+        let due = self.due(all);
         if due.is_empty() {
             return Ok(0);
         }
         let mut moved = 0;
-        {
+        for (i, class) in due {
             let mut mm = lock(mm);
-            for (i, class) in due {
-                let r = exchange(&mut mm, mem, &self.cpus[i], class, RING, false, &self.counters)?;
-                self.counters.serviced.inc();
-                moved += r.out + r.freed + r.bad;
-            }
+            let r = exchange(&mut mm, &self.cpus[i], class, RING, false, &self.counters)?;
             mm.flush()?;
+            self.counters.serviced.inc();
+            moved += r.out + r.freed + r.bad;
         }
         if moved > 0 {
             self.counters.busy_passes.inc();
@@ -238,28 +256,37 @@ impl Rings {
         Ok(moved)
     }
 
-    /// The service thread's loop, until `stopping()`.
-    pub fn run_service(
-        &self,
-        mm: &Mutex<MemoryManager>,
-        mem: &GuestMemoryMmap,
-        stopping: impl Fn() -> bool,
-    ) -> Result<(), RingError> {
+    /// Tells the guest in every magazine whether the service runs.
+    fn announce(&self, on: bool) {
+        for c in &self.cpus {
+            for class in 0..NR_CLASSES {
+                store(c, class, MAG_SERVICE, u32::from(on));
+            }
+        }
+    }
+
+    /// The service thread's loop, until `stopping()`. While passes find work it only yields
+    /// the CPU between them (a vCPU that wants it gets it); without work it sleeps, longer each
+    /// time.
+    pub fn run_service(&self, mm: &Mutex<MemoryManager>, stopping: impl Fn() -> bool) -> Result<(), RingError> {
         let mut poll = MIN_POLL;
         let mut last_work = Instant::now();
+        self.announce(true);
         while !stopping() {
-            if self.pass(mm, mem, false)? > 0 {
+            if self.pass(mm, false)? > 0 {
                 poll = MIN_POLL;
                 last_work = Instant::now();
-            } else {
-                poll = (poll * 2).min(MAX_POLL);
+                std::thread::yield_now();
+                continue;
             }
             if last_work.elapsed() < IDLE_PERIOD {
                 std::thread::sleep(poll);
+                poll = (poll * 2).min(MAX_POLL);
                 continue;
             }
             // Idle: make every free visible, then sleep until an exit needs us.
-            self.pass(mm, mem, true)?;
+            self.announce(false);
+            self.pass(mm, true)?;
             self.counters.sleeps.inc();
             self.asleep.store(true, Ordering::Release);
             let mut poked = lock(&self.poked);
@@ -269,6 +296,7 @@ impl Rings {
             *poked = false;
             drop(poked);
             self.asleep.store(false, Ordering::Release);
+            self.announce(true);
             self.counters.wakeups.inc();
             poll = MIN_POLL;
             last_work = Instant::now();
@@ -299,50 +327,79 @@ impl Rings {
     }
 }
 
-fn mag_gpa(c: &CpuRings, class: usize) -> u64 {
-    c.mags + (class * size_of::<Magazine>()) as u64
+/// The `u32` field at `off` of `c`'s magazine of `class`.
+fn field(c: &CpuRings, class: usize, off: u64) -> &AtomicU32 {
+    debug_assert!(class < NR_CLASSES && off.is_multiple_of(4) && off < MAG_ALLOC);
+    // SAFETY: the magazines of `c` are mapped guest RAM for the VM's life (see `HostPtr`);
+    // `off` is a 4-aligned field offset inside one magazine and magazines are 8-aligned, so the
+    // pointer is valid and aligned for an AtomicU32. The guest may write it at any time, which
+    // atomics allow.
+    unsafe { AtomicU32::from_ptr(c.host.0.add(class * size_of::<Magazine>() + to_usize(off)).cast()) }
 }
 
-fn load(mem: &GuestMemoryMmap, gpa: u64) -> Result<u32, RingError> {
-    mem.load(GuestAddress(gpa), Ordering::Acquire).map_err(|source| RingError::Access { gpa, source })
+fn load(c: &CpuRings, class: usize, off: u64) -> u32 {
+    field(c, class, off).load(Ordering::Acquire)
 }
 
-fn store(mem: &GuestMemoryMmap, gpa: u64, v: u32) -> Result<(), RingError> {
-    mem.store(v, GuestAddress(gpa), Ordering::Release).map_err(|source| RingError::Access { gpa, source })
+fn store(c: &CpuRings, class: usize, off: u64, v: u32) {
+    field(c, class, off).store(v, Ordering::Release);
+}
+
+/// The entries of a ring (`which`: MAG_ALLOC or MAG_FREE) of `c`'s magazine of `class`.
+fn ring_entries(c: &CpuRings, class: usize, which: u64) -> *mut u64 {
+    // SAFETY: inside the magazines' mapping (see `field`): `which` is the offset of one of the
+    // magazine's rings. 8-aligned.
+    unsafe { c.host.0.add(class * size_of::<Magazine>() + to_usize(which)).cast() }
+}
+
+/// The free ring's entries `[first, first + n)` (free-running indices, `n <= RING`), each
+/// read once.
+fn read_entries(c: &CpuRings, class: usize, first: u32, n: u32) -> Vec<u64> {
+    let base = ring_entries(c, class, MAG_FREE);
+    (0..n)
+        .map(|i| {
+            // SAFETY: slot() < RING: inside the free ring. The guest may change it any time, so
+            // it is read once, volatile.
+            unsafe { base.add(slot(first.wrapping_add(i))).read_volatile() }
+        })
+        .collect()
+}
+
+/// Writes `objs` (at most RING) as the alloc ring's entries from free-running index `first`.
+fn write_entries(c: &CpuRings, class: usize, first: u32, objs: &[u64]) {
+    let base = ring_entries(c, class, MAG_ALLOC);
+    for (i, &o) in (0u32..).zip(objs) {
+        // SAFETY: slot() < RING: inside the alloc ring.
+        unsafe { base.add(slot(first.wrapping_add(i))).write_volatile(o) };
+    }
 }
 
 /// Drains the free ring of `class` on `c` and refills its alloc ring up to `want` (at most the
 /// class's target). The caller holds the manager (`mm`), so nothing else changes our indices.
 fn exchange(
     mm: &mut MemoryManager,
-    mem: &GuestMemoryMmap,
     c: &CpuRings,
     class: usize,
     want: usize,
     sync: bool,
     counters: &RingCounters,
 ) -> Result<Exchanged, RingError> {
-    let mag = mag_gpa(c, class);
     let ring = &c.classes[class];
     let mut r = Exchanged::default();
 
     // The free ring: copy out what the guest published, once.
     let free_tail = ring.free_tail.load(Ordering::Relaxed);
-    let pending = load(mem, mag + MAG_FREE_HEAD)?.wrapping_sub(free_tail) as usize;
+    let pending = load(c, class, MAG_FREE_HEAD).wrapping_sub(free_tail);
     let mut frees = Vec::new();
-    if pending > RING {
+    if pending as usize > RING {
         r.refused = true;
     } else {
-        frees.reserve(pending);
-        for i in 0..u32::try_from(pending).expect("at most RING") {
-            let at = mag + MAG_FREE + slot(free_tail.wrapping_add(i)) as u64 * 8;
-            frees.push(mem.read_obj::<u64>(GuestAddress(at)).map_err(|source| RingError::Access { gpa: at, source })?);
-        }
+        frees = read_entries(c, class, free_tail, pending);
     }
 
     // The alloc ring: room up to the target.
     let alloc_head = ring.alloc_head.load(Ordering::Relaxed);
-    let level = alloc_head.wrapping_sub(load(mem, mag + MAG_ALLOC_TAIL)?) as usize;
+    let level = alloc_head.wrapping_sub(load(c, class, MAG_ALLOC_TAIL)) as usize;
     let need = if level > RING {
         r.refused = true;
         0
@@ -357,26 +414,23 @@ fn exchange(
     }
 
     let (out, bad) = mm.slab_exchange(c.id, NodeId(c.node), class, &frees, need)?;
-    for (i, obj) in (0u32..).zip(&out) {
-        let at = mag + MAG_ALLOC + slot(alloc_head.wrapping_add(i)) as u64 * 8;
-        mem.write_obj(*obj, GuestAddress(at)).map_err(|source| RingError::Access { gpa: at, source })?;
-    }
+    write_entries(c, class, alloc_head, &out);
     let new_head = alloc_head.wrapping_add(u32::try_from(out.len()).expect("at most RING"));
     ring.alloc_head.store(new_head, Ordering::Relaxed);
-    store(mem, mag + MAG_ALLOC_HEAD, new_head)?;
+    store(c, class, MAG_ALLOC_HEAD, new_head);
 
     if let Some(&(ptr, st)) = bad.last() {
-        let errors = load(mem, mag + MAG_FREE_ERRORS)?.saturating_add(u32::try_from(bad.len()).expect("at most RING"));
-        store(mem, mag + MAG_FREE_ERRORS, errors)?;
-        store(mem, mag + MAG_LAST_STATUS, u32::try_from(st).unwrap_or(u32::MAX))?;
-        mem.write_obj(ptr, GuestAddress(mag + MAG_LAST_BAD))
-            .map_err(|source| RingError::Access { gpa: mag + MAG_LAST_BAD, source })?;
+        let errors = load(c, class, MAG_FREE_ERRORS).saturating_add(u32::try_from(bad.len()).expect("at most RING"));
+        store(c, class, MAG_FREE_ERRORS, errors);
+        store(c, class, MAG_LAST_STATUS, u32::try_from(st).unwrap_or(u32::MAX));
+        // SAFETY: the 8-aligned `last_bad` field inside the magazine (see `field`).
+        unsafe { ring_entries(c, class, MAG_LAST_BAD).write_volatile(ptr) };
     }
     if !frees.is_empty() {
         // The errors above are visible before the guest sees its frees taken.
         let new_tail = free_tail.wrapping_add(u32::try_from(frees.len()).expect("at most RING"));
         ring.free_tail.store(new_tail, Ordering::Relaxed);
-        store(mem, mag + MAG_FREE_TAIL, new_tail)?;
+        store(c, class, MAG_FREE_TAIL, new_tail);
     }
 
     r.level = if level > RING { 0 } else { u32::try_from(level + out.len()).expect("at most RING") };

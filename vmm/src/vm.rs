@@ -292,6 +292,8 @@ impl Vm {
         crate::notify::balloon_fields(&mut page, &balloon, mm.frames().total_pages());
         let notifier = Notifier::new(boot.shared_gpa, page);
         notifier.update(mm.ram(), |_| {});
+        let rings = Rings::new(mm.ram().mem(), boot.cpus.iter().map(|c| (c.id, c.node, c.cpu_page_gpa.0)), cfg.rings)
+            .map_err(|e| VmError::Thread(std::io::Error::other(e.to_string())))?;
         let shared = Arc::new(VmShared::new(
             cfg.clone(),
             ranges,
@@ -302,7 +304,7 @@ impl Vm {
             boot.idt_gpa,
             notifier,
             swapper,
-            Rings::new(boot.cpus.iter().map(|c| (c.id, c.node, c.cpu_page_gpa.0)), cfg.rings),
+            rings,
             cfg.cpus,
         ));
         let mut vcpus = Vec::with_capacity(fds.len());
@@ -377,10 +379,7 @@ impl Vm {
                 .name("rings".into())
                 .spawn(move || {
                     let res = init().map_err(|e| e.to_string()).and_then(|()| {
-                        shared
-                            .rings
-                            .run_service(&shared.mm, shared.ram.mem(), || shared.stopping())
-                            .map_err(|e| crate::error_chain(&e))
+                        shared.rings.run_service(&shared.mm, || shared.stopping()).map_err(|e| crate::error_chain(&e))
                     });
                     if let Err(e) = res {
                         events.send(VmEvent::ThreadFailed("slab rings", e));

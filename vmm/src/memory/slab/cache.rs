@@ -2,7 +2,7 @@
 //! slabs, per-node partial lists, one cached empty slab, the quarantine). The metadata lives
 //! here, never in guest RAM: a few dozen bytes per slab (32 KiB or more) plus one bit per object.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::VecDeque;
 
 use protocol::layout::SLAB_SLOT;
 
@@ -29,6 +29,10 @@ pub struct Slab {
     pub in_use: u32,
     /// Bit `i`: object `i` is not available (handed out, or in quarantine).
     pub(super) handed: Box<[u64]>,
+    /// Bit `i`: object `i` is in its class's quarantine (freed, not yet reusable).
+    pub(super) held: Box<[u64]>,
+    /// Where the slab sits in its node's partial list, if it is there.
+    pub(super) partial_at: Option<u32>,
     /// The vCPU whose current slab this is.
     pub owner: Option<u32>,
     /// The vCPU that owned it last: it gets the slab back first, so a slab whose objects may
@@ -49,6 +53,8 @@ impl Slab {
             objects,
             in_use: 0,
             handed: vec![0; words].into_boxed_slice(),
+            held: vec![0; words].into_boxed_slice(),
+            partial_at: None,
             owner: None,
             last_owner: None,
             cursor: 0,
@@ -63,21 +69,36 @@ impl Slab {
         set_bit(&mut self.handed, i, on);
     }
 
+    pub(super) fn is_held(&self, i: u32) -> bool {
+        self.held[i as usize / 64] & (1 << (i % 64)) != 0
+    }
+
+    pub(super) fn set_held(&mut self, i: u32, on: bool) {
+        set_bit(&mut self.held, i, on);
+    }
+
     /// The next free object at or after the cursor (wrapping), if any.
     pub(super) fn next_free(&mut self) -> Option<u32> {
+        if self.in_use == self.objects {
+            return None;
+        }
         let words = self.handed.len();
         let start = self.cursor as usize / 64;
+        let mut w = start;
         for k in 0..=words {
-            let w = (start + k) % words;
             // On the first word, ignore the bits below the cursor; they come last.
             let mask = if k == 0 { !0u64 << (self.cursor % 64) } else { !0u64 };
             let free = !self.handed[w] & mask;
             if free != 0 {
                 let i = u32::try_from(w * 64).ok()? + free.trailing_zeros();
                 if i < self.objects {
-                    self.cursor = (i + 1) % self.objects;
+                    self.cursor = if i + 1 == self.objects { 0 } else { i + 1 };
                     return Some(i);
                 }
+            }
+            w += 1;
+            if w == words {
+                w = 0;
             }
         }
         None
@@ -108,8 +129,9 @@ pub fn objects_per_slab(size: u32) -> u32 {
 pub(super) struct Cache {
     /// Current slab of each vCPU (by id).
     pub(super) cpu_slab: Vec<Option<SlabId>>,
-    /// Per node: slabs with free objects that no vCPU owns.
-    pub(super) partial: Vec<BTreeSet<SlabId>>,
+    /// Per node: slabs with free objects that no vCPU owns (each slab knows its place, so
+    /// that leaving the list is O(1)).
+    pub(super) partial: Vec<Vec<SlabId>>,
     /// Per node: one empty slab kept for reuse.
     pub(super) empty: Vec<Option<SlabId>>,
     /// Freed objects waiting to become reusable, oldest first: (slab, object index).
@@ -117,4 +139,30 @@ pub(super) struct Cache {
     pub(super) slabs: u64,
     /// Objects handed to the guest (not counting the quarantine).
     pub(super) active: u64,
+}
+
+/// The slabs by id (`None`: a free id).
+pub(super) type Arena = Vec<Option<Slab>>;
+
+fn slab_in(arena: &mut Arena, id: SlabId) -> &mut Slab {
+    arena[id as usize].as_mut().expect("live slab id")
+}
+
+/// Puts slab `id` at the end of a partial list.
+pub(super) fn partial_push(list: &mut Vec<SlabId>, arena: &mut Arena, id: SlabId) {
+    let s = slab_in(arena, id);
+    debug_assert!(s.partial_at.is_none());
+    s.partial_at = Some(u32::try_from(list.len()).expect("fewer slabs than u32"));
+    list.push(id);
+}
+
+/// Takes slab `id` out of the partial list it is in (O(1): the last entry takes its place).
+pub(super) fn partial_remove(list: &mut Vec<SlabId>, arena: &mut Arena, id: SlabId) {
+    let Some(at) = slab_in(arena, id).partial_at.take() else { return };
+    let at = at as usize;
+    debug_assert_eq!(list[at], id);
+    list.swap_remove(at);
+    if let Some(&moved) = list.get(at) {
+        slab_in(arena, moved).partial_at = Some(u32::try_from(at).expect("fewer slabs than u32"));
+    }
 }

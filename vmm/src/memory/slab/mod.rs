@@ -27,8 +27,6 @@
 
 mod cache;
 
-use std::collections::{BTreeSet, HashSet};
-
 use protocol::layout::{SLAB_SLOT, SLAB_VA_END, SLAB_VA_START};
 use protocol::slab::{CLASSES, NR_CLASSES};
 
@@ -39,7 +37,7 @@ use crate::memory::frames::policy::Policy;
 use crate::memory::space::{AddressSpace, Phys, SpaceError};
 use crate::memory::zeroed::ZeroedVec;
 
-use cache::{Cache, Slab, SlabId};
+use cache::{Arena, Cache, Slab, SlabId, partial_push, partial_remove};
 
 pub use cache::{objects_per_slab, quarantine_len, slab_pages};
 
@@ -122,31 +120,42 @@ pub struct SlabInfo {
     pub quarantined: u64,
 }
 
+/// `ceil(2^32 / size)` per class: `(off * r) >> 32 == off / size` for every `off < 2^16`,
+/// because `off / size` is never within `2^-16` below an integer (its fraction is at most
+/// `1 - 1/size`, `size <= 2^15`) and the error of `r` adds less than `2^16 / 2^32`.
+const RECIPROCALS: [u64; NR_CLASSES] = {
+    let mut r = [0u64; NR_CLASSES];
+    let mut c = 0;
+    while c < NR_CLASSES {
+        r[c] = (1u64 << 32).div_ceil(CLASSES[c] as u64);
+        c += 1;
+    }
+    r
+};
+const _: () = assert!(SLAB_SLOT <= 1 << 16 && protocol::slab::MAX_OBJECT <= 1 << 15);
+
 /// All slabs and classes.
 #[derive(Debug)]
 pub struct SlabAllocator {
     caches: Vec<Cache>,
     /// Slabs by id; `None` marks a free id.
-    arena: Vec<Option<Slab>>,
+    arena: Arena,
     free_ids: Vec<SlabId>,
     /// Per 64 KiB slot of the slab zone: the id of the slab there, plus one (0: none).
     slots: ZeroedVec<u32>,
-    /// Objects in the classes' quarantines (at most two batches per class).
-    quarantined: HashSet<u64>,
     counters: SlabCounters,
 }
 
 impl SlabAllocator {
     pub fn new(nodes: usize) -> Self {
         let caches = (0..NR_CLASSES)
-            .map(|_| Cache { partial: vec![BTreeSet::new(); nodes], empty: vec![None; nodes], ..Default::default() })
+            .map(|_| Cache { partial: vec![Vec::new(); nodes], empty: vec![None; nodes], ..Default::default() })
             .collect();
         SlabAllocator {
             caches,
             arena: Vec::new(),
             free_ids: Vec::new(),
             slots: ZeroedVec::new(to_usize((SLAB_VA_END - SLAB_VA_START) / SLAB_SLOT)),
-            quarantined: HashSet::new(),
             counters: SlabCounters::default(),
         }
     }
@@ -169,12 +178,13 @@ impl SlabAllocator {
         let slot = Self::slot_of(ptr).ok_or(SlabError::NotFound)?;
         let id = self.slots[slot].checked_sub(1).ok_or(SlabError::NotFound)?;
         let s = self.slab(id);
-        let size = u64::from(CLASSES[s.class]);
         let off = ptr - s.va;
-        if !off.is_multiple_of(size) || off / size >= u64::from(s.objects) {
+        // off / size by a multiply: exact for offsets inside a slot (below 2^16; see RECIPROCALS).
+        let i = (off * RECIPROCALS[s.class]) >> 32;
+        if i * u64::from(CLASSES[s.class]) != off || i >= u64::from(s.objects) {
             return Err(SlabError::NotFound);
         }
-        Ok((id, u32::try_from(off / size).expect("fewer objects than u32")))
+        Ok((id, u32::try_from(i).expect("fewer objects than u32")))
     }
 
     fn insert(&mut self, s: Slab) -> SlabId {
@@ -293,11 +303,13 @@ impl SlabAllocator {
             self.counters.bad_frees += 1;
             return located.map(|_| ());
         };
-        if !self.slab(id).is_handed(i) || !self.quarantined.insert(ptr) {
+        let s = self.slab_mut(id);
+        if !s.is_handed(i) || s.is_held(i) {
             self.counters.bad_frees += 1;
             return Err(SlabError::DoubleFree);
         }
-        let class = self.slab(id).class;
+        s.set_held(i, true);
+        let class = s.class;
         let cache = &mut self.caches[class];
         cache.active -= 1;
         cache.quarantine.push_back((id, i));
@@ -318,23 +330,22 @@ impl SlabAllocator {
         id: SlabId,
         i: u32,
     ) -> Result<(), SlabError> {
-        let s = self.slab(id);
-        self.quarantined.remove(&(s.va + u64::from(i) * u64::from(CLASSES[s.class])));
         let s = self.slab_mut(id);
+        s.set_held(i, false);
         s.set_handed(i, false);
         s.in_use -= 1;
         let (class, node, in_use, objects, owned) =
             (s.class, s.node.0 as usize, s.in_use, s.objects, s.owner.is_some());
-        let cache = &mut self.caches[class];
         if owned {
             return Ok(());
         }
+        let cache = &mut self.caches[class];
         if in_use + 1 == objects {
             // Was full: now it has room.
-            cache.partial[node].insert(id);
+            partial_push(&mut cache.partial[node], &mut self.arena, id);
         }
         if in_use == 0 {
-            cache.partial[node].remove(&id);
+            partial_remove(&mut cache.partial[node], &mut self.arena, id);
             if cache.empty[node].is_none() {
                 cache.empty[node] = Some(id);
             } else {
@@ -348,7 +359,7 @@ impl SlabAllocator {
     pub fn object_size(&self, ptr: u64) -> Result<u32, SlabError> {
         let (id, i) = self.locate(ptr)?;
         let s = self.slab(id);
-        if !s.is_handed(i) || self.quarantined.contains(&ptr) {
+        if !s.is_handed(i) || s.is_held(i) {
             return Err(SlabError::DoubleFree);
         }
         Ok(CLASSES[s.class])
@@ -415,16 +426,19 @@ impl SlabAllocator {
         cpu: u32,
     ) -> Result<Option<SlabId>, SlabError> {
         let n = node.0 as usize;
-        let arena = &self.arena;
+        let arena = &mut self.arena;
         let cache = &mut self.caches[class];
-        let own = cache.partial[n]
+        // The most recently listed slabs first (their memory is the warmest).
+        let list = &cache.partial[n];
+        let own = list
             .iter()
+            .rev()
             .take(16)
             .copied()
             .find(|&id| arena[id as usize].as_ref().is_some_and(|s| s.last_owner == Some(cpu)));
-        if let Some(va) = own.or_else(|| cache.partial[n].first().copied()) {
-            cache.partial[n].remove(&va);
-            return Ok(Some(va));
+        if let Some(id) = own.or_else(|| list.last().copied()) {
+            partial_remove(&mut cache.partial[n], arena, id);
+            return Ok(Some(id));
         }
         if let Some(va) = cache.empty[n].take() {
             return Ok(Some(va));
@@ -441,8 +455,12 @@ impl SlabAllocator {
         }
         let cache = &mut self.caches[class];
         for other in 0..cache.partial.len() {
-            if let Some(va) = cache.partial[other].pop_first().or_else(|| cache.empty[other].take()) {
-                return Ok(Some(va));
+            if let Some(&id) = cache.partial[other].last() {
+                partial_remove(&mut cache.partial[other], &mut self.arena, id);
+                return Ok(Some(id));
+            }
+            if let Some(id) = cache.empty[other].take() {
+                return Ok(Some(id));
             }
         }
         Ok(None)
@@ -488,16 +506,21 @@ impl SlabAllocator {
             if handed != s.in_use {
                 return Err(format!("slab {va:#x}: {} handed bits, in_use {}", handed, s.in_use));
             }
-            let size = u64::from(CLASSES[s.class]);
-            let q = (0..s.objects).filter(|&i| self.quarantined.contains(&(va + u64::from(i) * size))).count();
-            let q = u32::try_from(q).expect("fewer objects than u32");
+            let q: u32 = s.held.iter().map(|w| w.count_ones()).sum();
+            if s.held.iter().zip(&s.handed).any(|(h, x)| h & !x != 0) {
+                return Err(format!("slab {va:#x}: a quarantined object is marked free"));
+            }
             quarantined[s.class] += u64::from(q);
             if space.slab_frames(frames, backing, va, slab_pages(CLASSES[s.class])).is_none() {
                 return Err(format!("slab {va:#x}: not mapped read-write to its frames"));
             }
             let cache = &self.caches[s.class];
             let n = s.node.0 as usize;
-            let in_partial = cache.partial[n].contains(&id);
+            let in_partial = match s.partial_at {
+                Some(at) if cache.partial[n].get(at as usize) == Some(&id) => true,
+                Some(at) => return Err(format!("slab {va:#x}: not at its place {at} in the partial list")),
+                None => false,
+            };
             let is_empty = cache.empty[n] == Some(id);
             match s.owner {
                 Some(cpu) => {
@@ -518,12 +541,6 @@ impl SlabAllocator {
             slabs[s.class] += 1;
             active[s.class] += u64::from(s.in_use - q);
         }
-        for &ptr in &self.quarantined {
-            let (id, i) = self.locate(ptr).map_err(|_| format!("quarantined {ptr:#x} is no object"))?;
-            if !self.slab(id).is_handed(i) {
-                return Err(format!("quarantined object {ptr:#x} is marked free"));
-            }
-        }
         for (c, cache) in self.caches.iter().enumerate() {
             if cache.slabs != slabs[c] || cache.active != active[c] || cache.quarantine.len() as u64 != quarantined[c] {
                 return Err(format!(
@@ -536,6 +553,17 @@ impl SlabAllocator {
                     active[c],
                     quarantined[c]
                 ));
+            }
+            for list in &cache.partial {
+                for (k, &id) in list.iter().enumerate() {
+                    let at = self.arena.get(id as usize).and_then(Option::as_ref).and_then(|s| s.partial_at);
+                    if at != Some(u32::try_from(k).expect("fewer slabs than u32")) {
+                        return Err(format!(
+                            "class {}: partial entry {k} (slab {id}) does not know its place",
+                            CLASSES[c]
+                        ));
+                    }
+                }
             }
             for (cpu, s) in cache.cpu_slab.iter().enumerate() {
                 if let Some(id) = *s
@@ -555,6 +583,16 @@ mod tests {
     use super::*;
     use crate::memory::MemoryManager;
     use proptest::prelude::*;
+    use std::collections::BTreeSet;
+
+    #[test]
+    fn reciprocals_divide_exactly_inside_a_slot() {
+        for (c, &size) in CLASSES.iter().enumerate() {
+            for off in 0..SLAB_SLOT {
+                assert_eq!((off * RECIPROCALS[c]) >> 32, off / u64::from(size), "{off} / {size}");
+            }
+        }
+    }
 
     /// A two-node memory manager over real (unregistered) guest RAM, without KVM.
     fn manager() -> MemoryManager {
