@@ -225,13 +225,14 @@ fn finish(status: i32, aborted: bool) -> ! {
     }
     crate::println!(
         "@result scenario=cbench name={} status={status} wall_ns={wall} threads={} exits={} allocs={} bad_frees={bad} \
-         switches={} preemptions={}",
+         switches={} preemptions={} service_waits={}",
         NAME.get(),
         sched::CREATED.load(Ordering::Relaxed).saturating_sub(1),
         heap::all_exits(cpus()),
         heap::all_allocs(cpus()),
         sched::SWITCHES.load(Ordering::Relaxed),
         sched::PREEMPTIONS.load(Ordering::Relaxed),
+        heap::all_service_waits(cpus()),
     );
     let code = if aborted {
         protocol::exit::ABORTED
