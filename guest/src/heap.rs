@@ -99,16 +99,18 @@ pub fn alloc_small(class: usize) -> *mut u8 {
     }
 }
 
-/// Waits up to [`SERVICE_WAIT_US`] for `ready()` while the VMM's service thread runs; returns
-/// whether it became true (false at once when no service runs).
+/// Waits as long as the VMM's service thread asks (`Magazine::service`, at most
+/// [`SERVICE_WAIT_US`]) for `ready()`; returns whether it became true (false at once when there
+/// is no service to wait for).
 fn wait_for_service(m: *const Magazine, ready: impl Fn() -> bool) -> bool {
     // SAFETY: m points into this vCPU's mapped magazines.
-    if unsafe { read_volatile(addr_of!((*m).service)) } == 0 {
+    let us = unsafe { read_volatile(addr_of!((*m).service)) }.min(SERVICE_WAIT_US);
+    if us == 0 {
         return false;
     }
     let khz = crate::bootinfo::get().map_or(0, |bi| bi.tsc_khz);
     let t0 = arch::rdtsc();
-    while arch::rdtsc() - t0 < SERVICE_WAIT_US * khz / 1000 {
+    while arch::rdtsc() - t0 < u64::from(us) * khz / 1000 {
         if ready() {
             *SERVICE_WAITS.get_mut() += 1;
             return true;

@@ -34,9 +34,10 @@ pub const MAX_OBJECT: u32 = 32768;
 pub const RING: usize = 512;
 /// A free ring holding this many entries is drained by the service thread.
 pub const DRAIN_AT: u32 = 64;
-/// How long a guest waits for the service thread (see [`Magazine::service`]) before it sends
-/// SLAB_EXCHANGE, in microseconds: less than an exit costs.
-pub const SERVICE_WAIT_US: u64 = 20;
+/// The longest wait [`Magazine::service`] asks for, in microseconds: a few exits' worth. A
+/// service that has a CPU of its own comes sooner, and an exit would not be faster (its handler
+/// waits for the same lock and does the same work).
+pub const SERVICE_WAIT_US: u32 = 100;
 /// Offset of the magazines (`[Magazine; NR_CLASSES]`) within the vCPU's CPU area.
 pub const MAGAZINES_OFFSET: u64 = 3 * PAGE_SIZE;
 
@@ -59,9 +60,10 @@ pub struct Magazine {
     pub last_status: u32,
     /// VMM: the last bad pointer.
     pub last_bad: u64,
-    /// VMM: nonzero while a VMM thread services the rings without exits: a guest that finds
-    /// its alloc ring empty or its free ring full may wait a few microseconds for it before it
-    /// sends SLAB_EXCHANGE.
+    /// VMM: while a VMM thread services the rings without exits, how many microseconds a guest
+    /// that finds its alloc ring empty or its free ring full should wait for it before it sends
+    /// SLAB_EXCHANGE (0: no service, or no spare host CPU for it: exit at once, so that the
+    /// vCPU's own thread does the work and a waiting vCPU does not keep the service off a CPU).
     pub service: u32,
     _vmm: [u32; 9],
     pub alloc: [u64; RING],

@@ -24,7 +24,8 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryError, GuestMemoryM
 
 use protocol::slab::{
     CLASSES, MAG_ALLOC, MAG_ALLOC_HEAD, MAG_ALLOC_TAIL, MAG_FREE, MAG_FREE_ERRORS, MAG_FREE_HEAD, MAG_FREE_TAIL,
-    MAG_LAST_BAD, MAG_LAST_STATUS, MAG_SERVICE, MAGAZINES_OFFSET, Magazine, NR_CLASSES, RING, slot, target,
+    MAG_LAST_BAD, MAG_LAST_STATUS, MAG_SERVICE, MAGAZINES_OFFSET, Magazine, NR_CLASSES, RING, SERVICE_WAIT_US, slot,
+    target,
 };
 use protocol::status;
 
@@ -139,6 +140,9 @@ pub struct Rings {
     cpus: Vec<CpuRings>,
     /// Whether a service thread runs (`--memory rings=on`).
     service: bool,
+    /// How long a guest should wait for the service (`Magazine::service`): [`SERVICE_WAIT_US`]
+    /// when the host has a CPU for it beside the vCPUs, else 0.
+    wait_us: u32,
     asleep: AtomicBool,
     poked: Mutex<bool>,
     wake: Condvar,
@@ -155,7 +159,7 @@ impl Rings {
         cpus: impl IntoIterator<Item = (u32, u32, u64)>,
         service: bool,
     ) -> Result<Rings, RingError> {
-        let cpus = cpus
+        let cpus: Vec<CpuRings> = cpus
             .into_iter()
             .map(|(id, node, page)| {
                 let mags = page + MAGAZINES_OFFSET;
@@ -171,9 +175,13 @@ impl Rings {
                 })
             })
             .collect::<Result<_, RingError>>()?;
+        // A vCPU spinning for the service only helps if the service can run meanwhile.
+        let host_cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+        let wait_us = if cpus.len() < host_cpus { SERVICE_WAIT_US } else { 0 };
         Ok(Rings {
             cpus,
             service,
+            wait_us,
             asleep: AtomicBool::new(false),
             poked: Mutex::new(false),
             wake: Condvar::new(),
@@ -258,9 +266,10 @@ impl Rings {
 
     /// Tells the guest in every magazine whether the service runs.
     fn announce(&self, on: bool) {
+        let wait = if on { self.wait_us } else { 0 };
         for c in &self.cpus {
             for class in 0..NR_CLASSES {
-                store(c, class, MAG_SERVICE, u32::from(on));
+                store(c, class, MAG_SERVICE, wait);
             }
         }
     }

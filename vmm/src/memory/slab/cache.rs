@@ -5,6 +5,7 @@
 use std::collections::VecDeque;
 
 use protocol::layout::SLAB_SLOT;
+use protocol::slab::{CLASSES, NR_CLASSES};
 
 use crate::memory::addr::{NodeId, PAGE_SIZE};
 
@@ -115,9 +116,27 @@ fn set_bit(words: &mut [u64], i: u32, on: bool) {
 }
 
 /// Objects of `size` a class keeps in quarantine: about 64 KiB worth, between 32 and 256.
-pub fn quarantine_len(size: u32) -> usize {
-    (65_536 / size as usize).clamp(32, 256)
+pub const fn quarantine_len(size: u32) -> usize {
+    let n = 65_536 / size as usize;
+    if n < 32 {
+        32
+    } else if n > 256 {
+        256
+    } else {
+        n
+    }
 }
+
+/// [`quarantine_len`] of each class (no division on the free path).
+pub const QUARANTINE_LEN: [usize; NR_CLASSES] = {
+    let mut q = [0; NR_CLASSES];
+    let mut c = 0;
+    while c < NR_CLASSES {
+        q[c] = quarantine_len(CLASSES[c]);
+        c += 1;
+    }
+    q
+};
 
 /// Objects per slab of `size`.
 pub fn objects_per_slab(size: u32) -> u32 {

@@ -314,7 +314,7 @@ impl SlabAllocator {
         cache.active -= 1;
         cache.quarantine.push_back((id, i));
         self.counters.objects_in += 1;
-        if cache.quarantine.len() > quarantine_len(CLASSES[class]) {
+        if cache.quarantine.len() > cache::QUARANTINE_LEN[class] {
             let (oldest, j) = cache.quarantine.pop_front().expect("non-empty");
             self.release_object(space, phys, oldest, j)?;
         }
