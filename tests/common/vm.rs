@@ -82,7 +82,9 @@ impl Vm {
             if let Some(s) = self.child.try_wait().unwrap() {
                 break s;
             }
-            assert!(start.elapsed() < timeout, "vmm did not finish in {timeout:?}");
+            if start.elapsed() >= timeout {
+                self.give_up(timeout);
+            }
             std::thread::sleep(Duration::from_millis(10));
         };
         let mut err = String::new();
@@ -92,6 +94,34 @@ impl Vm {
         self.reader.join().unwrap();
         let stdout = self.stdout.lock().unwrap().clone();
         Exit { code: status.code().unwrap_or(-1), stderr: err, stats, stdout }
+    }
+
+    /// A VMM that overran its time: its stats (SIGUSR1), its threads' states and kernel stacks,
+    /// then SIGKILL and a panic showing what it printed last.
+    fn give_up(&mut self, timeout: Duration) -> ! {
+        let pid = self.child.id();
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(pid as i32, libc::SIGUSR1) };
+        std::thread::sleep(Duration::from_millis(500));
+        let mut threads = String::new();
+        if let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+            for t in dir.flatten() {
+                let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+                let stack = std::fs::read_to_string(t.path().join("stack")).unwrap_or_default();
+                let wchan = std::fs::read_to_string(t.path().join("wchan")).unwrap_or_default();
+                threads += &format!("{}\n  wchan {wchan}\n{}\n", stat.trim(), stack.trim());
+            }
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let mut err = String::new();
+        let _ = std::io::Read::read_to_string(self.child.stderr.as_mut().unwrap(), &mut err);
+        let out = self.stdout.lock().unwrap().clone();
+        let tail: String =
+            out.lines().rev().take(20).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
+        panic!(
+            "vmm did not finish in {timeout:?}\n--- threads\n{threads}--- stderr\n{err}\n--- last stdout lines\n{tail}"
+        );
     }
 
     pub fn output(&self) -> String {

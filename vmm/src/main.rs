@@ -62,6 +62,14 @@ fn run(cfg: vmm::config::VmConfig, start: Instant) -> Result<u8, (u8, anyhow::Er
     let verbose = cfg.verbose;
     let vm = Vm::create(cfg, start).map_err(|e| (e.exit_code(), e.into()))?;
     let (ending, stats) = vm.run().map_err(|e| (e.exit_code(), e.into()))?;
+    let Some(stats) = stats else {
+        eprintln!("vmm: the memory manager stayed busy after the VM ended: no final figures");
+        if let Ending::Fatal { message, code } = &ending {
+            eprintln!("vmm: error: {message}");
+            return Ok(*code);
+        }
+        return Ok(exit_code::SOFTWARE);
+    };
     if let Some(path) = stats_file {
         let json = serde_json::to_string_pretty(&stats).expect("stats serialize");
         std::fs::write(&path, json + "\n")

@@ -125,6 +125,9 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
 /// How long a clean stop waits for the vCPUs to leave `KVM_RUN`.
 const STOP_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long the VMM waits, once the VM has ended, for the memory manager to gather its final
+/// figures before it ends without them.
+const FINAL_STATS_GRACE: Duration = Duration::from_secs(10);
 
 /// The main thread's inbox; every thread holds a sender.
 #[derive(Debug, Clone)]
@@ -317,7 +320,7 @@ impl Vm {
     }
 
     /// Runs the guest to its end. Returns how it ended and the final stats.
-    pub fn run(mut self) -> Result<(Ending, Stats), VmError> {
+    pub fn run(mut self) -> Result<(Ending, Option<Stats>), VmError> {
         if self.cfg.seccomp {
             seccomp::enable()?;
         }
@@ -463,8 +466,18 @@ impl Vm {
             s.stop();
         }
         drop(signals);
+        // A thread stuck with the memory manager's lock (on a guest-memory fault no handler
+        // serves any more, after a handler failed) must not keep the VMM from ending: without
+        // the lock within the grace period, it ends without its final figures.
+        let deadline = Instant::now() + FINAL_STATS_GRACE;
+        while let Err(std::sync::TryLockError::WouldBlock) = self.shared.mm.try_lock() {
+            if Instant::now() >= deadline {
+                return Ok((ending, None));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let stats = self.stats(Some(&ending));
-        Ok((ending, stats))
+        Ok((ending, Some(stats)))
     }
 
     fn dump_stats(&self) {

@@ -23,7 +23,8 @@
 //! - Other write-protect faults (a write during a translation invalidation) are resolved by
 //!   lifting the protection.
 //! - `Swapped`: read the page back from swap (and, for a sequential stream, the swapped pages
-//!   after it); `SwappingOut`: wait until its eviction is over, then look again. After making
+//!   after it); `SwappingOut`: leave the thread asleep (the eviction's end wakes it, and it
+//!   faults again); a handler never waits for the swapper. After making
 //!   memory resident, a handler gives the swapper time to keep guest RAM near its limit.
 //!
 //! Any handler failure is reported through the error callback; the VM then stops. A vCPU never
@@ -104,6 +105,8 @@ pub struct FaultStats {
     pub zero_page: Counter,
     /// Writes to those zero pages (write-protect faults that made the frame resident).
     pub zero_written: Counter,
+    /// Faults on frames being evicted, left asleep until the eviction ends.
+    pub deferred: Counter,
     /// Faults that continued a vCPU's sequential stream (and got a grown window).
     pub sequential: Counter,
     /// Time to serve a zero-fill fault, from reading the message to waking the vCPU.
@@ -131,6 +134,7 @@ pub struct FaultReport {
     pub write_protect: u64,
     pub zero_page: u64,
     pub zero_written: u64,
+    pub deferred: u64,
     pub latency: LatencySummary,
 }
 
@@ -147,6 +151,7 @@ impl FaultStats {
             write_protect: self.write_protect.get(),
             zero_page: self.zero_page.get(),
             zero_written: self.zero_written.get(),
+            deferred: self.deferred.get(),
             latency: self.latency.summary(),
         }
     }
@@ -291,9 +296,11 @@ impl FaultHandler {
                 Ok(())
             }
             FrameState::SwappingOut => {
-                let swap = self.swap.get().ok_or(FaultError::LostResident { gpa: gpa.0 })?;
-                swap.wait_evicted(gfn)?;
-                self.serve_from(addr, flags, tid)
+                // Never wait for the swapper here: it may itself be faulting on guest memory
+                // that needs a handler (with every handler waiting, that was a deadlock). The
+                // faulting thread stays asleep; the eviction's end wakes it, and it faults again.
+                self.stats.deferred.inc();
+                Ok(())
             }
             FrameState::Populating => {
                 // Its populator wakes every waiter when the copy lands.

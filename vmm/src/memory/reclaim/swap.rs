@@ -113,7 +113,7 @@ impl SwapClock {
         let mut young: Vec<(Gfn, u64)> = Vec::new();
         let c = &mut self.counters;
         let t = std::time::Instant::now();
-        let end = space.scan_leaves(mem, self.hand, SCAN_BUDGET, clock, |leaf| {
+        let end = space.scan_leaves(mem, states, self.hand, SCAN_BUDGET, clock, |leaf| {
             c.scanned += 1;
             let frames = match leaf.size {
                 PageSize::Size4K => 1,

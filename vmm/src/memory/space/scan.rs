@@ -11,6 +11,7 @@ use protocol::layout::{HEAP_VA_START, SLAB_VA_END};
 
 use crate::memory::addr::{Gfn, Gva, HUGE_PAGE_SIZE, PAGE_SIZE};
 use crate::memory::backing::ram::GuestMemoryMmap;
+use crate::memory::frames::page_state::{FrameState, PageStates};
 
 use super::AddressSpace;
 use super::pagetable::{PageSize, PteFlags, entry_slot, read_entry, test_and_clear_accessed};
@@ -50,6 +51,7 @@ impl AddressSpace {
     pub fn scan_leaves(
         &self,
         mem: &GuestMemoryMmap,
+        states: &PageStates,
         from: Gva,
         max_leaves: usize,
         clear: bool,
@@ -67,7 +69,7 @@ impl AddressSpace {
             if (wrapped && va >= start) || seen >= max_leaves {
                 return ScanEnd { next: Gva(va), wrapped };
             }
-            match self.next_leaf_table(mem, va) {
+            match self.next_leaf_table(mem, states, va) {
                 Step::Skip(to) => va = to.max(va + PAGE_SIZE),
                 Step::Huge(slot, entry) => {
                     seen += 1;
@@ -114,7 +116,11 @@ impl AddressSpace {
 
     /// From `va`, the walk's next step: the leaf table covering it, a 2 MiB leaf, or where the
     /// next mapped address could be.
-    fn next_leaf_table(&self, mem: &GuestMemoryMmap, va: u64) -> Step {
+    /// The leaf table (or 2 MiB leaf) covering `va`, or where to look next. A leaf table whose
+    /// frame is not resident (an emptied table, `Zero`) has no leaves and is not read: reading
+    /// it would fault to the handler, and the swapper, which scans holding the manager's lock,
+    /// must not depend on a handler.
+    fn next_leaf_table(&self, mem: &GuestMemoryMmap, states: &PageStates, va: u64) -> Step {
         let mut table = self.pt.root();
         for level in (2..=4u8).rev() {
             let span = 1u64 << (12 + 9 * (u32::from(level) - 1));
@@ -127,6 +133,9 @@ impl AddressSpace {
                 return Step::Huge(slot, e.0);
             }
             table = e.gfn();
+        }
+        if states.get(table) != FrameState::Resident {
+            return Step::Skip((va & !(HUGE_PAGE_SIZE - 1)) + HUGE_PAGE_SIZE);
         }
         Step::Table(table)
     }

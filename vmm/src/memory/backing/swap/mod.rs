@@ -54,8 +54,6 @@ pub const MAX_READAHEAD: usize = 16;
 const RECENT_MAX: u64 = 1 << 16;
 /// How long the file rests after it was full or a write failed, before swap tries it again.
 const FILE_RETRY: Duration = Duration::from_secs(2);
-/// Longest a fault waits for an eviction of its page to finish.
-const EVICTION_WAIT_MAX: Duration = Duration::from_secs(60);
 
 /// Location word: no copy, a file slot, or a pool handle (the low 30 bits).
 const TAG_MASK: u32 = 3 << 30;
@@ -113,8 +111,6 @@ pub enum SwapError {
     },
     #[error("cannot drop the staging area's pages")]
     Discard(#[source] std::io::Error),
-    #[error("an eviction of guest-physical page {gpa:#x} did not finish within {EVICTION_WAIT_MAX:?}")]
-    Stuck { gpa: u64 },
 }
 
 /// What swap did, readable while it runs.

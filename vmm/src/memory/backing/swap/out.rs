@@ -337,12 +337,46 @@ impl SwapStore {
             }
             take_bit(&self.evicting, gfn);
         }
+        drop((inner, recent));
+        let gfns: Vec<Gfn> = done.iter().map(|d| d.0).collect();
+        self.wake_frames(&gfns);
     }
 
     /// Gives back a claim whose page was not moved: the frame stays resident.
     fn unclaim(&self, gfn: Gfn) {
         self.states.transition(gfn, FrameState::SwappingOut, FrameState::Resident);
         take_bit(&self.evicting, gfn);
+        self.wake_frames(&[gfn]);
+    }
+
+    /// Wakes every thread whose fault on one of `gfns` was left waiting while its eviction
+    /// was under way (the fault handler never blocks on an eviction: it leaves the faulting
+    /// thread asleep, and the eviction's end wakes it to fault again). Contiguous frames share
+    /// one call.
+    pub(super) fn wake_frames(&self, gfns: &[Gfn]) {
+        let mut i = 0;
+        while i < gfns.len() {
+            let mut n = 1;
+            while i + n < gfns.len() && gfns[i + n] == gfns[i].plus(n as u64) {
+                n += 1;
+            }
+            if let Some(hva) = self.ram.host_addr(gfns[i].gpa()) {
+                let len = n as u64 * PAGE_SIZE;
+                // Only within one RAM range (a run across two would not be one mapping).
+                if self.ram.host_addr(gfns[i].plus(n as u64 - 1).gpa())
+                    == Some(hva.wrapping_add(to_usize(len - PAGE_SIZE)))
+                {
+                    let _ = self.uffd.wake(hva as u64, len);
+                } else {
+                    for k in 0..n as u64 {
+                        if let Some(h) = self.ram.host_addr(gfns[i].plus(k).gpa()) {
+                            let _ = self.uffd.wake(h as u64, PAGE_SIZE);
+                        }
+                    }
+                }
+            }
+            i += n;
+        }
     }
 
     /// Puts a staged page back into guest RAM (its write failed): it stays resident.

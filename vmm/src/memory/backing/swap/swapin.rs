@@ -1,14 +1,14 @@
 //! Swap-in: reading swapped pages back (pool or file, with read-ahead) and installing them.
 
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use crate::memory::addr::{Gfn, PAGE_SIZE, to_usize};
 use crate::memory::frames::page_state::FrameState;
 use crate::sync::lock;
 
 use super::file::AlignedBuf;
-use super::{EVICTION_WAIT_MAX, Loc, MAX_READAHEAD, SwapError, SwapStore};
+use super::{Loc, MAX_READAHEAD, SwapError, SwapStore};
 
 impl SwapStore {
     /// Brings `gfn` back if it is `Swapped`, and up to `ahead` of the frames after it that are
@@ -116,18 +116,6 @@ impl SwapStore {
             }
             Ok(())
         })
-    }
-
-    /// Waits while an eviction of `gfn` is in flight.
-    pub fn wait_evicted(&self, gfn: Gfn) -> Result<(), SwapError> {
-        let start = Instant::now();
-        while self.states.get(gfn) == FrameState::SwappingOut {
-            if start.elapsed() > EVICTION_WAIT_MAX {
-                return Err(SwapError::Stuck { gpa: gfn.gpa().0 });
-            }
-            std::thread::sleep(Duration::from_micros(20));
-        }
-        Ok(())
     }
 }
 
