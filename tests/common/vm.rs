@@ -101,7 +101,7 @@ impl Vm {
     fn give_up(&mut self, timeout: Duration) -> ! {
         let pid = self.child.id();
         // SAFETY: kill(2) on our own child.
-        unsafe { libc::kill(pid as i32, libc::SIGUSR1) };
+        unsafe { libc::kill(pid.cast_signed(), libc::SIGUSR1) };
         std::thread::sleep(Duration::from_millis(500));
         let mut threads = String::new();
         if let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) {
