@@ -99,6 +99,23 @@ fn fault_counts_match_touched_memory_over_fault_around() {
 }
 
 #[test]
+fn scattered_first_touches_install_only_the_pages_touched() {
+    // 10% of 64 MiB at random with the default windows: once the faults are seen to be
+    // scattered, each installs only its own page (the window would install 16 for about 1.6
+    // touched); a sequential pass still grows its windows.
+    let r = run(&["--guest-args", "scenario=touch size=64M pct=10 seed=5"]);
+    r.assert_ok();
+    let x = r.result("scenario", "touch").expect("result");
+    let (installed, touched) = (n(&x, "fault_pages"), n(&x, "touched"));
+    assert!(installed * 10 <= touched * 12, "{installed} frames installed for {touched} pages touched");
+    assert!(n(&r.stats.as_ref().unwrap()["faults"], "scattered") > touched / 2);
+    let r = run(&["--guest-args", "scenario=touch size=64M"]);
+    r.assert_ok();
+    let x = r.result("scenario", "touch").expect("result");
+    assert!(n(&x, "faults") * 32 < n(&x, "touched"), "{x}");
+}
+
+#[test]
 fn demand_backing_takes_no_uffd_faults() {
     let r = run(&["--memory", "size=512M,backing=demand", "--guest-args", "scenario=touch size=16M"]);
     r.assert_ok();

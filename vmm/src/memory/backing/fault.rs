@@ -109,6 +109,8 @@ pub struct FaultStats {
     pub deferred: Counter,
     /// Faults that continued a vCPU's sequential stream (and got a grown window).
     pub sequential: Counter,
+    /// Faults of a vCPU whose faults are scattered (they install only the faulting frame).
+    pub scattered: Counter,
     /// Time to serve a zero-fill fault, from reading the message to waking the vCPU.
     pub latency: Histogram,
     /// Frames ever installed by faults, per node.
@@ -127,6 +129,7 @@ pub struct FaultReport {
     pub fault_around_bytes: u64,
     pub fault_around_max_bytes: u64,
     pub sequential: u64,
+    pub scattered: u64,
     pub zero_fill: u64,
     pub pages: u64,
     pub spurious: u64,
@@ -144,6 +147,7 @@ impl FaultStats {
             fault_around_bytes: fault_around_pages * PAGE_SIZE,
             fault_around_max_bytes: max_pages * PAGE_SIZE,
             sequential: self.sequential.get(),
+            scattered: self.scattered.get(),
             zero_fill: self.zero_fill.get(),
             pages: self.pages.get(),
             spurious: self.spurious.get(),
@@ -171,10 +175,19 @@ pub struct FaultHandler {
     max_window: u64,
     /// Per faulting thread (vCPU): where its last window ended and how big it was.
     streams: Mutex<HashMap<u32, (Gfn, u64)>>,
+    /// Per faulting thread: its last zero-fill fault, and how many of its faults in a row were
+    /// far from the one before (random access: windows only install memory nobody touches).
+    scatter: Mutex<HashMap<u32, (Gfn, u8)>>,
     stats: Arc<FaultStats>,
     /// Host-side swap, when it is on.
     swap: OnceLock<Arc<SwapStore>>,
 }
+
+/// A fault farther than this many base windows from the thread's previous one is "far".
+const SCATTER_DISTANCE: u64 = 4;
+/// After this many far faults in a row, a thread's faults install only the faulting frame
+/// (until one lands near the previous again).
+const SCATTER_AFTER: u8 = 2;
 
 /// How far above its limit guest RAM may get before faults wait for the swapper, and for how
 /// long at most.
@@ -205,6 +218,7 @@ impl FaultHandler {
             window,
             max_window,
             streams: Mutex::new(HashMap::new()),
+            scatter: Mutex::new(HashMap::new()),
             stats,
             swap: OnceLock::new(),
         }
@@ -341,6 +355,24 @@ impl FaultHandler {
         seq
     }
 
+    /// Whether thread `tid`'s faults are scattered: this one and the one before each landed
+    /// farther than a few windows from the previous fault (a fault continuing a stream, `seq`,
+    /// never is). Notes this fault either way.
+    fn scattered(&self, gfn: Gfn, tid: u32, seq: bool) -> bool {
+        if tid == 0 {
+            return false;
+        }
+        let mut scatter = lock(&self.scatter);
+        if scatter.len() > 1024 {
+            scatter.clear();
+        }
+        let (last, far) = scatter.get(&tid).copied().unwrap_or((Gfn(u64::MAX / 2), 0));
+        let near = seq || gfn.0.abs_diff(last.0) < SCATTER_DISTANCE * self.window;
+        let far = if near { 0 } else { far.saturating_add(1).min(SCATTER_AFTER) };
+        scatter.insert(tid, (gfn, far));
+        far >= SCATTER_AFTER
+    }
+
     /// With swap on, lets the swapper catch up when guest RAM is well above its limit.
     fn throttle(&self) {
         if let Some(s) = self.swap.get() {
@@ -360,10 +392,16 @@ impl FaultHandler {
         let (start, stop) = {
             let mut streams = lock(&self.streams);
             let (next, last) = streams.get(&tid).copied().unwrap_or((Gfn(u64::MAX), 0));
-            let (start, stop) = if tid != 0 && gfn == next && max_window > self.window {
+            let seq = tid != 0 && gfn == next && max_window > self.window;
+            let scattered = self.scattered(gfn, tid, seq);
+            let (start, stop) = if seq {
                 let w = (last * 2).min(max_window);
                 self.stats.sequential.inc();
                 (gfn, Gfn(gfn.0 + w))
+            } else if scattered {
+                // Random access: the faulting frame only.
+                self.stats.scattered.inc();
+                (gfn, gfn.plus(1))
             } else {
                 (Gfn(gfn.0 & !(self.window - 1)), Gfn((gfn.0 | (self.window - 1)) + 1))
             };
