@@ -1,14 +1,15 @@
-//! Our own allocation workload, `scenario=churn`, in the guest and natively on the host, side by
-//! side in one run: the guest's source files (`guest/src/scenario/{churn,workload,util}.rs`,
+//! Our own allocation workloads (churn, larson, xmalloc, cache-scratch) in the guest and natively
+//! on the host, side by side in one run: the guest's source files (`guest/src/scenario/*.rs`,
 //! `guest/src/{rng,args}.rs`) are compiled here unchanged for the host, over small shims for
 //! what the guest gets from its kernel (the TSC, its vCPU id, the allocator's exit counter,
-//! `println!`). Same seeds, same sizes, same fill and check of every object. Natively the
-//! objects come from the Rust system allocator (glibc malloc), and with `LD_PRELOAD` from
-//! mimalloc; in the guest from the VMM's slabs through the rings, with the service thread
-//! (`rings=on`) and without it (`rings=off`).
+//! `println!`), with one thread per vCPU. Same seeds, same sizes, same fill and check of every
+//! object (single-threaded runs must end with the same checksum). Natively the objects come
+//! from the Rust system allocator (glibc malloc), and with `LD_PRELOAD` from mimalloc; in the
+//! guest from the VMM's slabs through the rings, with the service thread (`rings=on`) and
+//! without it (`rings=off`).
 //!
-//! `cargo bench -p vmm --bench native` (`NATIVE_RUNS=N`, default 3, medians; `NATIVE_OPS=N`,
-//! default 2,000,000). The binary runs the native side itself when `NATIVE_CHILD=seed,ops`.
+//! `cargo bench -p vmm --bench native` (`NATIVE_RUNS=N`, default 3, medians). The binary runs
+//! the native side itself when `NATIVE_CHILD` is set.
 
 // The guest's files carry their own allowances; here only the harness arithmetic.
 #![allow(clippy::cast_possible_truncation, clippy::cast_precision_loss, clippy::cast_sign_loss, dead_code)]
@@ -41,7 +42,11 @@ mod arch {
     }
 
     pub fn cpu_id() -> u32 {
-        0
+        super::CPU.with(std::cell::Cell::get)
+    }
+
+    pub fn pause() {
+        std::hint::spin_loop();
     }
 }
 
@@ -64,45 +69,84 @@ fn tsc_khz() -> u64 {
     (dc as f64 / dt.as_secs_f64() / 1000.0).max(1.0) as u64
 }
 
-/// The native side: churn with `seed` and `ops`, its result line on stdout.
-fn child(seed: u64, ops: u64) {
+thread_local! {
+    /// The "vCPU" this harness thread stands for.
+    static CPU: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// The native side: `args` (a guest argument string) on `threads` threads, their result lines
+/// on stdout.
+fn child(args: &str, seed: u64, threads: u32) {
     // SAFETY: BootInfo is plain integers and arrays of them (repr(C)): all zeroes is a valid
-    // value; the workload reads only `seed` and `tsc_khz`.
+    // value; the workloads read only `seed` and `tsc_khz`.
     let mut info: protocol::BootInfo = unsafe { std::mem::zeroed() };
     info.seed = seed;
     info.tsc_khz = tsc_khz();
-    let bi = Box::leak(Box::new(info));
-    let spec = Box::leak(format!("scenario=churn ops={ops}").into_boxed_str());
-    let ctx = scenario::Ctx { cpu: 0, cpus: 1, bi, args: args::Args(spec) };
-    scenario::churn::run(&ctx);
+    let bi: &'static protocol::BootInfo = Box::leak(Box::new(info));
+    let spec: &'static str = Box::leak(args.to_string().into_boxed_str());
+    let _ = scenario::BARRIER.set(std::sync::Barrier::new(threads as usize));
+    let name = args::Args(spec).get("scenario").unwrap_or("churn").to_string();
+    let handles: Vec<_> = (0..threads)
+        .map(|cpu| {
+            let name = name.clone();
+            std::thread::spawn(move || {
+                CPU.with(|c| c.set(cpu));
+                let ctx = scenario::Ctx { cpu, cpus: threads, bi, args: args::Args(spec) };
+                match name.as_str() {
+                    "larson" => scenario::larson::run(&ctx),
+                    "xmalloc" => scenario::xmalloc::run(&ctx),
+                    "cache-scratch" => scenario::cachescratch::run(&ctx),
+                    _ => scenario::churn::run(&ctx),
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().expect("a workload thread");
+    }
     std::process::exit(scenario::STATUS.load(std::sync::atomic::Ordering::Acquire).cast_signed());
 }
 
-/// `ops_per_sec` of one run of the native side (with `preload` as `LD_PRELOAD`).
-fn native(seed: u64, ops: u64, preload: Option<&str>) -> Option<(f64, String)> {
+/// What one run reports: the summed `ops_per_sec` of its threads (or vCPUs), their checksums,
+/// and the allocator's exits.
+struct Outcome {
+    ops_per_sec: f64,
+    checksums: Vec<String>,
+    exits: f64,
+    ops: f64,
+}
+
+fn outcome(out: &str, scenario: &str, ok: bool) -> Option<Outcome> {
+    let rs = common::results(out, scenario);
+    (ok && !rs.is_empty()).then(|| Outcome {
+        ops_per_sec: rs.iter().map(|r| num(r, "ops_per_sec")).sum(),
+        checksums: rs.iter().map(|r| text(r, "checksum")).collect(),
+        exits: rs.iter().map(|r| num(r, "allocator_exits")).sum(),
+        ops: rs.iter().map(|r| num(r, "ops")).sum(),
+    })
+}
+
+/// One native run of `args` on `threads` threads (with `preload` as `LD_PRELOAD`).
+fn native(args: &str, scenario: &str, seed: u64, threads: u32, preload: Option<&str>) -> Option<Outcome> {
     let mut cmd = Command::new(std::env::current_exe().ok()?);
-    cmd.env("NATIVE_CHILD", format!("{seed},{ops}"));
+    cmd.env("NATIVE_CHILD", format!("{seed};{threads};{args}"));
     if let Some(p) = preload {
         cmd.env("LD_PRELOAD", p);
     }
     let o = cmd.output().ok()?;
-    let out = String::from_utf8_lossy(&o.stdout).into_owned();
-    let r = common::results(&out, "churn").into_iter().next()?;
-    o.status.success().then(|| (num(&r, "ops_per_sec"), text(&r, "checksum")))
+    outcome(&String::from_utf8_lossy(&o.stdout), scenario, o.status.success())
 }
 
-/// `ops_per_sec`, checksum and allocator exits of one guest run.
-fn guest(seed: u64, ops: u64, rings: bool) -> Option<(f64, String, f64)> {
+/// One guest run of `args` on `cpus` vCPUs.
+fn guest(args: &str, scenario: &str, seed: u64, cpus: u32, rings: bool) -> Option<Outcome> {
     let memory = if rings { "size=1G" } else { "size=1G,rings=off" };
     let o = Command::new(env!("CARGO_BIN_EXE_vmm"))
         .args(["run", "--kernel"])
         .arg(common::guest_image())
-        .args(["--memory", memory, "--guest-args", &format!("scenario=churn ops={ops} seed={seed}")])
+        .args(["--cpus", &cpus.to_string(), "--memory", memory, "--guest-args", &format!("{args} seed={seed}")])
         .output()
         .ok()?;
-    let out = String::from_utf8_lossy(&o.stdout).into_owned();
-    let r = common::results(&out, "churn").into_iter().next()?;
-    o.status.success().then(|| (num(&r, "ops_per_sec"), text(&r, "checksum"), num(&r, "allocator_exits")))
+    outcome(&String::from_utf8_lossy(&o.stdout), scenario, o.status.success())
 }
 
 /// A result field as a number (the parser keeps big numbers as text).
@@ -122,38 +166,67 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 const MIMALLOC: &str = "/usr/lib/x86_64-linux-gnu/libmimalloc.so.2";
 
+/// The workloads: (scenario name, guest arguments).
+const WORKLOADS: &[(&str, &str)] = &[
+    ("churn", "scenario=churn ops=2000000"),
+    ("larson", "scenario=larson rounds=40 replacements=20000"),
+    ("xmalloc", "scenario=xmalloc ops=400000"),
+    ("cache-scratch", "scenario=cache-scratch iterations=200000"),
+];
+
 fn main() {
     if let Ok(spec) = std::env::var("NATIVE_CHILD") {
-        let (seed, ops) = spec.split_once(',').expect("seed,ops");
-        child(seed.parse().expect("seed"), ops.parse().expect("ops"));
+        let mut parts = spec.splitn(3, ';');
+        let seed = parts.next().and_then(|s| s.parse().ok()).expect("seed");
+        let threads = parts.next().and_then(|s| s.parse().ok()).expect("threads");
+        child(parts.next().expect("args"), seed, threads);
     }
     common::build_guest();
     let runs: usize = std::env::var("NATIVE_RUNS").ok().and_then(|s| s.parse().ok()).unwrap_or(3).max(1);
-    let ops: u64 = std::env::var("NATIVE_OPS").ok().and_then(|s| s.parse().ok()).unwrap_or(2_000_000);
     let mimalloc = std::path::Path::new(MIMALLOC).exists().then_some(MIMALLOC);
-    let (mut on, mut off, mut glibc, mut mi, mut exits) = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for k in 0..runs {
-        let seed = 17 + k as u64;
-        let n = native(seed, ops, None).expect("the native churn runs");
-        let g = guest(seed, ops, true).expect("the guest's churn runs");
-        // The same seed makes the same objects: the checksums agree, natively and in the guest.
-        assert_eq!(n.1, g.1, "seed {seed}: the native and the guest churn disagree");
-        glibc.push(n.0);
-        on.push(g.0);
-        exits.push(g.2 * 1000.0 / ops as f64);
-        off.push(guest(seed, ops, false).expect("the guest's churn runs").0);
-        if let Some(p) = mimalloc {
-            mi.push(native(seed, ops, Some(p)).expect("the native churn runs with mimalloc").0);
+    println!(
+        "our workloads natively (glibc malloc, mimalloc) and in the guest, median of {runs} (same seeds and checks)"
+    );
+    println!(
+        "{:<14} {:>3} {:>12} {:>12} {:>12} {:>12} {:>9} {:>11} {:>10} {:>9}",
+        "workload",
+        "thr",
+        "guest ops/s",
+        "rings off",
+        "glibc",
+        "mimalloc",
+        "vs glibc",
+        "vs mimalloc",
+        "rings off",
+        "exits/1k"
+    );
+    for &(name, args) in WORKLOADS {
+        for threads in [1u32, 2] {
+            let (mut on, mut off, mut glibc, mut mi, mut exits) = (vec![], vec![], vec![], vec![], vec![]);
+            for k in 0..runs {
+                let seed = 17 + k as u64;
+                let n = native(args, name, seed, threads, None).expect("the native workload runs");
+                let g = guest(args, name, seed, threads, true).expect("the guest's workload runs");
+                if threads == 1 {
+                    assert_eq!(n.checksums, g.checksums, "{name} seed {seed}: native and guest disagree");
+                }
+                glibc.push(n.ops_per_sec);
+                on.push(g.ops_per_sec);
+                exits.push(g.exits * 1000.0 / g.ops.max(1.0));
+                off.push(guest(args, name, seed, threads, false).expect("the guest's workload runs").ops_per_sec);
+                if let Some(p) = mimalloc {
+                    mi.push(native(args, name, seed, threads, Some(p)).expect("with mimalloc").ops_per_sec);
+                }
+            }
+            let (on, off, glibc, mi) = (median(on), median(off), median(glibc), median(mi));
+            println!(
+                "{name:<14} {threads:>3} {on:>12.0} {off:>12.0} {glibc:>12.0} {mi:>12.0} {:>8.2}x {:>10.2}x {:>9.2}x {:>9.2}",
+                on / glibc,
+                if mi > 0.0 { on / mi } else { 0.0 },
+                off / glibc,
+                median(exits)
+            );
         }
     }
-    let (on, off, glibc) = (median(on), median(off), median(glibc));
-    println!("churn, {ops} operations, 1 vCPU / 1 thread, median of {runs} (same seeds and checks natively)");
-    println!("{:<34} {:>12} {:>10} {:>10}", "", "ops/s", "vs glibc", "exits/1k");
-    println!("{:<34} {:>12.0} {:>9.2}x", "native, glibc malloc", glibc, 1.0);
-    if !mi.is_empty() {
-        let m = median(mi);
-        println!("{:<34} {:>12.0} {:>9.2}x", "native, mimalloc", m, m / glibc);
-    }
-    println!("{:<34} {:>12.0} {:>9.2}x {:>10.2}", "guest, slab rings serviced", on, on / glibc, median(exits));
-    println!("{:<34} {:>12.0} {:>9.2}x", "guest, rings=off (exits only)", off, off / glibc);
+    println!("(ops/s summed over threads or vCPUs; ratios: the guest against native, above 1 = the guest is faster)");
 }
