@@ -1,5 +1,5 @@
 //! One slab (its objects, which are handed out) and one size class's lists (per-vCPU current
-//! slabs, per-node partial lists, one cached empty slab, the quarantine). The metadata lives
+//! slabs, per-node partial lists, a few cached empty slabs, the quarantine). The metadata lives
 //! here, never in guest RAM: a few dozen bytes per slab (32 KiB or more) plus one bit per object.
 
 use std::collections::VecDeque;
@@ -15,6 +15,13 @@ use crate::memory::addr::{NodeId, PAGE_SIZE};
 pub fn slab_pages(size: u32) -> u64 {
     (u64::from(size) * 16).div_ceil(PAGE_SIZE).next_power_of_two().clamp(8, SLAB_SLOT / PAGE_SIZE)
 }
+
+/// Most empty slabs a class keeps per node, mapped and resident, before it gives slabs back: a
+/// workload whose live objects swing by a few slabs reuses them instead of paying a
+/// second-level fault per page of a new one. A class keeps one, plus one per four slabs in
+/// use, up to this (at most 4 x 64 KiB per class and node; a guest that frees everything gets
+/// all but one back).
+pub const EMPTY_KEPT: usize = 4;
 
 /// Slab id: index into the arena.
 pub(super) type SlabId = u32;
@@ -151,8 +158,8 @@ pub(super) struct Cache {
     /// Per node: slabs with free objects that no vCPU owns (each slab knows its place, so
     /// that leaving the list is O(1)).
     pub(super) partial: Vec<Vec<SlabId>>,
-    /// Per node: one empty slab kept for reuse.
-    pub(super) empty: Vec<Option<SlabId>>,
+    /// Per node: empty slabs kept for reuse, with their memory (at most [`EMPTY_KEPT`]).
+    pub(super) empty: Vec<Vec<SlabId>>,
     /// Freed objects waiting to become reusable, oldest first: (slab, object index).
     pub(super) quarantine: VecDeque<(SlabId, u32)>,
     pub(super) slabs: u64,

@@ -6,8 +6,9 @@
 //!   handed out or free) lives here, never in guest RAM.
 //! - Per vCPU and class, a *current slab* serves refills, so a vCPU's objects come from its own
 //!   slabs (no false sharing between vCPUs). Per node and class, a *partial list* holds slabs with
-//!   free objects that no vCPU owns, and one empty slab stays cached; further empty slabs go back
-//!   to the buddy allocator and lose their host backing.
+//!   free objects that no vCPU owns, and a few empty slabs stay cached (one, plus one per four slabs
+//!   in use, up to four; mapped and resident, so reuse costs no fault); further empty slabs go back to the buddy allocator and lose their
+//!   host backing.
 //! - Objects move in batches through per-vCPU magazines in guest memory (`protocol::slab`): one
 //!   SLAB_EXCHANGE drains up to a batch of freed objects and refills up to a batch of new ones.
 //!   Every object coming back is validated (a live slab, an object boundary, handed out); a bad
@@ -149,7 +150,7 @@ pub struct SlabAllocator {
 impl SlabAllocator {
     pub fn new(nodes: usize) -> Self {
         let caches = (0..NR_CLASSES)
-            .map(|_| Cache { partial: vec![Vec::new(); nodes], empty: vec![None; nodes], ..Default::default() })
+            .map(|_| Cache { partial: vec![Vec::new(); nodes], empty: vec![Vec::new(); nodes], ..Default::default() })
             .collect();
         SlabAllocator {
             caches,
@@ -229,7 +230,7 @@ impl SlabAllocator {
                     slabs: cache.slabs,
                     pages: cache.slabs * slab_pages(size),
                     partial: cache.partial.iter().map(|p| p.len() as u64).sum(),
-                    cached_empty: cache.empty.iter().filter(|e| e.is_some()).count() as u64,
+                    cached_empty: cache.empty.iter().map(|e| e.len() as u64).sum(),
                     quarantined: cache.quarantine.len() as u64,
                 }
             })
@@ -322,7 +323,7 @@ impl SlabAllocator {
     }
 
     /// Makes a quarantined object free in its slab, moving the slab between lists (and
-    /// releasing it when it is empty and one empty slab is already cached).
+    /// releasing it when it is empty and enough empty slabs are cached already).
     fn release_object(
         &mut self,
         space: &mut AddressSpace,
@@ -346,10 +347,15 @@ impl SlabAllocator {
         }
         if in_use == 0 {
             partial_remove(&mut cache.partial[node], &mut self.arena, id);
-            if cache.empty[node].is_none() {
-                cache.empty[node] = Some(id);
-            } else {
-                self.release_slab(space, phys, id)?;
+            // Keep it (and as many others as the slabs still in use justify); give back the rest.
+            let empties: usize = cache.empty.iter().map(Vec::len).sum();
+            let in_use = usize::try_from(cache.slabs).unwrap_or(usize::MAX).saturating_sub(empties + 1);
+            let keep = (in_use / 4).clamp(1, cache::EMPTY_KEPT);
+            cache.empty[node].push(id);
+            let over = cache.empty[node].len().saturating_sub(keep);
+            let excess: Vec<SlabId> = cache.empty[node].drain(..over).collect();
+            for old in excess {
+                self.release_slab(space, phys, old)?;
             }
         }
         Ok(())
@@ -440,7 +446,7 @@ impl SlabAllocator {
             partial_remove(&mut cache.partial[n], arena, id);
             return Ok(Some(id));
         }
-        if let Some(va) = cache.empty[n].take() {
+        if let Some(va) = cache.empty[n].pop() {
             return Ok(Some(va));
         }
         match self.new_slab(space, phys, class, node) {
@@ -459,7 +465,7 @@ impl SlabAllocator {
                 partial_remove(&mut cache.partial[other], &mut self.arena, id);
                 return Ok(Some(id));
             }
-            if let Some(id) = cache.empty[other].take() {
+            if let Some(id) = cache.empty[other].pop() {
                 return Ok(Some(id));
             }
         }
@@ -521,7 +527,7 @@ impl SlabAllocator {
                 Some(at) => return Err(format!("slab {va:#x}: not at its place {at} in the partial list")),
                 None => false,
             };
-            let is_empty = cache.empty[n] == Some(id);
+            let is_empty = cache.empty[n].contains(&id);
             match s.owner {
                 Some(cpu) => {
                     if cache.cpu_slab.get(cpu as usize).copied().flatten() != Some(id) || in_partial || is_empty {
