@@ -186,8 +186,8 @@ pub struct FaultHandler {
 /// A fault farther than this many base windows from the thread's previous one is "far".
 const SCATTER_DISTANCE: u64 = 4;
 /// After this many far faults in a row, a thread's faults install only the faulting frame
-/// (until one lands near the previous again).
-const SCATTER_AFTER: u8 = 2;
+/// (until a few land near the previous again).
+const SCATTER_AFTER: u8 = 4;
 
 /// How far above its limit guest RAM may get before faults wait for the swapper, and for how
 /// long at most.
@@ -355,9 +355,9 @@ impl FaultHandler {
         seq
     }
 
-    /// Whether thread `tid`'s faults are scattered: this one and the one before each landed
-    /// farther than a few windows from the previous fault (a fault continuing a stream, `seq`,
-    /// never is). Notes this fault either way.
+    /// Whether thread `tid`'s faults are scattered: far from each other (more than a few windows
+    /// apart) four times in a row, and not near again twice since (a fault continuing a stream,
+    /// `seq`, is near). Notes this fault either way.
     fn scattered(&self, gfn: Gfn, tid: u32, seq: bool) -> bool {
         if tid == 0 {
             return false;
@@ -368,7 +368,10 @@ impl FaultHandler {
         }
         let (last, far) = scatter.get(&tid).copied().unwrap_or((Gfn(u64::MAX / 2), 0));
         let near = seq || gfn.0.abs_diff(last.0) < SCATTER_DISTANCE * self.window;
-        let far = if near { 0 } else { far.saturating_add(1).min(SCATTER_AFTER) };
+        // Hysteresis: a far fault adds one, a near one takes two away, so that a chance near
+        // fault among random ones does not end the one-page windows, while a run of near
+        // faults (locality again) does at once.
+        let far = if near { far.saturating_sub(2) } else { far.saturating_add(1).min(2 * SCATTER_AFTER) };
         scatter.insert(tid, (gfn, far));
         far >= SCATTER_AFTER
     }
