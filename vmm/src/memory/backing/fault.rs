@@ -563,15 +563,16 @@ mod tests {
             .join()
             .unwrap();
             assert_eq!(v, 0);
+            // The handler drops the page after the toucher got it; wait for that, so that the
+            // next touch faults again (a touch before the drop would find the page).
+            let settled = std::time::Instant::now();
+            while states.get(Gfn(500)) == FrameState::Populating {
+                assert!(settled.elapsed() < Duration::from_secs(5), "the frame stays claimed");
+                std::thread::yield_now();
+            }
         }
         assert!(stats.free_frame.get() >= 20);
         assert!(rx.try_recv().is_err(), "a race with a free stops nothing");
-        // The handler drops the page after the toucher got it; wait for it to finish.
-        let settled = std::time::Instant::now();
-        while states.get(Gfn(500)) == FrameState::Populating {
-            assert!(settled.elapsed() < Duration::from_secs(5), "the frame stays claimed");
-            std::thread::yield_now();
-        }
         assert_eq!(states.get(Gfn(500)), FrameState::Free, "nothing stays installed");
 
         // A frame nobody was ever given: the handler reports the guest-physical address at the
