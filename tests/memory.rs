@@ -201,10 +201,11 @@ fn bad_memory_calls_get_error_codes_and_change_nothing() {
     let stats = r.stats.as_ref().unwrap();
     assert_eq!(stats["memory"]["invariants"], "ok");
     assert!(n(&stats["memcalls"], "bad_batches") == 2 && n(&stats["memcalls"], "unknown_ops") == 1);
-    // Garbage ring indices: three refused exchanges (the service thread leaves such rings alone);
-    // five wild pointers in a free ring, drained by the service thread without an exit.
+    // Garbage ring indices: three refused exchanges (the service thread leaves such rings alone,
+    // though it may meet one it had found due just before the guest spoiled it); five wild
+    // pointers in a free ring, drained by the service thread without an exit.
     let rings = &stats["rings"];
-    assert!(n(rings, "ring_errors") == 3 && n(rings, "bad_frees") == 5 && n(rings, "serviced") >= 1, "{rings}");
+    assert!(n(rings, "ring_errors") >= 3 && n(rings, "bad_frees") == 5 && n(rings, "serviced") >= 1, "{rings}");
     // The same without the service thread: SLAB_EXCHANGE alone finds them.
     let r = run(&["--memory", "size=512M,rings=off", "--guest-args", "scenario=badcalls service=0"]);
     r.assert_ok();
