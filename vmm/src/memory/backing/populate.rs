@@ -286,12 +286,7 @@ impl Populate {
             Ok(_) | Err(UffdError::Exists { .. }) | Err(UffdError::Again { .. }) => {}
             Err(source) => return Err(PopulateError::Copy { gfn, source }),
         }
-        uffd.writeprotect(hva, PAGE_SIZE, true).map_err(|source| PopulateError::Copy { gfn, source })?;
-        let present = Self::present(hva, PAGE_SIZE).map_err(|source| PopulateError::Protect { gfn, source })?;
-        if present.first() == Some(&1) {
-            Self::note_written(states, gfn, hva);
-        }
-        Ok(())
+        Self::protect_zero(uffd, states, gfn, hva, 1)
     }
 
     /// Puts the write protection back on the `Zero` frames of a run whose protection was just
@@ -311,12 +306,19 @@ impl Populate {
             }
             let first = gfn.plus(start);
             let hva = ram.host_addr(first.gpa()).ok_or(PopulateError::NotRam(first))? as u64;
-            let len = (i - start) * PAGE_SIZE;
-            uffd.writeprotect(hva, len, true).map_err(|source| PopulateError::Copy { gfn: first, source })?;
-            let present = Self::present(hva, len).map_err(|source| PopulateError::Protect { gfn: first, source })?;
-            for (k, _) in present.iter().enumerate().filter(|(_, p)| **p & 1 != 0) {
-                Self::note_written(states, first.plus(k as u64), hva + k as u64 * PAGE_SIZE);
-            }
+            Self::protect_zero(uffd, states, first, hva, i - start)?;
+        }
+        Ok(())
+    }
+
+    /// Write-protects the `pages` `Zero` frames from `first` (at `hva`), then marks `Resident`
+    /// each whose page is mapped and was written before the protection took hold.
+    fn protect_zero(uffd: &Uffd, states: &PageStates, first: Gfn, hva: u64, pages: u64) -> Result<(), PopulateError> {
+        let len = pages * PAGE_SIZE;
+        uffd.writeprotect(hva, len, true).map_err(|source| PopulateError::Copy { gfn: first, source })?;
+        let present = Self::present(hva, len).map_err(|source| PopulateError::Protect { gfn: first, source })?;
+        for (k, _) in (0u64..).zip(&present).filter(|(_, p)| **p & 1 != 0) {
+            Self::note_written(states, first.plus(k), hva + k * PAGE_SIZE);
         }
         Ok(())
     }

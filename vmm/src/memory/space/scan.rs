@@ -115,8 +115,7 @@ impl AddressSpace {
     }
 
     /// From `va`, the walk's next step: the leaf table covering it, a 2 MiB leaf, or where the
-    /// next mapped address could be.
-    /// The leaf table (or 2 MiB leaf) covering `va`, or where to look next. A leaf table whose
+    /// next mapped address could be. A leaf table whose
     /// frame is not resident (an emptied table, `Zero`) has no leaves and is not read: reading
     /// it would fault to the handler, and the swapper, which scans holding the manager's lock,
     /// must not depend on a handler.

@@ -354,28 +354,18 @@ impl SwapStore {
     /// thread asleep, and the eviction's end wakes it to fault again). Contiguous frames share
     /// one call.
     pub(super) fn wake_frames(&self, gfns: &[Gfn]) {
-        let mut i = 0;
-        while i < gfns.len() {
-            let mut n = 1;
-            while i + n < gfns.len() && gfns[i + n] == gfns[i].plus(n as u64) {
-                n += 1;
+        let mut runs: Vec<(Gfn, u64)> = Vec::new();
+        for &g in gfns {
+            match runs.last_mut() {
+                Some((first, n)) if first.plus(*n) == g => *n += 1,
+                _ => runs.push((g, 1)),
             }
-            if let Some(hva) = self.ram.host_addr(gfns[i].gpa()) {
-                let len = n as u64 * PAGE_SIZE;
-                // Only within one RAM range (a run across two would not be one mapping).
-                if self.ram.host_addr(gfns[i].plus(n as u64 - 1).gpa())
-                    == Some(hva.wrapping_add(to_usize(len - PAGE_SIZE)))
-                {
-                    let _ = self.uffd.wake(hva as u64, len);
-                } else {
-                    for k in 0..n as u64 {
-                        if let Some(h) = self.ram.host_addr(gfns[i].plus(k).gpa()) {
-                            let _ = self.uffd.wake(h as u64, PAGE_SIZE);
-                        }
-                    }
-                }
+        }
+        // One mapping per call: runs cut where RAM ranges end.
+        for (first, n) in self.states.split_at_ranges(&runs) {
+            if let Some(hva) = self.ram.host_addr(first.gpa()) {
+                let _ = self.uffd.wake(hva as u64, n * PAGE_SIZE);
             }
-            i += n;
         }
     }
 
