@@ -102,6 +102,10 @@ struct Sample {
 fn run_native(exe: &Path, name: &str, args: &str, preload: Option<&str>) -> Option<Sample> {
     let mut cmd = Command::new("timeout");
     cmd.arg(TIMEOUT.as_secs().to_string()).arg(exe).args(args.split_whitespace());
+    // Beside the executables: some benchmarks (rptest) write their figures to files.
+    if let Some(dir) = exe.parent() {
+        cmd.current_dir(dir);
+    }
     if let Some(p) = preload {
         cmd.env("LD_PRELOAD", p);
     }
