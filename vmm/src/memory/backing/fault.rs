@@ -282,7 +282,11 @@ impl FaultHandler {
             // A write to a `Zero` frame's write-protected zero page: from now on the frame holds
             // what the guest writes (the kernel gives it a private page once the protection is
             // off). Otherwise a write during a translation invalidation.
-            if self.states.transition(gfn, FrameState::Zero, FrameState::Resident) {
+            let written = self
+                .populate
+                .zero_written(&self.ram, &self.states, gfn)
+                .map_err(|source| FaultError::Populate { gpa: gpa.0, source })?;
+            if written {
                 self.stats.zero_written.inc();
             } else {
                 self.stats.write_protect.inc();

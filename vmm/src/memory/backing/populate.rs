@@ -289,6 +289,26 @@ impl Populate {
         Self::protect_zero(uffd, states, gfn, hva, 1)
     }
 
+    /// A write-protect fault on the `Zero` frame `gfn`: if its page is mapped (the shared zero
+    /// page [`map_zero`](Self::map_zero) protected), the frame becomes `Resident`, since the
+    /// guest's write will land once the protection is lifted; returns whether it did. A fault
+    /// that waited while the page went away (an invalidation's write window, then an eviction
+    /// that found the page all zero) leaves the frame `Zero`: the retried write takes a
+    /// missing-page fault instead. The frame is claimed (`Populating`) while the page is looked
+    /// at, so nothing fills or drops it meanwhile.
+    pub fn zero_written(&self, ram: &GuestRam, states: &PageStates, gfn: Gfn) -> Result<bool, PopulateError> {
+        if !states.transition(gfn, FrameState::Zero, FrameState::Populating) {
+            return Ok(false);
+        }
+        let mapped = match ram.host_addr(gfn.gpa()) {
+            Some(hva) => Self::present(hva as u64, PAGE_SIZE).map(|v| v[0] & 1 != 0),
+            None => Ok(false),
+        };
+        let now = if matches!(mapped, Ok(true)) { FrameState::Resident } else { FrameState::Zero };
+        states.transition(gfn, FrameState::Populating, now);
+        mapped.map_err(|source| PopulateError::Protect { gfn, source })
+    }
+
     /// Puts the write protection back on the `Zero` frames of a run whose protection was just
     /// lifted (see [`map_zero`](Self::map_zero)), and marks `Resident` any whose page the guest
     /// wrote while it was off.
