@@ -10,8 +10,10 @@
 //! which both paths hold; the service thread only peeks at indices without it.
 //!
 //! The service thread polls while there is work: after a pass that moved objects it only yields
-//! the CPU, after an empty pass it sleeps [`MIN_POLL`], then twice as long each time, up to
-//! [`MAX_POLL`]. It tells the guest it runs (`Magazine::service`), so that a guest finding a
+//! the CPU. When the host has a CPU for it beside the vCPUs, it keeps polling (spinning) for
+//! [`SPIN_PERIOD`] after the last work: a sleep, however short, costs more here than a guest
+//! takes to empty a ring. After that (or at once, without a spare CPU) an empty pass sleeps
+//! [`MIN_POLL`], then twice as long each time, up to [`MAX_POLL`]. It tells the guest it runs (`Magazine::service`), so that a guest finding a
 //! ring empty waits a little for it rather than exit. After
 //! [`IDLE_PERIOD`] without work it drains what the free rings hold and sleeps until a
 //! SLAB_EXCHANGE exit wakes it, so an idle VM costs no CPU.
@@ -34,6 +36,9 @@ use crate::memory::{MemoryError, MemoryManager};
 use crate::metrics::Counter;
 use crate::sync::lock;
 
+/// How long the service keeps polling without sleeping after its last work, when it has a CPU
+/// of its own.
+pub const SPIN_PERIOD: Duration = Duration::from_millis(2);
 /// Shortest sleep between two passes (right after one that moved objects).
 pub const MIN_POLL: Duration = Duration::from_micros(20);
 /// Longest sleep between two passes while the service is awake.
@@ -288,7 +293,14 @@ impl Rings {
                 std::thread::yield_now();
                 continue;
             }
-            if last_work.elapsed() < IDLE_PERIOD {
+            let idle = last_work.elapsed();
+            if self.wait_us > 0 && idle < SPIN_PERIOD {
+                for _ in 0..64 {
+                    std::hint::spin_loop();
+                }
+                continue;
+            }
+            if idle < IDLE_PERIOD {
                 std::thread::sleep(poll);
                 poll = (poll * 2).min(MAX_POLL);
                 continue;

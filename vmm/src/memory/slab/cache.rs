@@ -145,6 +145,14 @@ pub const QUARANTINE_LEN: [usize; NR_CLASSES] = {
     q
 };
 
+/// Validated frees of `size` a class keeps ready past its quarantine, per node: about one
+/// ring refill. A guest that frees and allocates at the same rate gets its own objects back
+/// (checked, and after the quarantine) without their slabs' bitmaps being searched; one that
+/// stops allocating gives the rest back to the slabs.
+pub fn ready_max(size: u32) -> usize {
+    protocol::slab::target(size) as usize
+}
+
 /// Objects per slab of `size`.
 pub fn objects_per_slab(size: u32) -> u32 {
     u32::try_from(slab_pages(size) * PAGE_SIZE / u64::from(size)).expect("a slab holds few objects")
@@ -160,11 +168,21 @@ pub(super) struct Cache {
     pub(super) partial: Vec<Vec<SlabId>>,
     /// Per node: empty slabs kept for reuse, with their memory (at most [`EMPTY_KEPT`]).
     pub(super) empty: Vec<Vec<SlabId>>,
-    /// Freed objects waiting to become reusable, oldest first: (slab, object index).
-    pub(super) quarantine: VecDeque<(SlabId, u32)>,
+    /// Per node (of the object's slab): freed objects, oldest first (slab, object index). The
+    /// newest [`QUARANTINE_LEN`] wait before they may be reused; older ones are ready to be
+    /// handed out again as they are (up to [`ready_max`] of them, beyond which the oldest go
+    /// back to their slabs).
+    pub(super) quarantine: Vec<VecDeque<(SlabId, u32)>>,
     pub(super) slabs: u64,
     /// Objects handed to the guest (not counting the quarantine).
     pub(super) active: u64,
+}
+
+impl Cache {
+    /// Objects in quarantine (or ready past it), every node.
+    pub(super) fn quarantined(&self) -> u64 {
+        self.quarantine.iter().map(|q| q.len() as u64).sum()
+    }
 }
 
 /// The slabs by id (`None`: a free id).

@@ -13,10 +13,13 @@
 //!   SLAB_EXCHANGE drains up to a batch of freed objects and refills up to a batch of new ones.
 //!   Every object coming back is validated (a live slab, an object boundary, handed out); a bad
 //!   one changes nothing and is reported.
-//! - A freed object is not reusable at once: it waits in a per-class quarantine (a FIFO of about
-//!   two batches) first. Meanwhile a second free of it, or any use of its handle, is caught as a
-//!   double free, and a dangling pointer does not alias a new object yet. Memory pressure drains
-//!   the quarantine before an allocation fails.
+//! - A freed object is not reusable at once: it waits in a per-class and per-node quarantine (a
+//!   FIFO of about 64 KiB of objects) first. Meanwhile a second free of it, or any use of its
+//!   handle, is caught as a double free, and a dangling pointer does not alias a new object yet.
+//!   Past the quarantine, up to a ring refill of them stay ready and are the first handed out
+//!   again (no bitmap search; a guest freeing and allocating at the same rate gets its own warm
+//!   objects back); older ones go back to their slabs. Memory pressure drains the quarantine
+//!   before an allocation fails.
 //!
 //! - Each slab sits in its own 64 KiB slot of the slab address zone, so the slab of any pointer
 //!   is one array lookup (no search), and releasing a slab leaves its slot unmapped for a while
@@ -27,6 +30,8 @@
 //! manager's lock.
 
 mod cache;
+
+use std::collections::VecDeque;
 
 use protocol::layout::{SLAB_SLOT, SLAB_VA_END, SLAB_VA_START};
 use protocol::slab::{CLASSES, NR_CLASSES};
@@ -40,7 +45,7 @@ use crate::memory::zeroed::ZeroedVec;
 
 use cache::{Arena, Cache, Slab, SlabId, partial_push, partial_remove};
 
-pub use cache::{objects_per_slab, quarantine_len, slab_pages};
+pub use cache::{objects_per_slab, quarantine_len, ready_max, slab_pages};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SlabError {
@@ -150,7 +155,12 @@ pub struct SlabAllocator {
 impl SlabAllocator {
     pub fn new(nodes: usize) -> Self {
         let caches = (0..NR_CLASSES)
-            .map(|_| Cache { partial: vec![Vec::new(); nodes], empty: vec![Vec::new(); nodes], ..Default::default() })
+            .map(|_| Cache {
+                partial: vec![Vec::new(); nodes],
+                empty: vec![Vec::new(); nodes],
+                quarantine: vec![VecDeque::new(); nodes],
+                ..Default::default()
+            })
             .collect();
         SlabAllocator {
             caches,
@@ -231,7 +241,7 @@ impl SlabAllocator {
                     pages: cache.slabs * slab_pages(size),
                     partial: cache.partial.iter().map(|p| p.len() as u64).sum(),
                     cached_empty: cache.empty.iter().map(|e| e.len() as u64).sum(),
-                    quarantined: cache.quarantine.len() as u64,
+                    quarantined: cache.quarantined(),
                 }
             })
             .collect()
@@ -293,7 +303,28 @@ impl SlabAllocator {
             Err(SlabError::NoMemory) => Vec::new(),
             Err(e) => return Err(e),
         };
+        // Keep ready only about what this refill took (what the guest used since the last
+        // one): a guest that frees more than it allocates gives the rest back to the slabs.
+        self.trim(space, phys, class, cache::QUARANTINE_LEN[class] + want.min(ready_max(CLASSES[class])))?;
         Ok((out, bad))
+    }
+
+    /// Gives the freed objects of `class` past the newest `keep` of each node back to their
+    /// slabs.
+    fn trim(
+        &mut self,
+        space: &mut AddressSpace,
+        phys: &mut Phys<'_>,
+        class: usize,
+        keep: usize,
+    ) -> Result<(), SlabError> {
+        for q in 0..self.caches[class].quarantine.len() {
+            while self.caches[class].quarantine[q].len() > keep {
+                let (id, i) = self.caches[class].quarantine[q].pop_front().expect("non-empty");
+                self.release_object(space, phys, id, i)?;
+            }
+        }
+        Ok(())
     }
 
     /// Returns one object (into quarantine). `NotFound` for anything but an object of a live
@@ -310,16 +341,31 @@ impl SlabAllocator {
             return Err(SlabError::DoubleFree);
         }
         s.set_held(i, true);
-        let class = s.class;
+        let (class, node) = (s.class, s.node.0 as usize);
         let cache = &mut self.caches[class];
         cache.active -= 1;
-        cache.quarantine.push_back((id, i));
+        cache.quarantine[node].push_back((id, i));
         self.counters.objects_in += 1;
-        if cache.quarantine.len() > cache::QUARANTINE_LEN[class] {
-            let (oldest, j) = cache.quarantine.pop_front().expect("non-empty");
+        if cache.quarantine[node].len() > cache::QUARANTINE_LEN[class] + ready_max(CLASSES[class]) {
+            let (oldest, j) = cache.quarantine[node].pop_front().expect("non-empty");
             self.release_object(space, phys, oldest, j)?;
         }
         Ok(())
+    }
+
+    /// Hands out, into `out` (up to `want` in all), freed objects of `class` on `node` that have
+    /// served their quarantine, oldest first: they stay handed out in their slabs and only
+    /// leave the quarantine.
+    fn recycle(&mut self, class: usize, node: usize, want: usize, out: &mut Vec<u64>) {
+        let size = u64::from(CLASSES[class]);
+        let keep = cache::QUARANTINE_LEN[class];
+        let q = &mut self.caches[class].quarantine[node];
+        while out.len() < want && q.len() > keep {
+            let (id, i) = q.pop_front().expect("non-empty");
+            let s = self.arena[id as usize].as_mut().expect("live slab id");
+            s.set_held(i, false);
+            out.push(s.va + u64::from(i) * size);
+        }
     }
 
     /// Makes a quarantined object free in its slab, moving the slab between lists (and
@@ -407,6 +453,11 @@ impl SlabAllocator {
                 s.last_owner = s.owner.take();
                 self.caches[class].cpu_slab[c] = None;
             }
+            // Then freed objects past their quarantine, before another slab.
+            self.recycle(class, node.0 as usize, want, &mut out);
+            if out.len() == want {
+                break;
+            }
             let Some(next) = self.next_slab(space, phys, class, node, cpu)? else { break };
             let s = self.slab_mut(next);
             s.owner = Some(cpu);
@@ -456,8 +507,10 @@ impl SlabAllocator {
         }
         // Out of memory: release the quarantine, then take another node's partial or empty
         // slab rather than fail.
-        while let Some((id, i)) = self.caches[class].quarantine.pop_front() {
-            self.release_object(space, phys, id, i)?;
+        for q in 0..self.caches[class].quarantine.len() {
+            while let Some((id, i)) = self.caches[class].quarantine[q].pop_front() {
+                self.release_object(space, phys, id, i)?;
+            }
         }
         let cache = &mut self.caches[class];
         for other in 0..cache.partial.len() {
@@ -548,13 +601,13 @@ impl SlabAllocator {
             active[s.class] += u64::from(s.in_use - q);
         }
         for (c, cache) in self.caches.iter().enumerate() {
-            if cache.slabs != slabs[c] || cache.active != active[c] || cache.quarantine.len() as u64 != quarantined[c] {
+            if cache.slabs != slabs[c] || cache.active != active[c] || cache.quarantined() != quarantined[c] {
                 return Err(format!(
                     "class {}: counts {} slabs / {} active / {} quarantined, found {} / {} / {}",
                     CLASSES[c],
                     cache.slabs,
                     cache.active,
-                    cache.quarantine.len(),
+                    cache.quarantined(),
                     slabs[c],
                     active[c],
                     quarantined[c]
