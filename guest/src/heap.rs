@@ -1,6 +1,6 @@
 //! The guest's `#[global_allocator]`: `Box`, `Vec` and friends get memory from the VMM.
 //!
-//! Objects up to 32 KiB come from the VMM's slabs through this vCPU's rings
+//! Objects up to 64 KiB come from the VMM's slabs through this vCPU's rings
 //! (`protocol::slab`): an allocation takes a ready object from the alloc ring, a free puts the
 //! object in the free ring, and a VMM thread refills and drains the rings while the guest runs,
 //! without an exit. Only an empty alloc ring or a full free ring costs an exit (one

@@ -46,7 +46,7 @@ pub const CPU_AREA_VA: u64 = 0x8000_0000;
 pub const CPU_AREA_STRIDE: u64 = 0x4_0000;
 /// Pages mapped in each vCPU area: the CpuPage, the memory-call request area (2 pages) and
 /// the slab magazines (rings).
-pub const CPU_AREA_PAGES: u64 = 48;
+pub const CPU_AREA_PAGES: u64 = 58;
 /// Heap for 4 KiB-page mappings.
 pub const HEAP_VA_START: u64 = 0x10_0000_0000;
 /// End of the 4 KiB-page heap.

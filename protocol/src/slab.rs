@@ -22,14 +22,24 @@
 
 use super::PAGE_SIZE;
 
-/// Object sizes.
-pub const CLASSES: [u32; 22] = [
-    8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 8192, 12288, 16384, 24576, 32768,
+/// Object sizes. The classes above [`SMALL_MAX`] are page runs (10 to 16 pages): blocks just
+/// over 32 KiB are frequent (buffers, a benchmark's 32 KiB + 8 batch), and as slab objects they
+/// come through the rings like the rest, with no exit and no fault each. Larger blocks are
+/// regions: a cached one would hold too much memory per vCPU and class.
+pub const CLASSES: [u32; 25] = [
+    8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 8192, 12288, 16384, 24576,
+    32768, 40960, 49152, 65536,
 ];
 /// Number of classes.
 pub const NR_CLASSES: usize = CLASSES.len();
 /// Largest slab object; larger allocations are whole pages (ALLOC).
-pub const MAX_OBJECT: u32 = 32768;
+pub const MAX_OBJECT: u32 = 65_536;
+/// Largest object of the small classes (the ones found by table; each slab of theirs fits a
+/// 64 KiB slot).
+pub const SMALL_MAX: u32 = 32768;
+/// The first class above [`SMALL_MAX`].
+pub const FIRST_LARGE: usize = 22;
+const _: () = assert!(CLASSES[FIRST_LARGE - 1] == SMALL_MAX && NR_CLASSES <= 32);
 /// Entries per ring (a power of two).
 pub const RING: usize = 512;
 /// A free ring holding this many entries is drained by the service thread.
@@ -89,14 +99,31 @@ const _: () = assert!(
         <= super::layout::CPU_AREA_PAGES * PAGE_SIZE
 );
 
+/// How many freed objects of `size` bytes a free ring holds before the service drains it:
+/// [`DRAIN_AT`], or the class's [`target`] if that is smaller (freed page runs should not
+/// wait long: they are what the next allocation of the class needs).
+pub const fn drain_at(size: u32) -> u32 {
+    let t = target(size);
+    if t < DRAIN_AT as usize {
+        // Below DRAIN_AT, so it fits.
+        #[allow(clippy::cast_possible_truncation)]
+        {
+            t as u32
+        }
+    } else {
+        DRAIN_AT
+    }
+}
+
 /// The slot of free-running index `i` in a ring.
 pub const fn slot(i: u32) -> usize {
     i as usize & (RING - 1)
 }
 
-/// Class of each size in 8-byte steps (for alignments up to 8): `CLASS_OF[size.div_ceil(8)]`.
-const CLASS_OF: [u8; MAX_OBJECT as usize / 8 + 1] = {
-    let mut t = [0u8; MAX_OBJECT as usize / 8 + 1];
+/// Class of each small size in 8-byte steps (for alignments up to 8):
+/// `CLASS_OF[size.div_ceil(8)]`.
+const CLASS_OF: [u8; SMALL_MAX as usize / 8 + 1] = {
+    let mut t = [0u8; SMALL_MAX as usize / 8 + 1];
     let mut i = 0;
     while i < t.len() {
         let mut c = 0;
@@ -133,10 +160,10 @@ pub const fn class_zone(class: usize) -> (u64, u64) {
 
 /// The smallest class holding `size` bytes at `align`, if any.
 pub const fn class_for(size: usize, align: usize) -> Option<usize> {
-    if align <= 8 {
-        return if size <= MAX_OBJECT as usize { Some(CLASS_OF[size.div_ceil(8)] as usize) } else { None };
+    if align <= 8 && size <= SMALL_MAX as usize {
+        return Some(CLASS_OF[size.div_ceil(8)] as usize);
     }
-    let mut i = 0;
+    let mut i = if size > SMALL_MAX as usize { FIRST_LARGE } else { 0 };
     while i < NR_CLASSES {
         let c = CLASSES[i] as usize;
         // A class's objects are aligned to its largest power-of-two divisor.
@@ -151,7 +178,7 @@ pub const fn class_for(size: usize, align: usize) -> Option<usize> {
 const _: () = {
     // The table agrees with the search for every size.
     let mut size = 0;
-    while size <= MAX_OBJECT as usize {
+    while size <= SMALL_MAX as usize {
         let mut c = 0;
         while (CLASSES[c] as usize) < size {
             c += 1;
@@ -162,8 +189,12 @@ const _: () = {
 };
 
 /// How many objects the VMM keeps in an alloc ring of a class of `size` bytes: about 128 KiB
-/// worth, between 16 and [`RING`]. The service thread refills a ring that falls to half of it.
+/// worth, between 16 and [`RING`] (page-run classes: 128 KiB, 2 or 3 objects). The service
+/// thread refills a ring that falls to half of it.
 pub const fn target(size: u32) -> usize {
+    if size > SMALL_MAX {
+        return 131_072 / size as usize;
+    }
     let n = 131_072 / size as usize;
     if n < 16 {
         16

@@ -69,6 +69,8 @@ pub struct RingCounters {
     /// Exchanges done by the service thread (no exit) and by SLAB_EXCHANGE (an exit).
     pub serviced: Counter,
     pub synchronous: Counter,
+    /// Other rings of the same vCPU a SLAB_EXCHANGE served while it was at it.
+    pub piggybacked: Counter,
     /// Objects put in alloc rings and taken from free rings (good frees only).
     pub objects_out: Counter,
     pub objects_in: Counter,
@@ -89,6 +91,7 @@ pub struct RingReport {
     pub busy_passes: u64,
     pub serviced: u64,
     pub synchronous: u64,
+    pub piggybacked: u64,
     pub objects_out: u64,
     pub objects_in: u64,
     pub bad_frees: u64,
@@ -145,9 +148,8 @@ pub struct Rings {
     cpus: Vec<CpuRings>,
     /// Whether a service thread runs (`--memory rings=on`).
     service: bool,
-    /// How long a guest should wait for the service (`Magazine::service`): [`SERVICE_WAIT_US`]
-    /// when the host has a CPU for it beside the vCPUs, else 0.
-    wait_us: u32,
+    /// Host CPUs: the service has one of its own while fewer vCPUs than this are running.
+    host_cpus: usize,
     asleep: AtomicBool,
     poked: Mutex<bool>,
     wake: Condvar,
@@ -180,13 +182,11 @@ impl Rings {
                 })
             })
             .collect::<Result<_, RingError>>()?;
-        // A vCPU spinning for the service only helps if the service can run meanwhile.
         let host_cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
-        let wait_us = if cpus.len() < host_cpus { SERVICE_WAIT_US } else { 0 };
         Ok(Rings {
             cpus,
             service,
-            wait_us,
+            host_cpus,
             asleep: AtomicBool::new(false),
             poked: Mutex::new(false),
             wake: Condvar::new(),
@@ -211,6 +211,16 @@ impl Rings {
         c.active.fetch_or(1 << class, Ordering::Relaxed);
         self.counters.synchronous.inc();
         let r = exchange(mm, c, class, want, true, &self.counters)?;
+        // The exit is paid for: serve this vCPU's other rings that are due as well, so that a
+        // guest using many classes takes one exit where it would have taken one per class
+        // (when no host CPU is left for the service, exits are how rings get served).
+        let mut others = due_classes(c, false) & !(1 << class);
+        while others != 0 {
+            let k = others.trailing_zeros() as usize;
+            others &= others - 1;
+            exchange(mm, c, k, RING, false, &self.counters)?;
+            self.counters.piggybacked.inc();
+        }
         self.poke();
         Ok(r)
     }
@@ -224,24 +234,15 @@ impl Rings {
     }
 
     /// The `(cpu, class)` rings that need the service now: an alloc ring at or below half its
-    /// target, a free ring holding [`protocol::slab::DRAIN_AT`] entries (any, with `all`).
+    /// target, a free ring holding [`protocol::slab::drain_at`] entries (any, with `all`).
     /// Reads only indices, without the manager's lock.
     fn due(&self, all: bool) -> Vec<(usize, usize)> {
         let mut due = Vec::new();
         for (i, c) in self.cpus.iter().enumerate() {
-            let mut active = c.active.load(Ordering::Relaxed);
-            while active != 0 {
-                let class = active.trailing_zeros() as usize;
-                active &= active - 1;
-                let ring = &c.classes[class];
-                let (tail, head) = (load(c, class, MAG_ALLOC_TAIL), load(c, class, MAG_FREE_HEAD));
-                let level = ring.alloc_head.load(Ordering::Relaxed).wrapping_sub(tail) as usize;
-                let pending = head.wrapping_sub(ring.free_tail.load(Ordering::Relaxed));
-                let low = level <= RING && level * 2 <= target(CLASSES[class]);
-                let full = pending as usize <= RING && (pending >= protocol::slab::DRAIN_AT || (all && pending > 0));
-                if low || full {
-                    due.push((i, class));
-                }
+            let mut mask = due_classes(c, all);
+            while mask != 0 {
+                due.push((i, mask.trailing_zeros() as usize));
+                mask &= mask - 1;
             }
         }
         due
@@ -269,9 +270,16 @@ impl Rings {
         Ok(moved)
     }
 
-    /// Tells the guest in every magazine whether the service runs.
-    fn announce(&self, on: bool) {
-        let wait = if on { self.wait_us } else { 0 };
+    /// How long a guest should wait for the service (`Magazine::service`) while `sleeping`
+    /// vCPUs sleep in IDLE: [`SERVICE_WAIT_US`] when the host has a CPU for the service beside
+    /// the running vCPUs, else 0 (a vCPU spinning for the service only helps if the service
+    /// can run meanwhile).
+    fn wait_us(&self, sleeping: usize) -> u32 {
+        if self.cpus.len().saturating_sub(sleeping) < self.host_cpus { SERVICE_WAIT_US } else { 0 }
+    }
+
+    /// Tells the guest in every magazine how long to wait for the service (0: it does not run).
+    fn announce(&self, wait: u32) {
         for c in &self.cpus {
             for class in 0..NR_CLASSES {
                 store(c, class, MAG_SERVICE, wait);
@@ -282,11 +290,23 @@ impl Rings {
     /// The service thread's loop, until `stopping()`. While passes find work it only yields
     /// the CPU between them (a vCPU that wants it gets it); without work it sleeps, longer each
     /// time.
-    pub fn run_service(&self, mm: &Mutex<MemoryManager>, stopping: impl Fn() -> bool) -> Result<(), RingError> {
+    /// `sleeping()` says how many vCPUs sleep in IDLE (they leave their host CPU free).
+    pub fn run_service(
+        &self,
+        mm: &Mutex<MemoryManager>,
+        stopping: impl Fn() -> bool,
+        sleeping: impl Fn() -> usize,
+    ) -> Result<(), RingError> {
         let mut poll = MIN_POLL;
         let mut last_work = Instant::now();
-        self.announce(true);
+        let mut wait = self.wait_us(sleeping());
+        self.announce(wait);
         while !stopping() {
+            let now = self.wait_us(sleeping());
+            if now != wait {
+                wait = now;
+                self.announce(wait);
+            }
             if self.pass(mm, false)? > 0 {
                 poll = MIN_POLL;
                 last_work = Instant::now();
@@ -294,7 +314,7 @@ impl Rings {
                 continue;
             }
             let idle = last_work.elapsed();
-            if self.wait_us > 0 && idle < SPIN_PERIOD {
+            if wait > 0 && idle < SPIN_PERIOD {
                 for _ in 0..64 {
                     std::hint::spin_loop();
                 }
@@ -306,7 +326,7 @@ impl Rings {
                 continue;
             }
             // Idle: make every free visible, then sleep until an exit needs us.
-            self.announce(false);
+            self.announce(0);
             self.pass(mm, true)?;
             self.counters.sleeps.inc();
             self.asleep.store(true, Ordering::Release);
@@ -317,7 +337,8 @@ impl Rings {
             *poked = false;
             drop(poked);
             self.asleep.store(false, Ordering::Release);
-            self.announce(true);
+            wait = self.wait_us(sleeping());
+            self.announce(wait);
             self.counters.wakeups.inc();
             poll = MIN_POLL;
             last_work = Instant::now();
@@ -333,6 +354,7 @@ impl Rings {
             busy_passes: c.busy_passes.get(),
             serviced: c.serviced.get(),
             synchronous: c.synchronous.get(),
+            piggybacked: c.piggybacked.get(),
             objects_out: c.objects_out.get(),
             objects_in: c.objects_in.get(),
             bad_frees: c.bad_frees.get(),
@@ -346,6 +368,29 @@ impl Rings {
     pub fn has_service(&self) -> bool {
         self.service
     }
+}
+
+/// The classes (a bit each) whose rings on `c` need the service: an alloc ring at or below half
+/// its target, a free ring holding [`protocol::slab::drain_at`] entries (any, with `all`).
+/// Reads only indices.
+fn due_classes(c: &CpuRings, all: bool) -> u32 {
+    let mut due = 0;
+    let mut active = c.active.load(Ordering::Relaxed);
+    while active != 0 {
+        let class = active.trailing_zeros() as usize;
+        active &= active - 1;
+        let ring = &c.classes[class];
+        let (tail, head) = (load(c, class, MAG_ALLOC_TAIL), load(c, class, MAG_FREE_HEAD));
+        let level = ring.alloc_head.load(Ordering::Relaxed).wrapping_sub(tail) as usize;
+        let pending = head.wrapping_sub(ring.free_tail.load(Ordering::Relaxed));
+        let low = level <= RING && level * 2 <= target(CLASSES[class]);
+        let full =
+            pending as usize <= RING && (pending >= protocol::slab::drain_at(CLASSES[class]) || (all && pending > 0));
+        if low || full {
+            due |= 1 << class;
+        }
+    }
+    due
 }
 
 /// The `u32` field at `off` of `c`'s magazine of `class`.

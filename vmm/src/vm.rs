@@ -382,7 +382,10 @@ impl Vm {
                 .name("rings".into())
                 .spawn(move || {
                     let res = init().map_err(|e| e.to_string()).and_then(|()| {
-                        shared.rings.run_service(&shared.mm, || shared.stopping()).map_err(|e| crate::error_chain(&e))
+                        shared
+                            .rings
+                            .run_service(&shared.mm, || shared.stopping(), || shared.ticks.sleeping())
+                            .map_err(|e| crate::error_chain(&e))
                     });
                     if let Err(e) = res {
                         events.send(VmEvent::ThreadFailed("slab rings", e));

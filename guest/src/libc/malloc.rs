@@ -1,4 +1,4 @@
-//! `malloc` and friends on the VMM's allocator. Objects up to 32 KiB come from the slab
+//! `malloc` and friends on the VMM's allocator. Objects up to 64 KiB come from the slab
 //! magazines (`heap`) in exactly the size class the request needs, with no header: `free` finds
 //! the class from the address (each class has its own slab zone, `protocol::slab`). Larger
 //! blocks are whole-page regions (ALLOC / FREE), whose sizes the runtime keeps in a table of

@@ -5,14 +5,20 @@
 use std::collections::VecDeque;
 
 use protocol::layout::SLAB_SLOT;
-use protocol::slab::{CLASSES, NR_CLASSES};
+use protocol::slab::{CLASSES, NR_CLASSES, SMALL_MAX};
 
 use crate::memory::addr::{NodeId, PAGE_SIZE};
 
 /// Pages per slab for `size`: at least 16 objects and 32 KiB (so page tables stay under 1% of
 /// slab memory, and the VMM's own bytes per slab under 1/300 of it), a power of two, at most a
 /// slot.
+///
+/// A page-run class (above [`SMALL_MAX`]) has slabs of two or three objects, 128 KiB, spanning
+/// two slots.
 pub fn slab_pages(size: u32) -> u64 {
+    if size > SMALL_MAX {
+        return (u64::from(size) * 2).div_ceil(PAGE_SIZE).next_power_of_two();
+    }
     (u64::from(size) * 16).div_ceil(PAGE_SIZE).next_power_of_two().clamp(8, SLAB_SLOT / PAGE_SIZE)
 }
 
@@ -122,8 +128,12 @@ fn set_bit(words: &mut [u64], i: u32, on: bool) {
     }
 }
 
-/// Objects of `size` a class keeps in quarantine: about 64 KiB worth, between 32 and 256.
+/// Objects of `size` a class keeps in quarantine: about 64 KiB worth, between 32 and 256
+/// (page-run classes: 128 KiB worth, 2 or 3).
 pub const fn quarantine_len(size: u32) -> usize {
+    if size > SMALL_MAX {
+        return 131_072 / size as usize;
+    }
     let n = 65_536 / size as usize;
     if n < 32 {
         32

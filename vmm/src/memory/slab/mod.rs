@@ -34,9 +34,9 @@ mod cache;
 use std::collections::VecDeque;
 
 use protocol::layout::{SLAB_SLOT, SLAB_VA_END, SLAB_VA_START};
-use protocol::slab::{CLASSES, NR_CLASSES};
+use protocol::slab::{CLASSES, FIRST_LARGE, NR_CLASSES};
 
-use crate::memory::addr::{NodeId, to_usize};
+use crate::memory::addr::{NodeId, PAGE_SIZE, to_usize};
 use crate::memory::backing::Backing;
 use crate::memory::frames::Frames;
 use crate::memory::frames::policy::Policy;
@@ -138,7 +138,7 @@ const RECIPROCALS: [u64; NR_CLASSES] = {
     }
     r
 };
-const _: () = assert!(SLAB_SLOT <= 1 << 16 && protocol::slab::MAX_OBJECT <= 1 << 15);
+const _: () = assert!(SLAB_SLOT <= 1 << 16 && protocol::slab::SMALL_MAX <= 1 << 15);
 
 /// All slabs and classes.
 #[derive(Debug)]
@@ -190,16 +190,25 @@ impl SlabAllocator {
         let id = self.slots[slot].checked_sub(1).ok_or(SlabError::NotFound)?;
         let s = self.slab(id);
         let off = ptr - s.va;
-        // off / size by a multiply: exact for offsets inside a slot (below 2^16; see RECIPROCALS).
-        let i = (off * RECIPROCALS[s.class]) >> 32;
+        // off / size by a multiply: exact for offsets inside a slot (below 2^16; see
+        // RECIPROCALS). Page-run slabs span several slots: a division (they are few).
+        let i =
+            if s.class < FIRST_LARGE { (off * RECIPROCALS[s.class]) >> 32 } else { off / u64::from(CLASSES[s.class]) };
         if i * u64::from(CLASSES[s.class]) != off || i >= u64::from(s.objects) {
             return Err(SlabError::NotFound);
         }
         Ok((id, u32::try_from(i).expect("fewer objects than u32")))
     }
 
+    /// The slots slab `s` covers.
+    fn slots_of(s: &Slab) -> std::ops::Range<usize> {
+        let first = Self::slot_of(s.va).expect("slabs live in the slab zone");
+        let n = to_usize((slab_pages(CLASSES[s.class]) * PAGE_SIZE).div_ceil(SLAB_SLOT));
+        first..first + n
+    }
+
     fn insert(&mut self, s: Slab) -> SlabId {
-        let slot = Self::slot_of(s.va).expect("slabs live in the slab zone");
+        let slots = Self::slots_of(&s);
         let id = match self.free_ids.pop() {
             Some(id) => {
                 self.arena[id as usize] = Some(s);
@@ -210,13 +219,17 @@ impl SlabAllocator {
                 SlabId::try_from(self.arena.len() - 1).expect("fewer slabs than u32")
             }
         };
-        self.slots[slot] = id + 1;
+        for slot in slots {
+            self.slots[slot] = id + 1;
+        }
         id
     }
 
     fn remove(&mut self, id: SlabId) -> Slab {
         let s = self.arena[id as usize].take().expect("live slab id");
-        self.slots[Self::slot_of(s.va).expect("slab zone")] = 0;
+        for slot in Self::slots_of(&s) {
+            self.slots[slot] = 0;
+        }
         self.free_ids.push(id);
         s
     }
@@ -396,7 +409,9 @@ impl SlabAllocator {
             // Keep it (and as many others as the slabs still in use justify); give back the rest.
             let empties: usize = cache.empty.iter().map(Vec::len).sum();
             let in_use = usize::try_from(cache.slabs).unwrap_or(usize::MAX).saturating_sub(empties + 1);
-            let keep = (in_use / 4).clamp(1, cache::EMPTY_KEPT);
+            // (A page-run class keeps one: its slabs are 256 KiB.)
+            let most = if class < FIRST_LARGE { cache::EMPTY_KEPT } else { 1 };
+            let keep = (in_use / 4).clamp(1, most);
             cache.empty[node].push(id);
             let over = cache.empty[node].len().saturating_sub(keep);
             let excess: Vec<SlabId> = cache.empty[node].drain(..over).collect();

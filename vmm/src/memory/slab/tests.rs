@@ -49,8 +49,9 @@ fn pick() -> impl Strategy<Value = Pick> {
 }
 
 fn op() -> impl Strategy<Value = Op> {
-    // A few classes, so slabs fill, empty and get reused.
-    let class = prop::sample::select(vec![0usize, 4, 9, 16]);
+    // A few classes, so slabs fill, empty and get reused; two page-run classes (slabs over
+    // several slots, lookup by division).
+    let class = prop::sample::select(vec![0usize, 4, 9, 16, FIRST_LARGE, NR_CLASSES - 1]);
     prop_oneof![
         6 => (0u32..3, class.clone(), prop::collection::vec(pick(), 0..40), 0usize..=128)
             .prop_map(|(cpu, class, frees, want)| Op::Exchange { cpu, class, frees, want }),
@@ -71,6 +72,14 @@ fn resolve(p: &Pick, live: &BTreeSet<u64>, freed: &[u64]) -> Option<(u64, u64)> 
         Pick::Inside(i, d) => nth(live, i).map(|a| (a + d, EFAULT)),
         Pick::Wild(a) => Some((a, EFAULT)),
     }
+}
+
+/// Whether a free's status `got` is the one the model expects (`want`). A stale free (of an
+/// object freed before) finds its slab released if the slab emptied since (page-run classes
+/// keep one empty slab and release the rest): then it is no object at all (EFAULT), which is
+/// as right as EALREADY.
+fn same_error(got: u64, want: u64) -> bool {
+    got == want || (want == protocol::status::EALREADY && got == protocol::status::EFAULT)
 }
 
 proptest! {
@@ -103,7 +112,8 @@ proptest! {
                             prop_assert!(live[class].remove(&a));
                             freed[class].push(a);
                         } else {
-                            prop_assert_eq!(bad_iter.next(), Some(&(a, st)), "free of {:#x}", a);
+                            let got = bad_iter.next().copied();
+                            prop_assert!(got.is_some_and(|(b, s)| b == a && same_error(s, st)), "free of {:#x}: {:?}, want {}", a, got, st);
                         }
                     }
                     prop_assert!(bad_iter.next().is_none());
@@ -123,7 +133,7 @@ proptest! {
                                 live[class].remove(&a);
                                 freed[class].push(a);
                             }
-                            Err(e) => prop_assert_eq!(e.status(), st),
+                            Err(e) => prop_assert!(same_error(e.status(), st), "{} vs {}", e.status(), st),
                         }
                     }
                 }
@@ -134,7 +144,7 @@ proptest! {
                                 prop_assert_eq!(st, OK);
                                 prop_assert_eq!(size, CLASSES[class]);
                             }
-                            Err(e) => prop_assert_eq!(e.status(), st),
+                            Err(e) => prop_assert!(same_error(e.status(), st), "{} vs {}", e.status(), st),
                         }
                     }
                 }

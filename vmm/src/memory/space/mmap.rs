@@ -155,13 +155,14 @@ impl AddressSpace {
     ) -> Result<(u64, Gfn), SpaceError> {
         let placement = Placement { policy, local, dma32: false, contiguous: true };
         let runs = self.take_frames(phys, pages, placement)?;
-        let Some(va) = self.va_slab[class].alloc(SLAB_SLOT) else {
+        let span = (pages * PAGE_SIZE).max(SLAB_SLOT);
+        let Some(va) = self.va_slab[class].alloc(span) else {
             phys.give_back(&runs)?;
             return Err(SpaceError::NoMemory);
         };
         if let Err(e) = self.ensure_tables(phys, va, pages * PAGE_SIZE, PageSize::Size4K) {
             phys.give_back(&runs)?;
-            self.va_slab[class].free(va, SLAB_SLOT);
+            self.va_slab[class].free(va, span);
             return Err(e);
         }
         let first = runs[0].0;
@@ -174,7 +175,7 @@ impl AddressSpace {
     /// Unmaps the `pages`-page slab at `va` and releases its frames (at the next flush).
     pub fn unmap_slab(&mut self, phys: &mut Phys<'_>, va: u64, pages: u64) -> Result<(), SpaceError> {
         self.clear(phys, va, PageSize::Size4K, pages)?;
-        self.release_slab_va(va);
+        self.release_slab_va(va, pages * PAGE_SIZE);
         Ok(())
     }
 
@@ -228,14 +229,15 @@ impl AddressSpace {
         }
     }
 
-    fn release_slab_va(&mut self, va: u64) {
+    /// Gives back the slot(s) of the `len`-byte slab at `va`.
+    fn release_slab_va(&mut self, va: u64, len: u64) {
         let class = class_of_addr(va).expect("slab addresses lie in a class's zone");
-        self.va_slab[class].free(va, SLAB_SLOT);
+        self.va_slab[class].free(va, len.max(SLAB_SLOT));
     }
 
     pub(super) fn release_va(&mut self, va: u64, len: u64, page: PageSize) {
         if (SLAB_VA_START..SLAB_VA_END).contains(&va) {
-            return self.release_slab_va(va);
+            return self.release_slab_va(va, len);
         }
         match page {
             PageSize::Size4K => self.va_small.free(va, len),
