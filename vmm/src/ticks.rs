@@ -137,13 +137,14 @@ impl Ticks {
     }
 
     /// IDLE from vCPU `cpu`: sleeps until woken, `timeout` passes, or `interrupted()` says the
-    /// VM has something for it.
-    pub fn idle(&self, cpu: u32, timeout: Duration, interrupted: impl Fn() -> bool) {
+    /// VM has something for it. `asleep()` runs once the vCPU counts as sleeping.
+    pub fn idle(&self, cpu: u32, timeout: Duration, interrupted: impl Fn() -> bool, asleep: impl FnOnce()) {
         let Some(c) = self.cpus.get(cpu as usize) else { return };
         self.counters.idles.inc();
         let start = Instant::now();
         let deadline = start + timeout.min(MAX_IDLE);
         c.idle.store(true, Ordering::Release);
+        asleep();
         let mut woken = lock(&c.woken);
         while !*woken && !interrupted() {
             let now = Instant::now();
@@ -280,7 +281,7 @@ mod tests {
             t2.wake(0);
         });
         let start = Instant::now();
-        t.idle(0, MAX_IDLE, || false);
+        t.idle(0, MAX_IDLE, || false, || {});
         waker.join().unwrap();
         assert!(start.elapsed() < Duration::from_millis(500));
     }

@@ -411,7 +411,13 @@ impl Vcpu {
         let timeout = if ns == 0 { crate::ticks::MAX_IDLE } else { Duration::from_nanos(ns) };
         let cpu = self.boot.id;
         let shared = &self.shared;
-        shared.ticks.idle(cpu, timeout, || shared.stopping() || shared.notifier.pending_for(cpu).is_some());
+        // A vCPU going to sleep leaves a host CPU the slab service may use.
+        shared.ticks.idle(
+            cpu,
+            timeout,
+            || shared.stopping() || shared.notifier.pending_for(cpu).is_some(),
+            || shared.rings.unpark(),
+        );
     }
 
     /// Installs the guest's exception handlers into the IDT after checking each one.
