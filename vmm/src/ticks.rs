@@ -258,14 +258,14 @@ mod tests {
         assert!(t.wake(0));
         assert!(!t.wake(1), "no such vCPU");
         let start = Instant::now();
-        t.idle(0, Duration::from_secs(10), || false);
+        t.idle(0, Duration::from_secs(10), || false, || {});
         assert!(start.elapsed() < Duration::from_millis(100), "the earlier WAKE counts");
         let start = Instant::now();
-        t.idle(0, Duration::from_millis(30), || false);
+        t.idle(0, Duration::from_millis(30), || false, || {});
         let slept = start.elapsed();
         assert!(slept >= Duration::from_millis(30) && slept < Duration::from_millis(500), "{slept:?}");
         let start = Instant::now();
-        t.idle(0, Duration::from_secs(3600), || true);
+        t.idle(0, Duration::from_secs(3600), || true, || {});
         assert!(start.elapsed() < Duration::from_millis(100), "interrupted at once");
         assert_eq!(t.report().idles, 3);
     }
