@@ -39,6 +39,11 @@ use crate::sync::lock;
 /// How long the service keeps polling without sleeping after its last work, when it has a CPU
 /// of its own.
 pub const SPIN_PERIOD: Duration = Duration::from_millis(2);
+/// Cached empty slabs unused this long go back to the buddy allocator (checked every
+/// [`PURGE_EVERY`] while the service runs).
+pub const PURGE_AFTER: Duration = Duration::from_millis(200);
+/// How often the service looks for empty slabs to give back.
+pub const PURGE_EVERY: Duration = Duration::from_millis(50);
 /// Shortest sleep between two passes (right after one that moved objects).
 pub const MIN_POLL: Duration = Duration::from_micros(20);
 /// Longest sleep between two passes while the service is awake.
@@ -327,7 +332,12 @@ impl Rings {
         let mut last_work = Instant::now();
         let mut wait = self.wait_us(sleeping());
         self.announce(wait);
+        let mut last_purge = Instant::now();
         while !stopping() {
+            if last_purge.elapsed() >= PURGE_EVERY {
+                last_purge = Instant::now();
+                lock(mm).slab_purge(PURGE_AFTER)?;
+            }
             let now = self.wait_us(sleeping());
             if now != wait {
                 wait = now;
@@ -343,6 +353,7 @@ impl Rings {
                 self.asleep.store(true, Ordering::Release);
                 while !stopping() && self.wait_us(sleeping()) == 0 {
                     let _ = self.sleep(&stopping);
+                    lock(mm).slab_purge(PURGE_AFTER)?;
                 }
                 self.asleep.store(false, Ordering::Release);
                 self.parked.store(false, Ordering::Release);
@@ -368,9 +379,11 @@ impl Rings {
                 poll = (poll * 2).min(MAX_POLL);
                 continue;
             }
-            // Idle: make every free visible, then sleep until an exit needs us.
+            // Idle: make every free visible, give back the slabs' caches (memory that stayed
+            // free this long is not about to be reused), then sleep until an exit needs us.
             self.announce(0);
             self.pass(mm, true)?;
+            lock(mm).slab_trim()?;
             self.counters.sleeps.inc();
             self.asleep.store(true, Ordering::Release);
             while !self.sleep(&stopping) && !stopping() {}

@@ -378,6 +378,25 @@ impl MemoryManager {
         Ok(slab.exchange(space, &mut phys, cpu, node, class, frees, want)?)
     }
 
+    /// Gives back the slabs' idle caches (empty slabs but one per class and node, ready
+    /// objects past the quarantines): the guest has stopped allocating for a while.
+    pub fn slab_trim(&mut self) -> Result<u64, MemoryError> {
+        let (mut phys, space, slab) = self.phys();
+        let n = slab.trim_empty(space, &mut phys)?;
+        self.flush()?;
+        Ok(n)
+    }
+
+    /// Gives back the empty slabs that stayed unused for `older_than`.
+    pub fn slab_purge(&mut self, older_than: std::time::Duration) -> Result<u64, MemoryError> {
+        let (mut phys, space, slab) = self.phys();
+        let n = slab.purge(space, &mut phys, older_than)?;
+        if n > 0 {
+            self.flush()?;
+        }
+        Ok(n)
+    }
+
     /// SLAB_FREE: one object back.
     pub fn slab_free(&mut self, ptr: u64) -> Result<(), MemoryError> {
         let (mut phys, space, slab) = self.phys();

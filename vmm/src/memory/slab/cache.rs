@@ -3,6 +3,7 @@
 //! here, never in guest RAM: a few dozen bytes per slab (32 KiB or more) plus one bit per object.
 
 use std::collections::VecDeque;
+use std::time::Instant;
 
 use protocol::layout::SLAB_SLOT;
 use protocol::slab::{CLASSES, NR_CLASSES, SMALL_MAX};
@@ -23,11 +24,18 @@ pub fn slab_pages(size: u32) -> u64 {
 }
 
 /// Most empty slabs a class keeps per node, mapped and resident, before it gives slabs back: a
-/// workload whose live objects swing by a few slabs reuses them instead of paying a
-/// second-level fault per page of a new one. A class keeps one, plus one per four slabs in
-/// use, up to this (at most 4 x 64 KiB per class and node; a guest that frees everything gets
-/// all but one back).
-pub const EMPTY_KEPT: usize = 4;
+/// workload whose live objects swing reuses them instead of paying a second-level fault per
+/// page of a new slab, and a TLB shootdown for the old one's discard (the way glibc keeps
+/// freed memory). A class keeps up to half the most slabs it had in use since the guest was
+/// last idle, at least [`EMPTY_MIN`] and at most this (32 MiB of 32 KiB slabs per class and
+/// node). Memory that stays free is given back: the rings' service releases empty slabs that
+/// stayed unused for [`crate::rings::PURGE_AFTER`] ([`super::SlabAllocator::purge`]), and when
+/// the guest has been idle a while keeps one per class and node and forgets the peak
+/// ([`super::SlabAllocator::trim_empty`]).
+pub const EMPTY_KEPT: usize = 1024;
+/// Empty slabs a class keeps per node however few it uses (at 32 KiB slabs, 256 KiB per class
+/// and node).
+pub const EMPTY_MIN: usize = 8;
 
 /// Slab id: index into the arena.
 pub(super) type SlabId = u32;
@@ -54,6 +62,8 @@ pub struct Slab {
     pub last_owner: Option<u32>,
     /// Where the search for a free object starts (next-fit).
     pub(super) cursor: u32,
+    /// When it joined its class's cached empty slabs (while it is there).
+    pub(super) empty_since: Option<Instant>,
 }
 
 impl Slab {
@@ -71,6 +81,7 @@ impl Slab {
             partial_at: None,
             owner: None,
             last_owner: None,
+            empty_since: None,
             cursor: 0,
         }
     }
@@ -184,6 +195,9 @@ pub(super) struct Cache {
     /// back to their slabs).
     pub(super) quarantine: Vec<VecDeque<(SlabId, u32)>>,
     pub(super) slabs: u64,
+    /// Most slabs in use (not empty) since the last idle trim: the swing the class may see
+    /// again, which its cached empty slabs are sized for.
+    pub(super) peak: usize,
     /// Objects handed to the guest (not counting the quarantine).
     pub(super) active: u64,
 }

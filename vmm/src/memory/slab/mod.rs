@@ -6,9 +6,11 @@
 //!   handed out or free) lives here, never in guest RAM.
 //! - Per vCPU and class, a *current slab* serves refills, so a vCPU's objects come from its own
 //!   slabs (no false sharing between vCPUs). Per node and class, a *partial list* holds slabs with
-//!   free objects that no vCPU owns, and a few empty slabs stay cached (one, plus one per four slabs
-//!   in use, up to four; mapped and resident, so reuse costs no fault); further empty slabs go back to the buddy allocator and lose their
-//!   host backing.
+//!   free objects that no vCPU owns, and empty slabs stay cached, mapped and resident, so that
+//!   a workload whose live objects swing reuses them without a fault: up to half the most slabs
+//!   the class had in use lately (at least 8, at most 1024). The rings' service gives back
+//!   empty slabs unused for 200 ms, and all but one per class when the guest goes idle; they go
+//!   back to the buddy allocator and lose their host backing.
 //! - Objects move in batches through per-vCPU magazines in guest memory (`protocol::slab`): one
 //!   SLAB_EXCHANGE drains up to a batch of freed objects and refills up to a batch of new ones.
 //!   Every object coming back is validated (a live slab, an object boundary, handed out); a bad
@@ -32,6 +34,7 @@
 mod cache;
 
 use std::collections::VecDeque;
+use std::time::{Duration, Instant};
 
 use protocol::layout::{SLAB_SLOT, SLAB_VA_END, SLAB_VA_START};
 use protocol::slab::{CLASSES, FIRST_LARGE, NR_CLASSES};
@@ -406,13 +409,15 @@ impl SlabAllocator {
         }
         if in_use == 0 {
             partial_remove(&mut cache.partial[node], &mut self.arena, id);
-            // Keep it (and as many others as the slabs still in use justify); give back the rest.
+            // Keep it (and as many others as the class's recent peak justifies); give back the
+            // rest.
             let empties: usize = cache.empty.iter().map(Vec::len).sum();
             let in_use = usize::try_from(cache.slabs).unwrap_or(usize::MAX).saturating_sub(empties + 1);
-            // (A page-run class keeps one: its slabs are 256 KiB.)
-            let most = if class < FIRST_LARGE { cache::EMPTY_KEPT } else { 1 };
-            let keep = (in_use / 4).clamp(1, most);
+            cache.peak = cache.peak.max(in_use + 1);
+            let keep = (cache.peak / 2).clamp(cache::EMPTY_MIN, cache::EMPTY_KEPT);
             cache.empty[node].push(id);
+            self.arena[id as usize].as_mut().expect("live slab id").empty_since = Some(Instant::now());
+            let cache = &mut self.caches[class];
             let over = cache.empty[node].len().saturating_sub(keep);
             let excess: Vec<SlabId> = cache.empty[node].drain(..over).collect();
             for old in excess {
@@ -420,6 +425,50 @@ impl SlabAllocator {
             }
         }
         Ok(())
+    }
+
+    /// Gives back every cached empty slab but one per class and node (and the ready objects
+    /// past each quarantine): for a guest that has stopped allocating. Returns the slabs
+    /// released.
+    pub fn trim_empty(&mut self, space: &mut AddressSpace, phys: &mut Phys<'_>) -> Result<u64, SlabError> {
+        let before = self.counters.slabs_released;
+        for class in 0..NR_CLASSES {
+            self.trim(space, phys, class, cache::QUARANTINE_LEN[class])?;
+            self.caches[class].peak = 0;
+            for node in 0..self.caches[class].empty.len() {
+                let over = self.caches[class].empty[node].len().saturating_sub(1);
+                let excess: Vec<SlabId> = self.caches[class].empty[node].drain(..over).collect();
+                for id in excess {
+                    self.release_slab(space, phys, id)?;
+                }
+            }
+        }
+        Ok(self.counters.slabs_released - before)
+    }
+
+    /// Gives back the cached empty slabs that stayed unused for `older_than` (all but one per
+    /// class and node). Returns the slabs released.
+    pub fn purge(
+        &mut self,
+        space: &mut AddressSpace,
+        phys: &mut Phys<'_>,
+        older_than: Duration,
+    ) -> Result<u64, SlabError> {
+        let before = self.counters.slabs_released;
+        for class in 0..NR_CLASSES {
+            for node in 0..self.caches[class].empty.len() {
+                // Oldest first: slabs are reused from the back.
+                while self.caches[class].empty[node].len() > 1 {
+                    let id = self.caches[class].empty[node][0];
+                    if self.slab(id).empty_since.is_some_and(|t| t.elapsed() < older_than) {
+                        break;
+                    }
+                    self.caches[class].empty[node].remove(0);
+                    self.release_slab(space, phys, id)?;
+                }
+            }
+        }
+        Ok(self.counters.slabs_released - before)
     }
 
     /// SLAB_INFO: the size of the handed-out object at `ptr`.
@@ -552,7 +601,10 @@ impl SlabAllocator {
         let (va, first) = space.map_slab(phys, class, slab_pages(size), Policy::Preferred(node), node)?;
         let node = phys.frames.node_of(first).expect("slab frames are RAM");
         let id = self.insert(Slab::new(va, class, node, objects_per_slab(size)));
-        self.caches[class].slabs += 1;
+        let cache = &mut self.caches[class];
+        cache.slabs += 1;
+        let empties: usize = cache.empty.iter().map(Vec::len).sum();
+        cache.peak = cache.peak.max(usize::try_from(cache.slabs).unwrap_or(usize::MAX).saturating_sub(empties));
         self.counters.slabs_created += 1;
         Ok(id)
     }
