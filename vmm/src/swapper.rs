@@ -335,6 +335,8 @@ impl Swapper {
             return Ok(());
         }
         self.set_state(SwapState::Reclaiming);
+        // Free memory first: the slabs' cached empty slabs cost no I/O to give back.
+        shared.mm().slab_trim()?;
         let low = limit.saturating_sub((limit / 32).max(2 << 20));
         let (mut empty_laps, mut stalled) = (0, 0);
         let mut inflight = None;

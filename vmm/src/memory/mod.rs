@@ -444,7 +444,16 @@ impl MemoryManager {
     pub fn flush(&mut self) -> Result<(), MemoryError> {
         let (mut phys, space, _) = self.phys();
         space.flush(&mut phys)?;
-        let lacking = self.frames.balloon_fill();
+        let mut lacking = self.frames.balloon_fill();
+        if lacking > 0 {
+            // The balloon wants frames the buddy allocator lacks: give it the slabs' cached
+            // empty slabs first.
+            let (mut phys, space, slab) = self.phys();
+            if slab.trim_empty(space, &mut phys)? > 0 {
+                space.flush(&mut phys)?;
+                lacking = self.frames.balloon_fill();
+            }
+        }
         self.balloon.filled(lacking);
         let c = self.space.counters();
         if c.frames_freed - self.freed_at_trim.0 >= TRIM_AFTER_FRAMES
