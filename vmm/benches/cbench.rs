@@ -3,7 +3,8 @@
 //! natively with gcc and run with 1 and 2 threads, with glibc's malloc and with mimalloc
 //! (`LD_PRELOAD`), interleaved in one run. Each benchmark's own figure (its printed throughput,
 //! or its wall time), the guest's ratio to each native figure (above 1: the guest is better),
-//! and the guest allocator's exits per thousand allocations. Writes the table as
+//! the guest allocator's exits per thousand allocations, and peak RSS (the VMM's, guest RAM
+//! included, against native glibc's; from GNU time when it is installed). Writes the table as
 //! target/bench-plots/cbench.csv and a chart, target/bench-plots/cbench.svg.
 //!
 //! `CBENCH_RUNS=N` repeats each configuration N times and takes the median (default 3);
@@ -28,6 +29,9 @@ use manifest::Bench;
 /// Code generation as in the guest build (guest/build.rs), so both run the same code.
 const CFLAGS: &[&str] = &["-O3", "-DNDEBUG", "-march=x86-64", "-mtune=generic", "-mno-avx", "-w"];
 const MIMALLOC: &str = "/usr/lib/x86_64-linux-gnu/libmimalloc.so.2";
+/// GNU time, for every run's peak RSS (guest runs: the whole VMM, guest RAM included); without
+/// it there is no RSS column.
+const TIME: &str = "/usr/bin/time";
 /// Longest one run may take.
 const TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -97,11 +101,31 @@ struct Sample {
     value: f64,
     exits: f64,
     allocs: f64,
+    /// Peak RSS, MiB (0 without GNU time).
+    rss_mib: f64,
+}
+
+/// `timeout` for `TIMEOUT`, through GNU time if there is one, ready for the program's path.
+fn wrapper() -> Command {
+    let mut cmd = Command::new("timeout");
+    cmd.arg(TIMEOUT.as_secs().to_string());
+    if Path::new(TIME).exists() {
+        cmd.args([TIME, "-f", "@maxrss_kib=%M"]);
+    }
+    cmd
+}
+
+/// The peak RSS GNU time reported in `stderr`, MiB.
+fn rss_mib(stderr: &str) -> f64 {
+    stderr
+        .rfind("@maxrss_kib=")
+        .and_then(|i| stderr[i + 12..].split_whitespace().next()?.parse::<f64>().ok())
+        .map_or(0.0, |kib| kib / 1024.0)
 }
 
 fn run_native(exe: &Path, name: &str, args: &str, preload: Option<&str>) -> Option<Sample> {
-    let mut cmd = Command::new("timeout");
-    cmd.arg(TIMEOUT.as_secs().to_string()).arg(exe).args(args.split_whitespace());
+    let mut cmd = wrapper();
+    cmd.arg(exe).args(args.split_whitespace());
     // Beside the executables: some benchmarks (rptest) write their figures to files.
     if let Some(dir) = exe.parent() {
         cmd.current_dir(dir);
@@ -117,12 +141,15 @@ fn run_native(exe: &Path, name: &str, args: &str, preload: Option<&str>) -> Opti
         return None;
     }
     let out = String::from_utf8_lossy(&o.stdout) + String::from_utf8_lossy(&o.stderr);
-    Some(Sample { value: figure(name, &out, wall), ..Default::default() })
+    Some(Sample {
+        value: figure(name, &out, wall),
+        rss_mib: rss_mib(&String::from_utf8_lossy(&o.stderr)),
+        ..Default::default()
+    })
 }
 
 fn run_guest(name: &str, args: &str, cpus: u32, rings: bool) -> Option<Sample> {
-    let o = Command::new("timeout")
-        .arg(TIMEOUT.as_secs().to_string())
+    let o = wrapper()
         .arg(env!("CARGO_BIN_EXE_vmm"))
         .args(["run", "--kernel"])
         .arg(common::guest_image())
@@ -138,7 +165,12 @@ fn run_guest(name: &str, args: &str, cpus: u32, rings: bool) -> Option<Sample> {
         return None;
     };
     let num = |k: &str| r[k].as_str().and_then(|s| s.parse::<f64>().ok()).or_else(|| r[k].as_f64()).unwrap_or(0.0);
-    Some(Sample { value: figure(name, &out, num("wall_ns") / 1e9), exits: num("exits"), allocs: num("allocs") })
+    Some(Sample {
+        value: figure(name, &out, num("wall_ns") / 1e9),
+        exits: num("exits"),
+        allocs: num("allocs"),
+        rss_mib: rss_mib(&String::from_utf8_lossy(&o.stderr)),
+    })
 }
 
 fn median(mut v: Vec<f64>) -> Option<f64> {
@@ -160,6 +192,9 @@ struct Row {
     glibc: Option<f64>,
     mimalloc: Option<f64>,
     exits_per_k: Option<f64>,
+    /// Peak RSS, MiB: the guest's VMM (guest RAM included) and native glibc.
+    guest_rss: Option<f64>,
+    glibc_rss: Option<f64>,
 }
 
 impl Row {
@@ -225,6 +260,7 @@ fn main() {
         for threads in [1u32, 2] {
             let args = base.replace("{N}", &threads.to_string());
             let (mut g, mut n, mut m, mut e) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            let (mut g_rss, mut n_rss) = (Vec::new(), Vec::new());
             let mut off = Vec::new();
             for _ in 0..runs {
                 if before && let Some(s) = run_guest(&b.name, &args, threads, false) {
@@ -232,12 +268,18 @@ fn main() {
                 }
                 if let Some(s) = run_guest(&b.name, &args, threads, true) {
                     g.push(s.value);
+                    if s.rss_mib > 0.0 {
+                        g_rss.push(s.rss_mib);
+                    }
                     if s.allocs > 0.0 {
                         e.push(s.exits * 1000.0 / s.allocs);
                     }
                 }
                 if let Some(s) = run_native(&exe, &b.name, &args, None) {
                     n.push(s.value);
+                    if s.rss_mib > 0.0 {
+                        n_rss.push(s.rss_mib);
+                    }
                 }
                 if let Some(s) = mimalloc.and_then(|p| run_native(&exe, &b.name, &args, Some(p))) {
                     m.push(s.value);
@@ -254,6 +296,8 @@ fn main() {
                 glibc: median(n),
                 mimalloc: median(m),
                 exits_per_k: median(e),
+                guest_rss: median(g_rss),
+                glibc_rss: median(n_rss),
             };
             println!(
                 "  {:<15} {threads}  guest {:>9} {unit:<9} glibc {:>9}  mimalloc {:>9}  vs glibc {:>6}x  vs mimalloc {:>6}x{}",
@@ -283,7 +327,7 @@ fn main() {
 fn print_table(rows: &[Row]) {
     println!();
     println!(
-        "{:<15} {:>3} {:>10} {:>10} {:>10} {:<10} {:>9} {:>11} {:>13} {:>18}",
+        "{:<15} {:>3} {:>10} {:>10} {:>10} {:<10} {:>9} {:>11} {:>13} {:>18} {:>17}",
         "benchmark",
         "thr",
         "guest",
@@ -293,11 +337,12 @@ fn print_table(rows: &[Row]) {
         "vs glibc",
         "vs mimalloc",
         "exits/1k alloc",
-        "rings off vs glibc"
+        "rings off vs glibc",
+        "RSS MiB vmm/glibc"
     );
     for r in rows {
         println!(
-            "{:<15} {:>3} {:>10} {:>10} {:>10} {:<10} {:>8}x {:>10}x {:>13} {:>17}x",
+            "{:<15} {:>3} {:>10} {:>10} {:>10} {:<10} {:>8}x {:>10}x {:>13} {:>17}x {:>8} /{:>7}",
             r.name,
             r.threads,
             fmt(r.guest),
@@ -307,20 +352,23 @@ fn print_table(rows: &[Row]) {
             fmt(r.ratio(r.glibc)),
             fmt(r.ratio(r.mimalloc)),
             fmt(r.exits_per_k),
-            fmt(r.ratio_of(r.before, r.glibc))
+            fmt(r.ratio_of(r.before, r.glibc)),
+            fmt(r.guest_rss),
+            fmt(r.glibc_rss)
         );
     }
     println!("(ratios: the guest's figure against native, above 1 = the guest is better; wall times inverted)");
+    println!("(RSS: peak, from GNU time; the VMM's includes guest RAM, page tables and its own metadata)");
 }
 
 fn write_csv(path: &Path, rows: &[Row]) {
     let opt = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v}"));
     let mut s = String::from(
-        "benchmark,threads,unit,higher_is_better,guest,glibc,mimalloc,guest_vs_glibc,guest_vs_mimalloc,exits_per_1k_allocs\n",
+        "benchmark,threads,unit,higher_is_better,guest,glibc,mimalloc,guest_vs_glibc,guest_vs_mimalloc,exits_per_1k_allocs,vmm_rss_mib,glibc_rss_mib\n",
     );
     for r in rows {
         s += &format!(
-            "{},{},{},{},{},{},{},{},{},{}\n",
+            "{},{},{},{},{},{},{},{},{},{},{},{}\n",
             r.name,
             r.threads,
             r.unit,
@@ -330,7 +378,9 @@ fn write_csv(path: &Path, rows: &[Row]) {
             opt(r.mimalloc),
             opt(r.ratio(r.glibc)),
             opt(r.ratio(r.mimalloc)),
-            opt(r.exits_per_k)
+            opt(r.exits_per_k),
+            opt(r.guest_rss),
+            opt(r.glibc_rss)
         );
     }
     std::fs::write(path, s).expect("target/bench-plots is writable");
