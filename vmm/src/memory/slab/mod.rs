@@ -571,11 +571,7 @@ impl SlabAllocator {
         }
         // Out of memory: release the quarantine, then take another node's partial or empty
         // slab rather than fail.
-        for q in 0..self.caches[class].quarantine.len() {
-            while let Some((id, i)) = self.caches[class].quarantine[q].pop_front() {
-                self.release_object(space, phys, id, i)?;
-            }
-        }
+        self.trim(space, phys, class, 0)?;
         let cache = &mut self.caches[class];
         for other in 0..cache.partial.len() {
             if let Some(&id) = cache.partial[other].last() {
