@@ -31,10 +31,12 @@ lint: setup
 bench: guest
 	$(CARGO) bench -p vmm
 
-# The C allocator benchmarks (../shared/cbench) in the guest against native glibc and mimalloc:
-# a table, target/bench-plots/cbench.csv and cbench.svg. CBENCH_RUNS=N repeats (default 3);
-# CBENCH_QUICK=1 uses the tests' short arguments; CBENCH_ONLY=larson,rptest runs only those.
+# The C allocator benchmarks (../shared/cbench) in the guest against native glibc and mimalloc,
+# and our own workloads natively and in the guest (the native bench, first): one table,
+# target/bench-plots/cbench.csv and cbench.svg. CBENCH_RUNS=N repeats (default 3); CBENCH_QUICK=1
+# uses the tests' short arguments; CBENCH_ONLY=larson,rptest runs only those.
 bench-c: guest
+	$(CARGO) bench -p vmm --bench native
 	$(CARGO) bench -p vmm --bench cbench
 
 # A short smoke pass of every fuzz target over its corpus (a minute in all); fuzz/run.sh TARGET

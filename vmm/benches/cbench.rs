@@ -7,6 +7,9 @@
 //! included, against native glibc's; from GNU time when it is installed). Writes the table as
 //! target/bench-plots/cbench.csv and a chart, target/bench-plots/cbench.svg.
 //!
+//! `make bench-c` runs `cargo bench --bench native` (our own workloads, natively and in the
+//! guest) first; its rows (`ours/...`) join this table.
+//!
 //! `CBENCH_RUNS=N` repeats each configuration N times and takes the median (default 3);
 //! `CBENCH_QUICK=1` uses the tests' short arguments instead of mimalloc-bench's;
 //! `CBENCH_ONLY=a,b` runs only the benchmarks named; `CBENCH_BEFORE=1` also runs the guest
@@ -316,6 +319,7 @@ fn main() {
             rows.push(row);
         }
     }
+    rows.extend(our_workloads(&repo().join("target/bench-plots/native-rows.csv")));
     print_table(&rows);
     let plots = repo().join("target/bench-plots");
     std::fs::create_dir_all(&plots).expect("target/ is writable");
@@ -324,10 +328,35 @@ fn main() {
     println!("table: {}; chart: {}", plots.join("cbench.csv").display(), plots.join("cbench.svg").display());
 }
 
+/// The rows `cargo bench --bench native` left for this table (our own workloads, natively and in
+/// the guest; `make bench-c` runs it first), if it did.
+fn our_workloads(path: &Path) -> Vec<Row> {
+    let Ok(text) = std::fs::read_to_string(path) else { return Vec::new() };
+    let num = |s: &str| s.parse::<f64>().ok();
+    text.lines()
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split(',').collect();
+            (f.len() >= 10).then(|| Row {
+                name: f[0].to_string(),
+                threads: f[1].parse().unwrap_or(0),
+                unit: "ops/s",
+                higher: true,
+                guest: num(f[4]),
+                before: None,
+                glibc: num(f[5]),
+                mimalloc: num(f[6]),
+                exits_per_k: num(f[9]),
+                guest_rss: None,
+                glibc_rss: None,
+            })
+        })
+        .collect()
+}
+
 fn print_table(rows: &[Row]) {
     println!();
     println!(
-        "{:<15} {:>3} {:>10} {:>10} {:>10} {:<10} {:>9} {:>11} {:>13} {:>18} {:>17}",
+        "{:<19} {:>3} {:>10} {:>10} {:>10} {:<10} {:>9} {:>11} {:>13} {:>18} {:>17}",
         "benchmark",
         "thr",
         "guest",
@@ -342,7 +371,7 @@ fn print_table(rows: &[Row]) {
     );
     for r in rows {
         println!(
-            "{:<15} {:>3} {:>10} {:>10} {:>10} {:<10} {:>8}x {:>10}x {:>13} {:>17}x {:>8} /{:>7}",
+            "{:<19} {:>3} {:>10} {:>10} {:>10} {:<10} {:>8}x {:>10}x {:>13} {:>17}x {:>8} /{:>7}",
             r.name,
             r.threads,
             fmt(r.guest),

@@ -200,6 +200,8 @@ fn main() {
         "rings off",
         "exits/1k"
     );
+    // The rows again, in `make bench-c`'s CSV format, for its table (it runs this first).
+    let mut csv = String::new();
     for &(name, args) in WORKLOADS {
         for threads in [1u32, 2] {
             let (mut on, mut off, mut glibc, mut mi, mut exits) = (vec![], vec![], vec![], vec![], vec![]);
@@ -218,15 +220,28 @@ fn main() {
                     mi.push(native(args, name, seed, threads, Some(p)).expect("with mimalloc").ops_per_sec);
                 }
             }
-            let (on, off, glibc, mi) = (median(on), median(off), median(glibc), median(mi));
+            let (on, off, glibc, mi, exits) = (median(on), median(off), median(glibc), median(mi), median(exits));
             println!(
                 "{name:<14} {threads:>3} {on:>12.0} {off:>12.0} {glibc:>12.0} {mi:>12.0} {:>8.2}x {:>10.2}x {:>9.2}x {:>9.2}",
                 on / glibc,
                 if mi > 0.0 { on / mi } else { 0.0 },
                 off / glibc,
-                median(exits)
+                exits
+            );
+            let mi_col = if mi > 0.0 { format!("{mi}") } else { String::new() };
+            let mi_ratio = if mi > 0.0 { format!("{}", on / mi) } else { String::new() };
+            csv += &format!(
+                "ours/{name},{threads},ops/s,true,{on},{glibc},{mi_col},{},{mi_ratio},{},,\n",
+                on / glibc,
+                exits
             );
         }
     }
     println!("(ops/s summed over threads or vCPUs; ratios: the guest against native, above 1 = the guest is faster)");
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench-plots");
+    std::fs::create_dir_all(&dir).expect("target/ is writable");
+    std::fs::write(dir.join(NATIVE_CSV), csv).expect("target/bench-plots is writable");
 }
+
+/// Where the rows go for `make bench-c`'s table (same columns as its CSV, no header).
+const NATIVE_CSV: &str = "native-rows.csv";
