@@ -126,3 +126,37 @@ proptest! {
         prop_assert_eq!(free + mm.space().page_tables().table_pages(), total);
     }
 }
+
+/// Free frames, every node.
+fn free_frames(mm: &MemoryManager) -> u64 {
+    mm.frames().snapshot().nodes.iter().map(|n| n.frames_free).sum()
+}
+
+#[test]
+fn memory_pressure_takes_the_slabs_cached_empty_slabs() {
+    use crate::config::BalloonConfig;
+    use crate::memory::addr::PAGE_SIZE;
+    let mut mm = super::standalone(&[16 << 20]).unwrap();
+    // 64-byte objects in 20 slabs, then all freed: their slabs stay cached for reuse.
+    let class = protocol::slab::class_for(64, 8).unwrap();
+    let mut objs = Vec::new();
+    for _ in 0..20 {
+        objs.extend(mm.slab_exchange(0, NodeId(0), class, &[], 512).unwrap().0);
+    }
+    for chunk in objs.chunks(512) {
+        mm.slab_exchange(0, NodeId(0), class, chunk, 0).unwrap();
+    }
+    mm.flush().unwrap();
+    let cached = |mm: &MemoryManager| mm.slabs().info()[class].cached_empty;
+    assert!(cached(&mm) >= 8, "{:?}", mm.slabs().info()[class]);
+    // A balloon asking for every frame: the free ones at once, then the cached slabs' (which no
+    // guest free would ever give it), at the next flush.
+    let free = free_frames(&mm);
+    let cfg = BalloonConfig { size: mm.frames().total_pages() * PAGE_SIZE, deflate_on_oom: false, stats_interval_s: 0 };
+    let before = mm.configure_balloon(cfg).unwrap().actual_frames;
+    assert_eq!(before, free);
+    mm.flush().unwrap();
+    assert!(cached(&mm) <= 1, "{:?}", mm.slabs().info()[class]);
+    assert!(mm.balloon().actual_frames > before + 8 * 7, "{} -> {}", before, mm.balloon().actual_frames);
+    mm.check_invariants().unwrap();
+}
