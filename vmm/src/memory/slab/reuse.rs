@@ -1,0 +1,89 @@
+//! How freed objects and empty slabs are kept for reuse and given back: objects past their
+//! quarantine handed out again as they are, the ready ones trimmed to what refills take, and
+//! cached empty slabs released once unused for a while or when the guest goes idle.
+
+use std::time::Duration;
+
+use crate::memory::space::{AddressSpace, Phys};
+
+use super::{SlabAllocator, SlabError, SlabId, cache};
+use protocol::slab::{CLASSES, NR_CLASSES};
+
+impl SlabAllocator {
+    /// Gives the freed objects of `class` past the newest `keep` of each node back to their
+    /// slabs.
+    pub(super) fn trim(
+        &mut self,
+        space: &mut AddressSpace,
+        phys: &mut Phys<'_>,
+        class: usize,
+        keep: usize,
+    ) -> Result<(), SlabError> {
+        for q in 0..self.caches[class].quarantine.len() {
+            while self.caches[class].quarantine[q].len() > keep {
+                let (id, i) = self.caches[class].quarantine[q].pop_front().expect("non-empty");
+                self.release_object(space, phys, id, i)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Hands out, into `out` (up to `want` in all), freed objects of `class` on `node` that have
+    /// served their quarantine, oldest first: they stay handed out in their slabs and only
+    /// leave the quarantine.
+    pub(super) fn recycle(&mut self, class: usize, node: usize, want: usize, out: &mut Vec<u64>) {
+        let size = u64::from(CLASSES[class]);
+        let keep = cache::QUARANTINE_LEN[class];
+        let q = &mut self.caches[class].quarantine[node];
+        while out.len() < want && q.len() > keep {
+            let (id, i) = q.pop_front().expect("non-empty");
+            let s = self.arena[id as usize].as_mut().expect("live slab id");
+            s.set_held(i, false);
+            out.push(s.va + u64::from(i) * size);
+        }
+    }
+
+    /// Gives back every cached empty slab but one per class and node (and the ready objects
+    /// past each quarantine): for a guest that has stopped allocating. Returns the slabs
+    /// released.
+    pub fn trim_empty(&mut self, space: &mut AddressSpace, phys: &mut Phys<'_>) -> Result<u64, SlabError> {
+        let before = self.counters.slabs_released;
+        for class in 0..NR_CLASSES {
+            self.trim(space, phys, class, cache::QUARANTINE_LEN[class])?;
+            self.caches[class].peak = 0;
+            for node in 0..self.caches[class].empty.len() {
+                let over = self.caches[class].empty[node].len().saturating_sub(1);
+                let excess: Vec<SlabId> = self.caches[class].empty[node].drain(..over).collect();
+                for id in excess {
+                    self.release_slab(space, phys, id)?;
+                }
+            }
+        }
+        Ok(self.counters.slabs_released - before)
+    }
+
+    /// Gives back the cached empty slabs that stayed unused for `older_than` (all but one per
+    /// class and node). Returns the slabs released.
+    pub fn purge(
+        &mut self,
+        space: &mut AddressSpace,
+        phys: &mut Phys<'_>,
+        older_than: Duration,
+    ) -> Result<u64, SlabError> {
+        let before = self.counters.slabs_released;
+        for class in 0..NR_CLASSES {
+            for node in 0..self.caches[class].empty.len() {
+                // Oldest first: slabs are reused from the back.
+                while self.caches[class].empty[node].len() > 1 {
+                    let id = self.caches[class].empty[node][0];
+                    if self.slab(id).empty_since.is_some_and(|t| t.elapsed() < older_than) {
+                        break;
+                    }
+                    self.caches[class].empty[node].remove(0);
+                    self.release_slab(space, phys, id)?;
+                }
+            }
+        }
+        Ok(self.counters.slabs_released - before)
+    }
+}
