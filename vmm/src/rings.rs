@@ -10,13 +10,13 @@
 //! which both paths hold; the service thread only peeks at indices without it.
 //!
 //! The service thread polls while there is work: after a pass that moved objects it only yields
-//! the CPU. When the host has a CPU for it beside the vCPUs, it keeps polling (spinning) for
-//! [`SPIN_PERIOD`] after the last work: a sleep, however short, costs more here than a guest
-//! takes to empty a ring. After that (or at once, without a spare CPU) an empty pass sleeps
-//! [`MIN_POLL`], then twice as long each time, up to [`MAX_POLL`]. It tells the guest it runs (`Magazine::service`), so that a guest finding a
-//! ring empty waits a little for it rather than exit. After
-//! [`IDLE_PERIOD`] without work it drains what the free rings hold and sleeps until a
-//! SLAB_EXCHANGE exit wakes it, so an idle VM costs no CPU.
+//! the CPU; it keeps polling (spinning) for [`SPIN_PERIOD`] after the last work: a sleep,
+//! however short, costs more here than a guest takes to empty a ring. After that an empty pass
+//! sleeps [`MIN_POLL`], then twice as long each time, up to [`MAX_POLL`]. It tells the guest it
+//! runs (`Magazine::service`), so that a guest finding a ring empty waits a little for it
+//! rather than exit. After [`IDLE_PERIOD`] without work it drains what the free rings hold and
+//! sleeps until a SLAB_EXCHANGE exit wakes it, so an idle VM costs no CPU. While every host CPU
+//! runs a vCPU it parks instead (until a vCPU goes to sleep in IDLE).
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Condvar, Mutex};
@@ -226,10 +226,7 @@ impl Rings {
         // The exit is paid for: serve this vCPU's other rings that are due as well, so that a
         // guest using many classes takes one exit where it would have taken one per class
         // (when no host CPU is left for the service, exits are how rings get served).
-        let mut others = due_classes(c, false) & !(1 << class);
-        while others != 0 {
-            let k = others.trailing_zeros() as usize;
-            others &= others - 1;
+        for k in classes_in(due_classes(c, false) & !(1 << class)) {
             exchange(mm, c, k, RING, false, &self.counters)?;
             self.counters.piggybacked.inc();
         }
@@ -270,11 +267,7 @@ impl Rings {
     fn due(&self, all: bool) -> Vec<(usize, usize)> {
         let mut due = Vec::new();
         for (i, c) in self.cpus.iter().enumerate() {
-            let mut mask = due_classes(c, all);
-            while mask != 0 {
-                due.push((i, mask.trailing_zeros() as usize));
-                mask &= mask - 1;
-            }
+            due.extend(classes_in(due_classes(c, all)).map(|class| (i, class)));
         }
         due
     }
@@ -320,8 +313,7 @@ impl Rings {
 
     /// The service thread's loop, until `stopping()`. While passes find work it only yields
     /// the CPU between them (a vCPU that wants it gets it); without work it sleeps, longer each
-    /// time.
-    /// `sleeping()` says how many vCPUs sleep in IDLE (they leave their host CPU free).
+    /// time. `sleeping()` says how many vCPUs sleep in IDLE (they leave their host CPU free).
     pub fn run_service(
         &self,
         mm: &Mutex<MemoryManager>,
@@ -344,10 +336,9 @@ impl Rings {
                 self.announce(wait);
             }
             if wait == 0 {
-                // Every host CPU runs a vCPU: a pass would take one from a vCPU, and a context
-                // switch here costs more than the exits it saves (larson, 2 vCPUs on 2 CPUs:
-                // 6.5-7.4M ops/s with the service polling, 8.5-10.5M without it). Park until a
-                // vCPU sleeps; the vCPUs' own exits serve the rings meanwhile.
+                // Every host CPU runs a vCPU: a pass would only take one from a vCPU (larson,
+                // 2 vCPUs on 2 CPUs, did no better with the service polling than without it).
+                // Park until a vCPU sleeps; the vCPUs' own exits serve the rings meanwhile.
                 self.counters.parks.inc();
                 self.parked.store(true, Ordering::Release);
                 self.asleep.store(true, Ordering::Release);
@@ -367,8 +358,9 @@ impl Rings {
                 std::thread::yield_now();
                 continue;
             }
+            // (Here the service has a CPU of its own: `wait > 0`.)
             let idle = last_work.elapsed();
-            if wait > 0 && idle < SPIN_PERIOD {
+            if idle < SPIN_PERIOD {
                 for _ in 0..64 {
                     std::hint::spin_loop();
                 }
@@ -422,15 +414,21 @@ impl Rings {
     }
 }
 
+/// The classes whose bits are set in `mask`, lowest first.
+fn classes_in(mut mask: u32) -> impl Iterator<Item = usize> {
+    std::iter::from_fn(move || {
+        let class = (mask != 0).then(|| mask.trailing_zeros() as usize)?;
+        mask &= mask - 1;
+        Some(class)
+    })
+}
+
 /// The classes (a bit each) whose rings on `c` need the service: an alloc ring at or below half
 /// its target, a free ring holding [`protocol::slab::drain_at`] entries (any, with `all`).
 /// Reads only indices.
 fn due_classes(c: &CpuRings, all: bool) -> u32 {
     let mut due = 0;
-    let mut active = c.active.load(Ordering::Relaxed);
-    while active != 0 {
-        let class = active.trailing_zeros() as usize;
-        active &= active - 1;
+    for class in classes_in(c.active.load(Ordering::Relaxed)) {
         let ring = &c.classes[class];
         let (tail, head) = (load(c, class, MAG_ALLOC_TAIL), load(c, class, MAG_FREE_HEAD));
         let level = ring.alloc_head.load(Ordering::Relaxed).wrapping_sub(tail) as usize;
