@@ -203,6 +203,12 @@ pub(super) struct Cache {
 }
 
 impl Cache {
+    /// Notes the slabs in use now (all but the cached empty ones) in [`peak`](Self::peak).
+    pub(super) fn note_peak(&mut self) {
+        let empties: usize = self.empty.iter().map(Vec::len).sum();
+        self.peak = self.peak.max(usize::try_from(self.slabs).unwrap_or(usize::MAX).saturating_sub(empties));
+    }
+
     /// Objects in quarantine (or ready past it), every node.
     pub(super) fn quarantined(&self) -> u64 {
         self.quarantine.iter().map(|q| q.len() as u64).sum()

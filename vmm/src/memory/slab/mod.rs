@@ -379,9 +379,7 @@ impl SlabAllocator {
             partial_remove(&mut cache.partial[node], &mut self.arena, id);
             // Keep it (and as many others as the class's recent peak justifies); give back the
             // rest.
-            let empties: usize = cache.empty.iter().map(Vec::len).sum();
-            let in_use = usize::try_from(cache.slabs).unwrap_or(usize::MAX).saturating_sub(empties + 1);
-            cache.peak = cache.peak.max(in_use + 1);
+            cache.note_peak();
             let keep = (cache.peak / 2).clamp(cache::EMPTY_MIN, cache::EMPTY_KEPT);
             cache.empty[node].push(id);
             self.arena[id as usize].as_mut().expect("live slab id").empty_since = Some(Instant::now());
@@ -523,8 +521,7 @@ impl SlabAllocator {
         let id = self.insert(Slab::new(va, class, node, objects_per_slab(size)));
         let cache = &mut self.caches[class];
         cache.slabs += 1;
-        let empties: usize = cache.empty.iter().map(Vec::len).sum();
-        cache.peak = cache.peak.max(usize::try_from(cache.slabs).unwrap_or(usize::MAX).saturating_sub(empties));
+        cache.note_peak();
         self.counters.slabs_created += 1;
         Ok(id)
     }

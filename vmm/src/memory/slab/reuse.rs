@@ -44,22 +44,14 @@ impl SlabAllocator {
     }
 
     /// Gives back every cached empty slab but one per class and node (and the ready objects
-    /// past each quarantine): for a guest that has stopped allocating. Returns the slabs
-    /// released.
+    /// past each quarantine), and forgets the classes' peaks: for a guest that has stopped
+    /// allocating. Returns the slabs released.
     pub fn trim_empty(&mut self, space: &mut AddressSpace, phys: &mut Phys<'_>) -> Result<u64, SlabError> {
-        let before = self.counters.slabs_released;
         for class in 0..NR_CLASSES {
             self.trim(space, phys, class, cache::QUARANTINE_LEN[class])?;
             self.caches[class].peak = 0;
-            for node in 0..self.caches[class].empty.len() {
-                let over = self.caches[class].empty[node].len().saturating_sub(1);
-                let excess: Vec<SlabId> = self.caches[class].empty[node].drain(..over).collect();
-                for id in excess {
-                    self.release_slab(space, phys, id)?;
-                }
-            }
         }
-        Ok(self.counters.slabs_released - before)
+        self.purge(space, phys, Duration::ZERO)
     }
 
     /// Gives back the cached empty slabs that stayed unused for `older_than` (all but one per
@@ -74,12 +66,13 @@ impl SlabAllocator {
         for class in 0..NR_CLASSES {
             for node in 0..self.caches[class].empty.len() {
                 // Oldest first: slabs are reused from the back.
-                while self.caches[class].empty[node].len() > 1 {
-                    let id = self.caches[class].empty[node][0];
-                    if self.slab(id).empty_since.is_some_and(|t| t.elapsed() < older_than) {
-                        break;
-                    }
-                    self.caches[class].empty[node].remove(0);
+                let list = &self.caches[class].empty[node];
+                let old = list[..list.len().saturating_sub(1)]
+                    .iter()
+                    .take_while(|&&id| self.slab(id).empty_since.is_none_or(|t| t.elapsed() >= older_than))
+                    .count();
+                let gone: Vec<SlabId> = self.caches[class].empty[node].drain(..old).collect();
+                for id in gone {
                     self.release_slab(space, phys, id)?;
                 }
             }
