@@ -32,6 +32,15 @@ pub fn pause() {
     core::hint::spin_loop();
 }
 
+/// Spins (no exit) for `ms` milliseconds of TSC time.
+pub fn spin_ms(ms: u64) {
+    let khz = crate::bootinfo::get().map_or(1_000_000, |bi| bi.tsc_khz);
+    let t0 = rdtsc();
+    while rdtsc() - t0 < ms * khz {
+        pause();
+    }
+}
+
 /// This vCPU's page.
 pub fn cpu_page() -> *mut CpuPage {
     let va: u64;

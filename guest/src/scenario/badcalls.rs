@@ -122,13 +122,6 @@ fn bad_rings(service: bool) -> u32 {
     // SAFETY: as above.
     let (vmm_head, vmm_tail) = unsafe { (addr_of!((*m).alloc_head), addr_of!((*m).free_tail)) };
     let (tail, head) = (rd(tail_p), rd(head_p));
-    let wait = |ms: u64| {
-        let t0 = arch::rdtsc();
-        let khz = crate::bootinfo::get().map_or(1_000_000, |bi| bi.tsc_khz);
-        while arch::rdtsc() - t0 < ms * khz {
-            arch::pause();
-        }
-    };
     // Consumed more than there was; holding more than a ring's worth of frees.
     wr(tail_p, rd(vmm_head).wrapping_add(1));
     check(exchange() == EFAULT, "an alloc index past the ring's end was accepted");
@@ -138,7 +131,7 @@ fn bad_rings(service: bool) -> u32 {
     wr(head_p, rd(vmm_tail).wrapping_add(protocol::slab::RING as u32 + 7));
     check(exchange() == EFAULT, "a free index beyond the ring was accepted");
     // The service thread meets the same garbage for a while.
-    wait(30);
+    arch::spin_ms(30);
     wr(head_p, head);
     check(exchange() == OK, "the ring does not work after its indices were restored");
     // Wild pointers in the free ring: counted, nothing else.
@@ -154,7 +147,7 @@ fn bad_rings(service: bool) -> u32 {
             if rd(vmm_tail) == rd(head_p) {
                 break;
             }
-            wait(5);
+            arch::spin_ms(5);
         }
         check(rd(vmm_tail) == rd(head_p), "the service thread did not drain the free ring");
     }

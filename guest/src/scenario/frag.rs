@@ -54,10 +54,7 @@ pub fn run(ctx: &Ctx) {
             if after * 4096 <= slab / 4 || settle_ms >= 2000 {
                 break;
             }
-            let (t0, khz) = (crate::arch::rdtsc(), ctx.bi.tsc_khz.max(1));
-            while crate::arch::rdtsc() - t0 < 20 * khz {
-                crate::arch::pause();
-            }
+            crate::arch::spin_ms(20);
             settle_ms += 20;
         }
     }
