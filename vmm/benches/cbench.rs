@@ -167,21 +167,13 @@ fn run_guest(name: &str, args: &str, cpus: u32, rings: bool) -> Option<Sample> {
         eprintln!("  guest {name} {args}: exit {:?}\n{}", o.status.code(), String::from_utf8_lossy(&o.stderr));
         return None;
     };
-    let num = |k: &str| r[k].as_str().and_then(|s| s.parse::<f64>().ok()).or_else(|| r[k].as_f64()).unwrap_or(0.0);
+    let num = |k: &str| common::number(&r, k);
     Some(Sample {
         value: figure(name, &out, num("wall_ns") / 1e9),
         exits: num("exits"),
         allocs: num("allocs"),
         rss_mib: rss_mib(&String::from_utf8_lossy(&o.stderr)),
     })
-}
-
-fn median(mut v: Vec<f64>) -> Option<f64> {
-    if v.is_empty() {
-        return None;
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    Some(v[v.len() / 2])
 }
 
 struct Row {
@@ -294,13 +286,13 @@ fn main() {
                 threads,
                 unit,
                 higher,
-                guest: median(g),
-                before: median(off),
-                glibc: median(n),
-                mimalloc: median(m),
-                exits_per_k: median(e),
-                guest_rss: median(g_rss),
-                glibc_rss: median(n_rss),
+                guest: common::median(g),
+                before: common::median(off),
+                glibc: common::median(n),
+                mimalloc: common::median(m),
+                exits_per_k: common::median(e),
+                guest_rss: common::median(g_rss),
+                glibc_rss: common::median(n_rss),
             };
             println!(
                 "  {:<15} {threads}  guest {:>9} {unit:<9} glibc {:>9}  mimalloc {:>9}  vs glibc {:>6}x  vs mimalloc {:>6}x{}",

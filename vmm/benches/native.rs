@@ -119,10 +119,10 @@ struct Outcome {
 fn outcome(out: &str, scenario: &str, ok: bool) -> Option<Outcome> {
     let rs = common::results(out, scenario);
     (ok && !rs.is_empty()).then(|| Outcome {
-        ops_per_sec: rs.iter().map(|r| num(r, "ops_per_sec")).sum(),
+        ops_per_sec: rs.iter().map(|r| common::number(r, "ops_per_sec")).sum(),
         checksums: rs.iter().map(|r| text(r, "checksum")).collect(),
-        exits: rs.iter().map(|r| num(r, "allocator_exits")).sum(),
-        ops: rs.iter().map(|r| num(r, "ops")).sum(),
+        exits: rs.iter().map(|r| common::number(r, "allocator_exits")).sum(),
+        ops: rs.iter().map(|r| common::number(r, "ops")).sum(),
     })
 }
 
@@ -149,19 +149,13 @@ fn guest(args: &str, scenario: &str, seed: u64, cpus: u32, rings: bool) -> Optio
     outcome(&String::from_utf8_lossy(&o.stdout), scenario, o.status.success())
 }
 
-/// A result field as a number (the parser keeps big numbers as text).
-fn num(r: &serde_json::Value, k: &str) -> f64 {
-    r[k].as_f64().or_else(|| r[k].as_str().and_then(|s| s.parse().ok())).unwrap_or(0.0)
-}
-
 /// A result field as text.
 fn text(r: &serde_json::Value, k: &str) -> String {
     r[k].as_str().map_or_else(|| r[k].to_string(), str::to_string)
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(0.0)
+fn median(v: Vec<f64>) -> f64 {
+    common::median(v).unwrap_or(0.0)
 }
 
 const MIMALLOC: &str = "/usr/lib/x86_64-linux-gnu/libmimalloc.so.2";

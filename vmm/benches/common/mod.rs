@@ -152,6 +152,17 @@ mod guest_output;
 #[allow(unused_imports)]
 pub use guest_output::{results, rss_kib};
 
+/// A `@result` field as a number (the parser keeps big numbers as text), 0 if it is missing.
+pub fn number(r: &Value, k: &str) -> f64 {
+    r[k].as_f64().or_else(|| r[k].as_str().and_then(|s| s.parse().ok())).unwrap_or(0.0)
+}
+
+/// The median of `v` (the upper one of an even count), if there is any value.
+pub fn median(mut v: Vec<f64>) -> Option<f64> {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied()
+}
+
 /// A fresh private anonymous read-write mapping of `len` bytes (the caller unmaps it).
 pub fn anon_mapping(len: usize) -> *mut libc::c_void {
     // SAFETY: a new private anonymous mapping chosen by the kernel; it overlaps nothing.
