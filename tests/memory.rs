@@ -100,19 +100,56 @@ fn fault_counts_match_touched_memory_over_fault_around() {
 
 #[test]
 fn scattered_first_touches_install_only_the_pages_touched() {
-    // 10% of 64 MiB at random with the default windows: once the faults are seen to be
-    // scattered, each installs only its own page (the window would install 16 for about 1.6
-    // touched); a sequential pass still grows its windows.
-    let r = run(&["--guest-args", "scenario=touch size=64M pct=10 seed=5"]);
+    // 10% of 64 MiB at random with the default windows, every fault through userfaultfd
+    // (`backing=uffd`, as with swap on): once the faults are seen to be scattered, each
+    // installs only its own page (the window would install 16 for about 1.6 touched); a
+    // sequential pass still grows its windows.
+    let r = run(&["--memory", "size=512M,backing=uffd", "--guest-args", "scenario=touch size=64M pct=10 seed=5"]);
     r.assert_ok();
     let x = r.result("scenario", "touch").expect("result");
     let (installed, touched) = (n(&x, "fault_pages"), n(&x, "touched"));
     assert!(installed * 10 <= touched * 12, "{installed} frames installed for {touched} pages touched");
-    assert!(n(&r.stats.as_ref().unwrap()["faults"], "scattered") > touched / 2);
+    let faults = &r.stats.as_ref().unwrap()["faults"];
+    assert!(n(faults, "scattered") > touched / 2, "{faults}");
+    assert_eq!(n(faults, "kernel_first_touch_bytes"), 0, "{faults}");
     let r = run(&["--guest-args", "scenario=touch size=64M"]);
     r.assert_ok();
     let x = r.result("scenario", "touch").expect("result");
     assert!(n(&x, "faults") * 32 < n(&x, "touched"), "{x}");
+    assert_eq!(n(&r.stats.as_ref().unwrap()["faults"], "kernel_first_touch_bytes"), 0, "a sequential pass stays ours");
+}
+
+#[test]
+fn scattered_first_touches_go_over_to_kernel_demand_paging_without_swap() {
+    // The default backing (`auto`), no swap: after the first scattered faults the kernel backs
+    // that chunk of guest RAM on first touch, with no round trip to the VMM. The guest checks
+    // every page (touched ones hold their value, the others read zero); the touches after the
+    // handover take no second-level fault; and the untouched pages it reads back cost no
+    // memory (the VMM's windows would have installed them all): its peak RSS stays far under
+    // the 256 MiB it reads.
+    let r = run(&["-v", "--memory", "size=1G", "--guest-args", "scenario=touch size=256M pct=10 seed=5"]);
+    r.assert_ok();
+    let x = r.result("scenario", "touch").expect("result");
+    let touched = n(&x, "touched");
+    assert!(n(&x, "faults") * 20 < touched, "{x}");
+    let stats = r.stats.as_ref().unwrap();
+    let faults = &stats["faults"];
+    assert!(n(faults, "kernel_first_touch_bytes") >= 64 << 20, "{faults}");
+    let hwm_mib = n(&stats["host"], "vm_hwm_kib") / 1024;
+    assert!(hwm_mib < 128, "peak RSS {hwm_mib} MiB for {touched} pages touched");
+    assert_eq!(stats["memory"]["invariants"], "ok");
+    // With swap on, every fault stays the VMM's: it must see them to bring pages back.
+    let dir = std::env::temp_dir();
+    let r = run(&[
+        "--memory",
+        "size=1G",
+        "--swap",
+        &format!("limit=1G,dir={}", dir.display()),
+        "--guest-args",
+        "scenario=touch size=64M pct=10 seed=5",
+    ]);
+    r.assert_ok();
+    assert_eq!(n(&r.stats.as_ref().unwrap()["faults"], "kernel_first_touch_bytes"), 0);
 }
 
 #[test]

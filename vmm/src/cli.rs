@@ -84,8 +84,8 @@ pub struct RunArgs {
     /// Guest ELF image [default: the default guest built into vmm]
     #[arg(long, value_name = "PATH")]
     pub kernel: Option<PathBuf>,
-    /// Guest RAM: size=SIZE[,fault-around=SIZE][,fault-around-max=SIZE][,backing=uffd|demand][,huge-leaves=auto|on|off]
-    /// [default: size=512M,fault-around=64K,fault-around-max=2M,backing=uffd,huge-leaves=auto]
+    /// Guest RAM: size=SIZE[,fault-around=SIZE][,fault-around-max=SIZE][,backing=auto|uffd|demand][,huge-leaves=auto|on|off]
+    /// [default: size=512M,fault-around=64K,fault-around-max=2M,backing=auto,huge-leaves=auto]
     #[arg(long, value_name = "size=SIZE,...")]
     pub memory: Option<String>,
     /// Number of vCPUs [default: 1, or the CPUs listed in --numa]

@@ -161,10 +161,13 @@ fn allowed(kind: ThreadKind) -> (Vec<libc::c_long>, Vec<u64>) {
             v.extend(uffd_ioctls());
             v
         }
-        // Swap-ins read the swap file (buffered files drop their cached pages after).
+        // Swap-ins read the swap file (buffered files drop their cached pages after); scattered
+        // first touches hand missing pages over to the kernel (registered again).
         ThreadKind::Fault => {
             calls.extend([libc::SYS_pread64, libc::SYS_preadv, libc::SYS_fadvise64]);
-            uffd_ioctls()
+            let mut v = uffd_ioctls();
+            v.extend([uffd::UFFDIO_UNREGISTER(), uffd::UFFDIO_REGISTER()]);
+            v
         }
         // Evictions move pages out of guest RAM and write them; PUT /swap/in reads them back.
         ThreadKind::Swapper => {

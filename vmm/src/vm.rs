@@ -283,8 +283,11 @@ impl Vm {
         // the VMM.
         let faults = match cfg.backing {
             Backing::Demand => None,
-            Backing::Uffd => Some(mm.enable_userfaultfd()?),
+            Backing::Uffd | Backing::Auto => Some(mm.enable_userfaultfd()?),
         };
+        if let Some(handler) = faults.as_ref().filter(|_| cfg.backing == Backing::Auto && cfg.swap.is_none()) {
+            handler.allow_kernel_first_touch();
+        }
         let swapper = match (&cfg.swap, &faults) {
             (Some(sc), Some(handler)) => Some(Arc::new(Swapper::new(mm.enable_swap(handler, sc)?, sc.clone()))),
             _ => None,

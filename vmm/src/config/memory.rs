@@ -8,7 +8,11 @@ use super::{ByteSize, ConfigError, MAX_FAULT_AROUND};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Backing {
-    /// Second-level faults go to the VMM through userfaultfd (the default).
+    /// Second-level faults go to the VMM through userfaultfd, except that without swap, once
+    /// first touches are seen to be scattered, the kernel backs missing pages itself (the
+    /// default; see `FaultHandler::allow_kernel_first_touch`).
+    Auto,
+    /// Every second-level fault goes to the VMM through userfaultfd.
     Uffd,
     /// Kernel demand paging, no userfaultfd: for comparison only (translation invalidations
     /// then use an mprotect toggle, racy with concurrent writers).
@@ -26,7 +30,7 @@ pub enum HugeLeaves {
 }
 
 /// The `--memory` argument:
-/// `size=SIZE[,fault-around=SIZE][,fault-around-max=SIZE][,backing=uffd|demand][,huge-leaves=auto|on|off]`
+/// `size=SIZE[,fault-around=SIZE][,fault-around-max=SIZE][,backing=auto|uffd|demand][,huge-leaves=auto|on|off]`
 /// `[,rings=on|off]`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct MemoryArg {
@@ -75,9 +79,10 @@ pub fn parse_memory_arg(spec: &str) -> Result<MemoryArg, ConfigError> {
             }
             "backing" => {
                 let b = match v {
+                    "auto" => Backing::Auto,
                     "uffd" => Backing::Uffd,
                     "demand" => Backing::Demand,
-                    _ => return Err(bad(format!("backing `{v}` is not `uffd` or `demand`"))),
+                    _ => return Err(bad(format!("backing `{v}` is not `auto`, `uffd` or `demand`"))),
                 };
                 m.backing.replace(b).is_some()
             }

@@ -235,7 +235,7 @@ impl VmConfigBuilder {
         if self.api_socket.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
             return Err(ConfigError::EmptyApiSocket);
         }
-        let backing = self.memory.backing.unwrap_or(Backing::Uffd);
+        let backing = self.memory.backing.unwrap_or(Backing::Auto);
         if self.swap.is_some() && backing == Backing::Demand {
             return Err(ConfigError::SwapNeedsUffd);
         }

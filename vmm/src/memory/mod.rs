@@ -417,7 +417,8 @@ impl MemoryManager {
         };
         let total: u64 = nodes.iter().map(|n| n.buddy.managed_pages()).sum();
         let free: u64 = nodes.iter().map(|n| n.buddy.free_pages()).sum();
-        let resident = nodes.iter().map(|n| self.frames.states().resident(n.id.0 as usize)).sum();
+        let resident = nodes.iter().map(|n| self.frames.states().resident(n.id.0 as usize)).sum::<u64>()
+            + self.backing.resident_unseen(node)?;
         let faults = self.backing.fault_stats();
         Ok(MemStats {
             total_frames: total,
@@ -489,8 +490,13 @@ impl MemoryManager {
 
     /// Every layer's figures.
     pub fn snapshot(&self) -> MemorySnapshot {
+        let mut frames = self.frames.snapshot();
+        // What the kernel backed unseen where first touches went over to it (`backing=auto`).
+        for n in &mut frames.nodes {
+            n.frames_resident += self.backing.resident_unseen(Some(n.node as usize)).unwrap_or(0);
+        }
         MemorySnapshot {
-            frames: self.frames.snapshot(),
+            frames,
             backing: self.backing.snapshot(),
             space: self.space.snapshot(),
             slab: self.slab.snapshot(),

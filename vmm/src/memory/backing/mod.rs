@@ -310,6 +310,32 @@ impl Backing {
         self.fault_stats.as_deref()
     }
 
+    /// `Allocated` frames (of `node`, or all) that the kernel backed unseen since their RAM went
+    /// over to kernel demand paging for first touches (see `FaultHandler`): resident, though
+    /// the page-state map cannot say so.
+    pub fn resident_unseen(&self, node: Option<usize>) -> Result<u64, BackingError> {
+        let Some(stats) = self.fault_stats.as_deref() else { return Ok(0) };
+        let runs = crate::sync::lock(&stats.kernel_runs).clone();
+        let mut n = 0;
+        for (first, pages) in runs {
+            if node.is_some_and(|k| self.states.node(first) != Some(k)) {
+                continue;
+            }
+            let protect =
+                |source| BackingError::Populate { gfn: first, source: PopulateError::Protect { gfn: first, source } };
+            let hva = self
+                .ram
+                .host_addr(first.gpa())
+                .ok_or_else(|| protect(std::io::Error::from_raw_os_error(libc::EFAULT)))?;
+            let present = populate::present(hva as u64, pages * PAGE_SIZE).map_err(protect)?;
+            n += (0u64..)
+                .zip(&present)
+                .filter(|(k, p)| **p & 1 != 0 && self.states.get(first.plus(*k)) == FrameState::Allocated)
+                .count() as u64;
+        }
+        Ok(n)
+    }
+
     /// Every frame handed out lies in a registered memslot (when there is a VM), and the
     /// per-node resident counts are not above the frames the map shows resident or in flight.
     pub fn check_invariants(&self) -> Result<(), String> {

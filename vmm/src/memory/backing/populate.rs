@@ -301,7 +301,7 @@ impl Populate {
             return Ok(false);
         }
         let mapped = match ram.host_addr(gfn.gpa()) {
-            Some(hva) => Self::present(hva as u64, PAGE_SIZE).map(|v| v[0] & 1 != 0),
+            Some(hva) => present(hva as u64, PAGE_SIZE).map(|v| v[0] & 1 != 0),
             None => Ok(false),
         };
         let now = if matches!(mapped, Ok(true)) { FrameState::Resident } else { FrameState::Zero };
@@ -336,24 +336,11 @@ impl Populate {
     fn protect_zero(uffd: &Uffd, states: &PageStates, first: Gfn, hva: u64, pages: u64) -> Result<(), PopulateError> {
         let len = pages * PAGE_SIZE;
         uffd.writeprotect(hva, len, true).map_err(|source| PopulateError::Copy { gfn: first, source })?;
-        let present = Self::present(hva, len).map_err(|source| PopulateError::Protect { gfn: first, source })?;
+        let present = present(hva, len).map_err(|source| PopulateError::Protect { gfn: first, source })?;
         for (k, _) in (0u64..).zip(&present).filter(|(_, p)| **p & 1 != 0) {
             Self::note_written(states, first.plus(k), hva + k * PAGE_SIZE);
         }
         Ok(())
-    }
-
-    /// Which pages of `[hva, hva + len)` have a page table entry (`mincore`: the zero page
-    /// counts): only those may be read without a fault.
-    fn present(hva: u64, len: u64) -> std::io::Result<Vec<u8>> {
-        let mut vec = vec![0u8; to_usize(len / PAGE_SIZE)];
-        // SAFETY: mincore reads the page tables of guest RAM (our mapping) and writes one byte
-        // per page into `vec`, which has exactly that many.
-        let rc = unsafe { libc::mincore(hva as *mut libc::c_void, to_usize(len), vec.as_mut_ptr()) };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(vec)
     }
 
     /// A write-protected, present page of the `Zero` frame `gfn` at `hva` that holds anything
@@ -372,4 +359,17 @@ impl Populate {
     pub fn is_uffd(&self) -> bool {
         matches!(self, Populate::Uffd { .. })
     }
+}
+
+/// Which pages of `[hva, hva + len)` have a page table entry (`mincore`: the zero page counts),
+/// one byte each (bit 0): only those may be read without a fault.
+pub fn present(hva: u64, len: u64) -> std::io::Result<Vec<u8>> {
+    let mut vec = vec![0u8; to_usize(len / PAGE_SIZE)];
+    // SAFETY: mincore reads the page tables of guest RAM (our mapping) and writes one byte per
+    // page into `vec`, which has exactly that many.
+    let rc = unsafe { libc::mincore(hva as *mut libc::c_void, to_usize(len), vec.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(vec)
 }

@@ -6,6 +6,7 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::sync::{PoisonError, RwLock, RwLockReadGuard};
 
 use vmm_sys_util::ioctl::{_IOC_READ, _IOC_WRITE, ioctl_expr, ioctl_with_mut_ref, ioctl_with_ref};
 use vmm_sys_util::{ioctl_ior_nr, ioctl_iowr_nr};
@@ -80,6 +81,7 @@ struct UffdioWriteprotect {
 
 ioctl_iowr_nr!(UFFDIO_API, UFFDIO, 0x3F, UffdioApi);
 ioctl_iowr_nr!(UFFDIO_REGISTER, UFFDIO, 0x00, UffdioRegister);
+ioctl_ior_nr!(UFFDIO_UNREGISTER, UFFDIO, 0x01, UffdioRange);
 ioctl_ior_nr!(UFFDIO_WAKE, UFFDIO, 0x02, UffdioRange);
 ioctl_iowr_nr!(UFFDIO_COPY, UFFDIO, 0x03, UffdioCopy);
 ioctl_iowr_nr!(UFFDIO_ZEROPAGE, UFFDIO, 0x04, UffdioZeropage);
@@ -96,6 +98,7 @@ const fn sz<T>() -> u32 {
 const RW: u32 = _IOC_READ | _IOC_WRITE;
 const _: () = assert!(ioctl_expr(RW, UFFDIO, 0x3F, sz::<UffdioApi>()) == 0xc018_aa3f);
 const _: () = assert!(ioctl_expr(RW, UFFDIO, 0x00, sz::<UffdioRegister>()) == 0xc020_aa00);
+const _: () = assert!(ioctl_expr(_IOC_READ, UFFDIO, 0x01, sz::<UffdioRange>()) == 0x8010_aa01);
 const _: () = assert!(ioctl_expr(_IOC_READ, UFFDIO, 0x02, sz::<UffdioRange>()) == 0x8010_aa02);
 const _: () = assert!(ioctl_expr(RW, UFFDIO, 0x03, sz::<UffdioCopy>()) == 0xc028_aa03);
 const _: () = assert!(ioctl_expr(RW, UFFDIO, 0x04, sz::<UffdioZeropage>()) == 0xc020_aa04);
@@ -179,6 +182,9 @@ pub struct Uffd {
     file: File,
     /// Whether `UFFDIO_MOVE` is available.
     can_move: bool,
+    /// Held shared by every call on registered ranges, alone while ranges change how they are
+    /// registered (they are unregistered for a moment: a call then would fail).
+    modes: RwLock<()>,
 }
 
 impl Uffd {
@@ -203,7 +209,7 @@ impl Uffd {
         if rc != 0 {
             return Err(UffdError::Api(io::Error::last_os_error()));
         }
-        Ok(Uffd { file, can_move })
+        Ok(Uffd { file, can_move, modes: RwLock::new(()) })
     }
 
     /// A userfaultfd descriptor before its handshake.
@@ -232,6 +238,7 @@ impl Uffd {
     /// `src` and `dst` must be private anonymous memory registered with this userfaultfd that
     /// no Rust reference covers: the call changes what both ranges hold.
     pub unsafe fn move_pages(&self, dst: u64, src: u64, len: u64) -> Result<u64, UffdError> {
+        let _registered = self.registered();
         let mut m = UffdioMove { dst, src, len, mode: UFFDIO_MOVE_MODE_DONTWAKE, moved: 0 };
         // SAFETY: UFFDIO_MOVE reads and writes one UffdioMove and only remaps pages between the
         // two registered ranges (this function's contract).
@@ -259,17 +266,54 @@ impl Uffd {
     /// into it.
     pub unsafe fn register(&self, addr: u64, len: u64, wp: bool) -> Result<(), UffdError> {
         let mode = UFFDIO_REGISTER_MODE_MISSING | if wp { UFFDIO_REGISTER_MODE_WP } else { 0 };
+        // SAFETY: this function's contract.
+        unsafe { self.register_mode(addr, len, mode) }
+    }
+
+    /// # Safety
+    /// As [`register`](Self::register).
+    unsafe fn register_mode(&self, addr: u64, len: u64, mode: u64) -> Result<(), UffdError> {
         let mut reg = UffdioRegister { range: UffdioRange { start: addr, len }, mode, ioctls: 0 };
         // SAFETY: UFFDIO_REGISTER reads and writes one UffdioRegister; the range contract is
-        // this function's.
+        // the caller's.
         let rc = unsafe { ioctl_with_mut_ref(&self.file, UFFDIO_REGISTER(), &mut reg) };
         if rc != 0 {
             return Err(UffdError::Register { addr, len, source: io::Error::last_os_error() });
         }
+        let wp = mode & UFFDIO_REGISTER_MODE_WP != 0;
         if reg.ioctls & UFFDIO_COPY_BIT == 0 || (wp && reg.ioctls & UFFDIO_WRITEPROTECT_BIT == 0) {
             return Err(UffdError::NoCopy);
         }
         Ok(())
+    }
+
+    /// Stops missing-page faults in `ranges` (each registered with `wp`) from coming here: from
+    /// now on the kernel backs a missing page itself when it is first touched, as plain demand
+    /// paging does, and only write-protect faults arrive. The ranges are unregistered and
+    /// registered again for write-protect faults only; every other call here waits meanwhile.
+    /// Threads blocked on a missing page there wake up and retry (and the kernel backs it).
+    ///
+    /// # Safety
+    /// As [`register`](Self::register).
+    pub unsafe fn stop_missing_faults(&self, ranges: &[(u64, u64)]) -> Result<(), UffdError> {
+        let _alone = self.modes.write().unwrap_or_else(PoisonError::into_inner);
+        for &(addr, len) in ranges {
+            let r = UffdioRange { start: addr, len };
+            // SAFETY: UFFDIO_UNREGISTER reads one UffdioRange; it only ends the registration
+            // of the caller's range (and wakes its waiters).
+            let rc = unsafe { ioctl_with_ref(&self.file, UFFDIO_UNREGISTER(), &r) };
+            if rc != 0 {
+                return Err(UffdError::Register { addr, len, source: io::Error::last_os_error() });
+            }
+            // SAFETY: the caller's contract.
+            unsafe { self.register_mode(addr, len, UFFDIO_REGISTER_MODE_WP) }?;
+        }
+        Ok(())
+    }
+
+    /// Held while a call needs its range registered.
+    fn registered(&self) -> RwLockReadGuard<'_, ()> {
+        self.modes.read().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Write-protects (`protect`) or unprotects the present pages of `[addr, addr + len)` in a
@@ -281,6 +325,7 @@ impl Uffd {
             range: UffdioRange { start: addr, len },
             mode: if protect { UFFDIO_WRITEPROTECT_MODE_WP } else { 0 },
         };
+        let _registered = self.registered();
         loop {
             // SAFETY: UFFDIO_WRITEPROTECT reads one UffdioWriteprotect and only changes the
             // write permission of pages in a registered range; no memory Rust owns changes.
@@ -305,6 +350,7 @@ impl Uffd {
     pub unsafe fn copy(&self, dst: u64, src: *const u8, len: u64, wake: bool) -> Result<u64, UffdError> {
         let mut c =
             UffdioCopy { dst, src: src as u64, len, mode: if wake { 0 } else { UFFDIO_COPY_MODE_DONTWAKE }, copy: 0 };
+        let _registered = self.registered();
         // SAFETY: UFFDIO_COPY reads and writes one UffdioCopy; it reads len bytes from src and
         // writes only missing pages of the registered destination (this function's contract).
         let rc = unsafe { ioctl_with_mut_ref(&self.file, UFFDIO_COPY(), &mut c) };
@@ -319,6 +365,7 @@ impl Uffd {
             mode: if wake { 0 } else { UFFDIO_COPY_MODE_DONTWAKE },
             zeropage: 0,
         };
+        let _registered = self.registered();
         // SAFETY: UFFDIO_ZEROPAGE reads and writes one UffdioZeropage and only maps zero pages
         // into missing pages of a registered range; it cannot alter memory Rust owns.
         let rc = unsafe { ioctl_with_mut_ref(&self.file, UFFDIO_ZEROPAGE(), &mut z) };
@@ -329,6 +376,7 @@ impl Uffd {
     /// access (and fault again if the page is still missing).
     pub fn wake(&self, addr: u64, len: u64) -> Result<(), UffdError> {
         let r = UffdioRange { start: addr, len };
+        let _registered = self.registered();
         // SAFETY: UFFDIO_WAKE reads one UffdioRange and only wakes waiters.
         let rc = unsafe { ioctl_with_ref(&self.file, UFFDIO_WAKE(), &r) };
         if rc != 0 {

@@ -85,6 +85,8 @@ pub struct NodeStats {
     pub frames_total: u64,
     pub frames_free: u64,
     pub frames_allocated: u64,
+    /// Frames with host memory: those the VMM backed, and (filled in by the memory manager)
+    /// those the kernel backed where first touches went over to it.
     pub frames_resident: u64,
     /// Frames ever installed by second-level faults (filled in from the backing layer).
     pub frames_faulted: u64,
