@@ -28,6 +28,8 @@ pub fn run(ctx: &Ctx) {
     let mut fault_around = 0;
     let mut installed = 0;
     for _ in 0..rounds {
+        // Before the allocation, so that `installed` counts what POPULATE installs up front.
+        let s0 = mem::stats(ALL_NODES).unwrap_or_default();
         let (va, len) = match mem::alloc(size, policy::LOCAL, 0, fl) {
             Ok(r) => r,
             Err(e) => {
@@ -36,7 +38,6 @@ pub fn run(ctx: &Ctx) {
                 return;
             }
         };
-        let s0 = mem::stats(ALL_NODES).unwrap_or_default();
         let pages = len / 4096;
         let n = if pct == 100 { pages } else { pages * pct / 100 };
         let t0 = arch::rdtsc();

@@ -277,7 +277,9 @@ impl FaultHandler {
         };
         // SAFETY: the range is guest RAM (one mapping, checked above), registered with this
         // uffd at start and living as long as `self.ram`.
+        let t = Instant::now();
         unsafe { self.uffd.stop_missing_faults(&[(hva as u64, stop - start)]) }.map_err(FaultError::Uffd)?;
+        log::debug!("first touches of {:#x}..{stop:#x} are the kernel's now (handed over in {:?})", start, t.elapsed());
         self.stats.kernel_first_touch.add(stop - start);
         lock(&self.stats.kernel_runs).push((Gfn::containing(GuestAddress(start)), (stop - start) / PAGE_SIZE));
         Ok(())

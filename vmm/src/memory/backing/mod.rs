@@ -313,9 +313,13 @@ impl Backing {
     /// `Allocated` frames (of `node`, or all) that the kernel backed unseen since their RAM went
     /// over to kernel demand paging for first touches (see `FaultHandler`): resident, though
     /// the page-state map cannot say so.
+    /// Under kernel demand paging (`backing=demand`) that is all guest RAM.
     pub fn resident_unseen(&self, node: Option<usize>) -> Result<u64, BackingError> {
-        let Some(stats) = self.fault_stats.as_deref() else { return Ok(0) };
-        let runs = crate::sync::lock(&stats.kernel_runs).clone();
+        let runs = match self.fault_stats.as_deref() {
+            Some(stats) => crate::sync::lock(&stats.kernel_runs).clone(),
+            None if !self.populate.is_uffd() => self.states.ranges().iter().map(|&(s, e, _)| (s, e.0 - s.0)).collect(),
+            None => return Ok(0),
+        };
         let mut n = 0;
         for (first, pages) in runs {
             if node.is_some_and(|k| self.states.node(first) != Some(k)) {
