@@ -3,6 +3,14 @@
 //! the class from the address (each class has its own slab zone, `protocol::slab`). Larger
 //! blocks are whole-page regions (ALLOC / FREE), whose sizes the runtime keeps in a table of
 //! its own (guest memory, guest data: the VMM trusts none of it and checks every FREE).
+//!
+//! Freed regions are kept for reuse, a few and up to [`CACHE_BYTES`], the way glibc keeps freed
+//! large chunks mapped (its mmap threshold rises to the size of a freed chunk, so the next ones
+//! of that size come from its heap): a block of the same page count takes one back with no exit,
+//! and with its pages resident and their translations cached, where a fresh region costs an
+//! ALLOC exit, second-level faults and a shadow-paging walk per page on first touch. The oldest
+//! go back to the VMM when the cache is full. A stale pointer into a cached region reads and
+//! writes it unnoticed, as with glibc; one into a region given back faults.
 
 use alloc::collections::BTreeMap;
 use core::ptr::null_mut;
@@ -19,36 +27,97 @@ use super::errno::{EINVAL, ENOMEM};
 
 const PAGE: usize = 4096;
 
-/// A large block: where its region starts (the block may be aligned inside it) and its size.
+/// A large block: where its region starts (the block may be aligned inside it), its size, and
+/// the region's length.
 #[derive(Clone, Copy)]
 struct Large {
     region: u64,
     size: usize,
+    len: usize,
 }
 
-/// Large blocks by address, behind a spinlock (each is an exit anyway).
+/// Freed regions kept at most, and their bytes at most.
+const CACHE_SLOTS: usize = 16;
+const CACHE_BYTES: usize = 32 << 20;
+
+/// The large blocks in use by address, and freed regions kept for reuse (oldest first).
+struct Larges {
+    map: BTreeMap<u64, Large>,
+    cache: [(u64, usize); CACHE_SLOTS],
+    cached: usize,
+    cached_bytes: usize,
+}
+
+impl Larges {
+    /// Takes a kept region of exactly `len` bytes.
+    fn take(&mut self, len: usize) -> Option<u64> {
+        let i = self.cache[..self.cached].iter().rposition(|&(_, l)| l == len)?;
+        let (region, _) = self.cache[i];
+        self.cache.copy_within(i + 1..self.cached, i);
+        self.cached -= 1;
+        self.cached_bytes -= len;
+        Some(region)
+    }
+
+    /// Keeps `region` of `len` bytes; returns the regions pushed out to make room (the oldest),
+    /// for the caller to give back.
+    fn keep(&mut self, region: u64, len: usize) -> ([u64; CACHE_SLOTS], usize) {
+        let mut out = [0; CACHE_SLOTS];
+        let mut n = 0;
+        while self.cached > 0 && (self.cached == CACHE_SLOTS || self.cached_bytes + len > CACHE_BYTES) {
+            let (r, l) = self.cache[0];
+            self.cache.copy_within(1..self.cached, 0);
+            self.cached -= 1;
+            self.cached_bytes -= l;
+            out[n] = r;
+            n += 1;
+        }
+        self.cache[self.cached] = (region, len);
+        self.cached += 1;
+        self.cached_bytes += len;
+        (out, n)
+    }
+}
+
+/// Large blocks, behind a spinlock.
 struct LargeTable {
     held: AtomicBool,
-    map: core::cell::UnsafeCell<BTreeMap<u64, Large>>,
+    state: core::cell::UnsafeCell<Larges>,
 }
 
-// SAFETY: `map` is only reached through `with`, which serialises access with `held`.
+// SAFETY: `state` is only reached through `with`, which serialises access with `held`.
 unsafe impl Sync for LargeTable {}
 
-static LARGE: LargeTable =
-    LargeTable { held: AtomicBool::new(false), map: core::cell::UnsafeCell::new(BTreeMap::new()) };
+static LARGE: LargeTable = LargeTable {
+    held: AtomicBool::new(false),
+    state: core::cell::UnsafeCell::new(Larges {
+        map: BTreeMap::new(),
+        cache: [(0, 0); CACHE_SLOTS],
+        cached: 0,
+        cached_bytes: 0,
+    }),
+};
 
 impl LargeTable {
-    fn with<R>(&self, f: impl FnOnce(&mut BTreeMap<u64, Large>) -> R) -> R {
+    fn with<R>(&self, f: impl FnOnce(&mut Larges) -> R) -> R {
         let _g = NoPreempt::new();
         while self.held.compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed).is_err() {
             arch::pause();
         }
         // SAFETY: the lock is held.
-        let r = f(unsafe { &mut *self.map.get() });
+        let r = f(unsafe { &mut *self.state.get() });
         self.held.store(false, Ordering::Release);
         r
     }
+}
+
+/// Gives regions back to the VMM; false if one was refused.
+fn give_back(regions: &[u64]) -> bool {
+    let _g = NoPreempt::new();
+    regions.iter().fold(true, |ok, &r| {
+        heap::count_exit();
+        ok & (mem::alloc_call(mem::mk(op::FREE, 0, [r, 0, 0, 0])).status == status::OK)
+    })
 }
 
 /// The alignment malloc promises for `size` (glibc's 16, or less for objects too small to need
@@ -57,29 +126,50 @@ fn natural_align(size: usize) -> usize {
     if size >= 16 { 16 } else { size.max(1).next_power_of_two() }
 }
 
-fn alloc_large(size: usize, align: usize) -> *mut u8 {
-    let Some(len) = size.checked_add(if align > PAGE { align } else { 0 }) else { return null_mut() };
+/// A block of `size` bytes aligned to `align` from a region: `(pointer or null, whether it
+/// was used before)` (a fresh region is zero).
+fn alloc_large(size: usize, align: usize) -> (*mut u8, bool) {
+    let Some(len) = size.checked_add(if align > PAGE { align } else { 0 }) else { return (null_mut(), false) };
+    let Some(len) = len.checked_next_multiple_of(PAGE) else { return (null_mut(), false) };
+    {
+        let _g = NoPreempt::new();
+        heap::count_alloc();
+    }
+    if align <= PAGE
+        && let Some(region) = LARGE.with(|t| {
+            let r = t.take(len)?;
+            t.map.insert(r, Large { region: r, size, len });
+            Some(r)
+        })
+    {
+        return (region as *mut u8, true);
+    }
     let r = {
         let _g = NoPreempt::new();
         heap::count_exit();
-        heap::count_alloc();
         mem::alloc_call(mem::mk(op::ALLOC, 0, [len as u64, policy::LOCAL, 0, 0]))
     };
     if r.status != status::OK {
-        return null_mut();
+        return (null_mut(), false);
     }
     let region = r.ret[0];
     let ptr = region.next_multiple_of(align.max(PAGE) as u64);
-    LARGE.with(|m| m.insert(ptr, Large { region, size }));
-    ptr as *mut u8
+    LARGE.with(|t| t.map.insert(ptr, Large { region, size, len }));
+    (ptr as *mut u8, false)
+}
+
+/// `size` bytes aligned to `align` (a power of two), or null; and whether the block may hold
+/// old data (slab objects and reused regions do; fresh regions are zero).
+fn alloc_block_dirty(size: usize, align: usize) -> (*mut u8, bool) {
+    match class_for(size.max(1), align) {
+        Some(class) => (heap::alloc_small(class), true),
+        None => alloc_large(size, align),
+    }
 }
 
 /// `size` bytes aligned to `align` (a power of two), or null.
 pub fn alloc_block(size: usize, align: usize) -> *mut u8 {
-    match class_for(size.max(1), align) {
-        Some(class) => heap::alloc_small(class),
-        None => alloc_large(size, align),
-    }
+    alloc_block_dirty(size, align).0
 }
 
 /// Frees `ptr`; false if it is not a block this allocator knows (the VMM checks slab objects
@@ -92,10 +182,21 @@ pub fn free_block(ptr: *mut u8) -> bool {
         heap::free_small(class, ptr as u64);
         return true;
     }
-    let Some(large) = LARGE.with(|m| m.remove(&(ptr as u64))) else { return false };
-    let _g = NoPreempt::new();
-    heap::count_exit();
-    mem::alloc_call(mem::mk(op::FREE, 0, [large.region, 0, 0, 0])).status == status::OK
+    let ptr = ptr as u64;
+    let Some((large, out, n)) = LARGE.with(|t| {
+        let large = t.map.remove(&ptr)?;
+        // Regions of at most half the cache, whose block starts the region, are kept.
+        if large.region != ptr || large.len > CACHE_BYTES / 2 {
+            return Some((large, [0; CACHE_SLOTS], 0));
+        }
+        let (out, n) = t.keep(large.region, large.len);
+        Some((Large { region: 0, ..large }, out, n))
+    }) else {
+        return false;
+    };
+    // `region` 0: kept; the regions the cache pushed out go back.
+    let ok = give_back(&out[..n]);
+    ok && (large.region == 0 || give_back(&[large.region]))
 }
 
 /// The usable size of the block at `ptr` (0 for null or an unknown pointer).
@@ -106,7 +207,7 @@ pub fn usable_size(ptr: *mut u8) -> usize {
     if let Some(class) = class_of_addr(ptr as u64) {
         return CLASSES[class] as usize;
     }
-    LARGE.with(|m| m.get(&(ptr as u64)).map_or(0, |l| l.size.next_multiple_of(PAGE)))
+    LARGE.with(|t| t.map.get(&(ptr as u64)).map_or(0, |l| l.size.next_multiple_of(PAGE)))
 }
 
 fn bad_free(ptr: *mut u8) -> ! {
@@ -135,9 +236,11 @@ pub extern "C" fn calloc(n: usize, size: usize) -> *mut u8 {
         super::set_errno(ENOMEM);
         return null_mut();
     };
-    let p = malloc(total);
-    if !p.is_null() && class_of_addr(p as u64).is_some() {
-        // Slab objects come back dirty; regions are zero from the VMM.
+    let (p, dirty) = alloc_block_dirty(total, natural_align(total));
+    if p.is_null() {
+        super::set_errno(ENOMEM);
+    } else if dirty {
+        // Slab objects and reused regions come back dirty; fresh regions are zero.
         // SAFETY: p is a fresh block of at least `total` bytes.
         unsafe { core::ptr::write_bytes(p, 0, total) };
     }
