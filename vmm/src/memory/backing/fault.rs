@@ -568,9 +568,12 @@ mod tests {
 
     /// Real guest RAM registered with a real userfaultfd, served by real handler threads; the
     /// "vCPU" is a plain thread touching the memory.
+    /// Guest RAM, its page states, its userfaultfd, the handler's counters, and the handler.
+    type Setup = (Arc<GuestRam>, Arc<PageStates>, Arc<Uffd>, Arc<FaultStats>, Arc<FaultHandler>);
+
     /// 8 MiB of guest RAM (2048 frames, all free) registered with a userfaultfd, and a handler
     /// for it with 16-frame windows (not started).
-    fn handler() -> (Arc<GuestRam>, Arc<PageStates>, Arc<Uffd>, Arc<FaultStats>, Arc<FaultHandler>) {
+    fn handler() -> Setup {
         let ranges = ram_ranges(&[8 << 20]).unwrap();
         let ram = Arc::new(GuestRam::new(&ranges, &[None]).unwrap());
         let states = Arc::new(PageStates::new(Gfn(2048), vec![(Gfn(0), Gfn(2048), 0)], 1).unwrap());
