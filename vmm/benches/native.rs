@@ -232,9 +232,51 @@ fn main() {
         }
     }
     println!("(ops/s summed over threads or vCPUs; ratios: the guest against native, above 1 = the guest is faster)");
+    csv += &first_touch(runs);
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench-plots");
     std::fs::create_dir_all(&dir).expect("target/ is writable");
     std::fs::write(dir.join(NATIVE_CSV), csv).expect("target/bench-plots is writable");
+}
+
+/// First touch of 256 MiB in the guest (`scenario=touch`, every page in order and 10% of them at
+/// random) with the default backing against the same guest under kernel demand paging, the
+/// anchor the issue sets (a native process has no second-level faults to compare). Prints a
+/// table and returns the rows for `make bench-c`'s table: pages per second, the kernel's figure
+/// in the glibc column, and the frames made resident per page touched.
+fn first_touch(runs: usize) -> String {
+    let run = |memory: &str, pct: u64| -> Option<(f64, f64)> {
+        let args = format!("scenario=touch size=256M flags=0 pct={pct} seed=9");
+        let o = Command::new(env!("CARGO_BIN_EXE_vmm"))
+            .args(["run", "--kernel"])
+            .arg(common::guest_image())
+            .args(["--memory", memory, "--guest-args", &args])
+            .output()
+            .ok()?;
+        let r = common::results(&String::from_utf8_lossy(&o.stdout), "touch").into_iter().next()?;
+        let per_page = common::number(&r, "ns_per_page").max(1.0);
+        Some((1e9 / per_page, common::number(&r, "installed") / common::number(&r, "touched").max(1.0)))
+    };
+    println!(
+        "\nfirst touch of 256 MiB in the guest, median of {runs}: the default backing against kernel demand paging"
+    );
+    println!(
+        "{:<16} {:>14} {:>14} {:>10} {:>18}",
+        "pattern", "default pg/s", "kernel pg/s", "ratio", "installed/touched"
+    );
+    let mut csv = String::new();
+    for (name, pct) in [("touch-seq", 100), ("touch-10%", 10)] {
+        let (mut ours, mut kernel, mut frames) = (vec![], vec![], vec![]);
+        for _ in 0..runs {
+            let (o, f) = run("size=1G", pct).expect("the guest's touch runs");
+            ours.push(o);
+            frames.push(f);
+            kernel.push(run("size=1G,backing=demand", pct).expect("the guest's touch runs").0);
+        }
+        let (ours, kernel, frames) = (median(ours), median(kernel), median(frames));
+        println!("{name:<16} {ours:>14.0} {kernel:>14.0} {:>9.2}x {frames:>18.2}", ours / kernel);
+        csv += &format!("ours/{name},1,pages/s,true,{ours},{kernel},,{},,,,,{frames}\n", ours / kernel);
+    }
+    csv
 }
 
 /// Where the rows go for `make bench-c`'s table (same columns as its CSV, no header).
