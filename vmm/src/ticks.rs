@@ -89,12 +89,12 @@ impl Ticks {
         }
     }
 
-    /// The vCPU threads, indexed by vCPU id, once they run.
     /// How many vCPUs sleep in IDLE now (their threads need no host CPU).
     pub fn sleeping(&self) -> usize {
         self.cpus.iter().filter(|c| c.idle.load(Ordering::Relaxed)).count()
     }
 
+    /// The vCPU threads, indexed by vCPU id, once they run.
     pub fn set_threads(&self, threads: Vec<libc::pthread_t>) {
         let _ = self.threads.set(threads);
     }
