@@ -285,7 +285,7 @@ impl Vm {
             Backing::Demand => None,
             Backing::Uffd | Backing::Auto => Some(mm.enable_userfaultfd()?),
         };
-        if let Some(handler) = faults.as_ref().filter(|_| cfg.backing == Backing::Auto && cfg.swap.is_none()) {
+        if let Some(handler) = faults.as_ref().filter(|_| cfg.backing == Backing::Auto) {
             handler.allow_kernel_first_touch();
         }
         let swapper = match (&cfg.swap, &faults) {

@@ -30,7 +30,7 @@
 //! Any handler failure is reported through the error callback; the VM then stops. A vCPU never
 //! waits on a handler that is gone, because the process exits with it.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -112,10 +112,9 @@ pub struct FaultStats {
     pub sequential: Counter,
     /// Faults of a vCPU whose faults are scattered (they install only the faulting frame).
     pub scattered: Counter,
-    /// Guest RAM whose first touches went over to kernel demand paging (see
-    /// [`FaultHandler::allow_kernel_first_touch`]), in bytes, and those runs of frames: the
-    /// kernel backs their `Allocated` frames unseen, so what is resident there is asked of it.
-    pub kernel_first_touch: Counter,
+    /// The runs of frames (first, count) whose first touches went over to kernel demand paging
+    /// (see [`FaultHandler::allow_kernel_first_touch`]): the kernel backs their `Allocated`
+    /// frames unseen, so what is resident there is asked of it.
     pub kernel_runs: Mutex<Vec<(Gfn, u64)>>,
     /// Time to serve a zero-fill fault, from reading the message to waking the vCPU.
     pub latency: Histogram,
@@ -151,13 +150,18 @@ pub struct FaultReport {
 }
 
 impl FaultStats {
+    /// Guest RAM whose first touches went over to the kernel, in bytes.
+    pub fn kernel_first_touch_bytes(&self) -> u64 {
+        lock(&self.kernel_runs).iter().map(|&(_, pages)| pages * PAGE_SIZE).sum()
+    }
+
     pub fn report(&self, fault_around_pages: u64, max_pages: u64) -> FaultReport {
         FaultReport {
             fault_around_bytes: fault_around_pages * PAGE_SIZE,
             fault_around_max_bytes: max_pages * PAGE_SIZE,
             sequential: self.sequential.get(),
             scattered: self.scattered.get(),
-            kernel_first_touch_bytes: self.kernel_first_touch.get(),
+            kernel_first_touch_bytes: self.kernel_first_touch_bytes(),
             zero_fill: self.zero_fill.get(),
             pages: self.pages.get(),
             spurious: self.spurious.get(),
@@ -191,10 +195,9 @@ pub struct FaultHandler {
     stats: Arc<FaultStats>,
     /// Host-side swap, when it is on.
     swap: OnceLock<Arc<SwapStore>>,
-    /// Whether scattered first touches may go over to kernel demand paging, and the chunks
-    /// (guest-physical, [`KERNEL_CHUNK`] each) that did.
+    /// Whether scattered first touches may go over to kernel demand paging (the runs that did
+    /// are in `stats.kernel_runs`).
     kernel_allowed: AtomicBool,
-    kernel_chunks: Mutex<HashSet<u64>>,
 }
 
 /// A fault farther than this many base windows from the thread's previous one is "far".
@@ -242,7 +245,6 @@ impl FaultHandler {
             stats,
             swap: OnceLock::new(),
             kernel_allowed: AtomicBool::new(false),
-            kernel_chunks: Mutex::new(HashSet::new()),
         }
     }
 
@@ -252,22 +254,20 @@ impl FaultHandler {
     /// 74 us against 4.6 us per page for 10% of 256 MiB at random), and scattered faults leave
     /// fault-around nothing to win. Sequential first touches keep the VMM's growing windows
     /// until then; after it every missing page is the kernel's, one page per touch (guest RAM
-    /// has no transparent huge pages), and write-protect faults still come here.
+    /// has no transparent huge pages), and write-protect faults still come here. Nothing is
+    /// handed over while swap is on: it must see the faults on swapped frames.
     pub fn allow_kernel_first_touch(&self) {
         self.kernel_allowed.store(true, Ordering::Relaxed);
     }
 
-    /// After a scattered fault at `gfn`, hands the missing pages of its chunk of guest RAM over
-    /// to the kernel, if that is allowed and not done yet.
+    /// After a scattered fault at `gfn`, hands the missing pages of its chunk of guest RAM (within
+    /// its RAM range) over to the kernel, if that is allowed and not done yet.
     fn maybe_kernel_first_touch(&self, gfn: Gfn) -> Result<(), FaultError> {
         if !self.kernel_allowed.load(Ordering::Relaxed) || self.swap.get().is_some() {
             return Ok(());
         }
-        let chunk = gfn.gpa().0 / KERNEL_CHUNK;
-        if !lock(&self.kernel_chunks).insert(chunk) {
-            return Ok(());
-        }
         let Some((first, end)) = self.states.range_of(gfn) else { return Ok(()) };
+        let chunk = gfn.gpa().0 / KERNEL_CHUNK;
         let start = first.gpa().0.max(chunk * KERNEL_CHUNK);
         let stop = end.gpa().0.min((chunk + 1) * KERNEL_CHUNK);
         let Some(hva) =
@@ -275,13 +275,19 @@ impl FaultHandler {
         else {
             return Ok(());
         };
+        {
+            // Claimed here, so that no other handler thread hands it over too.
+            let mut runs = lock(&self.stats.kernel_runs);
+            if runs.iter().any(|&(g, n)| g <= gfn && gfn < g.plus(n)) {
+                return Ok(());
+            }
+            runs.push((Gfn::containing(GuestAddress(start)), (stop - start) / PAGE_SIZE));
+        }
         let t = Instant::now();
         // SAFETY: the range is guest RAM (one mapping, checked above), registered with this
         // uffd at start and living as long as `self.ram`.
         unsafe { self.uffd.stop_missing_faults(&[(hva as u64, stop - start)]) }.map_err(FaultError::Uffd)?;
         log::debug!("first touches of {:#x}..{stop:#x} are the kernel's now (handed over in {:?})", start, t.elapsed());
-        self.stats.kernel_first_touch.add(stop - start);
-        lock(&self.stats.kernel_runs).push((Gfn::containing(GuestAddress(start)), (stop - start) / PAGE_SIZE));
         Ok(())
     }
 
@@ -702,7 +708,7 @@ mod tests {
         };
         touch((0..8).map(|k| k * 200).collect());
         assert!(stats.scattered.get() >= 1, "the faults were seen to be scattered");
-        assert_eq!(stats.kernel_first_touch.get(), 8 << 20, "the whole 8 MiB (less than a chunk) went over");
+        assert_eq!(stats.kernel_first_touch_bytes(), 8 << 20, "the whole 8 MiB (less than a chunk) went over");
         assert_eq!(*lock(&stats.kernel_runs), vec![(Gfn(0), 2048)]);
         let faults = stats.zero_fill.get();
         // From now on the kernel backs first touches: no message, no frame installed by us.
