@@ -49,14 +49,19 @@ struct Larges {
 }
 
 impl Larges {
-    /// Takes a kept region of exactly `len` bytes.
-    fn take(&mut self, len: usize) -> Option<u64> {
-        let i = self.cache[..self.cached].iter().rposition(|&(_, l)| l == len)?;
-        let (region, _) = self.cache[i];
+    /// Takes the kept region at `i` out of the cache.
+    fn remove(&mut self, i: usize) -> u64 {
+        let (region, len) = self.cache[i];
         self.cache.copy_within(i + 1..self.cached, i);
         self.cached -= 1;
         self.cached_bytes -= len;
-        Some(region)
+        region
+    }
+
+    /// Takes a kept region of exactly `len` bytes (the newest).
+    fn take(&mut self, len: usize) -> Option<u64> {
+        let i = self.cache[..self.cached].iter().rposition(|&(_, l)| l == len)?;
+        Some(self.remove(i))
     }
 
     /// Keeps `region` of `len` bytes; returns the regions pushed out to make room (the oldest),
@@ -65,11 +70,7 @@ impl Larges {
         let mut out = [0; CACHE_SLOTS];
         let mut n = 0;
         while self.cached > 0 && (self.cached == CACHE_SLOTS || self.cached_bytes + len > CACHE_BYTES) {
-            let (r, l) = self.cache[0];
-            self.cache.copy_within(1..self.cached, 0);
-            self.cached -= 1;
-            self.cached_bytes -= l;
-            out[n] = r;
+            out[n] = self.remove(0);
             n += 1;
         }
         self.cache[self.cached] = (region, len);
@@ -183,20 +184,19 @@ pub fn free_block(ptr: *mut u8) -> bool {
         return true;
     }
     let ptr = ptr as u64;
-    let Some((large, out, n)) = LARGE.with(|t| {
+    // The region to give back (unless kept), and the kept ones it pushed out of the cache.
+    let Some((back, out, n)) = LARGE.with(|t| {
         let large = t.map.remove(&ptr)?;
         // Regions of at most half the cache, whose block starts the region, are kept.
         if large.region != ptr || large.len > CACHE_BYTES / 2 {
-            return Some((large, [0; CACHE_SLOTS], 0));
+            return Some((Some(large.region), [0; CACHE_SLOTS], 0));
         }
         let (out, n) = t.keep(large.region, large.len);
-        Some((Large { region: 0, ..large }, out, n))
+        Some((None, out, n))
     }) else {
         return false;
     };
-    // `region` 0: kept; the regions the cache pushed out go back.
-    let ok = give_back(&out[..n]);
-    ok && (large.region == 0 || give_back(&[large.region]))
+    give_back(&out[..n]) && back.is_none_or(|r| give_back(&[r]))
 }
 
 /// The usable size of the block at `ptr` (0 for null or an unknown pointer).
