@@ -21,12 +21,7 @@ struct Config {
 }
 
 fn run(c: &Config, size_mib: u64, pct: u64) -> (u64, u64, f64) {
-    let guest = format!("scenario=touch size={size_mib}M flags={} pct={pct} seed=9", c.flags);
-    let r = common::run_scenario(&format!("size=1G,{}", c.memory), &guest, "touch");
-    let touched = r["touched"].as_u64().expect("touched").max(1);
-    #[allow(clippy::cast_precision_loss)]
-    let inflation = r["installed"].as_u64().expect("installed") as f64 / touched as f64;
-    (r["ns_per_page"].as_u64().expect("ns"), r["faults"].as_u64().expect("faults"), inflation)
+    common::first_touch(&format!("size=1G,{}", c.memory), size_mib, c.flags, pct)
 }
 
 fn main() {

@@ -152,6 +152,18 @@ mod guest_output;
 #[allow(unused_imports)]
 pub use guest_output::{results, rss_kib};
 
+/// One first touch (`scenario=touch`) of `size_mib` MiB allocated with `flags`, `pct` percent
+/// of its pages at random (100: every page in order), under `--memory memory`: (ns per page
+/// touched, second-level faults, frames made resident per page touched).
+pub fn first_touch(memory: &str, size_mib: u64, flags: u32, pct: u64) -> (u64, u64, f64) {
+    let guest = format!("scenario=touch size={size_mib}M flags={flags} pct={pct} seed=9");
+    let r = run_scenario(memory, &guest, "touch");
+    let touched = r["touched"].as_u64().expect("touched").max(1);
+    #[allow(clippy::cast_precision_loss)]
+    let inflation = r["installed"].as_u64().expect("installed") as f64 / touched as f64;
+    (r["ns_per_page"].as_u64().expect("ns"), r["faults"].as_u64().expect("faults"), inflation)
+}
+
 /// A `@result` field as a number (the parser keeps big numbers as text), 0 if it is missing.
 pub fn number(r: &Value, k: &str) -> f64 {
     r[k].as_f64().or_else(|| r[k].as_str().and_then(|s| s.parse().ok())).unwrap_or(0.0)
