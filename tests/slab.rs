@@ -44,6 +44,19 @@ fn churn_verifies_on_one_and_two_vcpus() {
 }
 
 #[test]
+fn the_service_serves_the_rings_the_guest_rings_for() {
+    // One vCPU: the service has a host CPU of its own and serves the rings without exits. It
+    // reads the doorbells the guest rings as a ring runs low (or its free ring fills), and looks
+    // at every ring's indices only now and then.
+    let (r, xs) = workload("churn", 1, "ops=200000 slots=2048");
+    let rings = &r.stats.as_ref().unwrap()["rings"];
+    assert!(n(rings, "serviced") > 100 && n(rings, "rung") > 100, "{rings}");
+    // Nearly every exchange the service made was asked for by a doorbell.
+    assert!(n(rings, "rung") >= 5 * n(rings, "scanned"), "{rings}");
+    assert!(n(&xs[0], "ops_per_exit") >= 200, "{}", xs[0]);
+}
+
+#[test]
 fn larson_verifies_on_one_and_two_vcpus() {
     for cpus in [1, 2] {
         workload("larson", cpus, "rounds=8 replacements=3000");

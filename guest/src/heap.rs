@@ -4,7 +4,8 @@
 //! (`protocol::slab`): an allocation takes a ready object from the alloc ring, a free puts the
 //! object in the free ring, and a VMM thread refills and drains the rings while the guest runs,
 //! without an exit. Only an empty alloc ring or a full free ring costs an exit (one
-//! SLAB_EXCHANGE does both synchronously). Freed objects are never reused here: each goes back
+//! SLAB_EXCHANGE does both synchronously). The service learns which rings want it from the
+//! vCPU's doorbell, rung as a ring passes its mark. Freed objects are never reused here: each goes back
 //! through the VMM, which checks it. Larger allocations are whole pages (ALLOC / FREE).
 //!
 //! Rings are per vCPU: every use runs with preemption off (`sched::NoPreempt`), so a thread
@@ -12,11 +13,14 @@
 
 use core::alloc::{GlobalAlloc, Layout};
 use core::ptr::{addr_of, addr_of_mut, null_mut, read_volatile, write_volatile};
-use core::sync::atomic::{Ordering, compiler_fence};
+use core::sync::atomic::{AtomicU32, Ordering, compiler_fence};
 
 use protocol::layout::cpu_area;
 use protocol::memcall::{op, policy};
-use protocol::slab::{CLASSES, MAGAZINES_OFFSET, Magazine, RING, SERVICE_WAIT_US, class_for, slot, target};
+use protocol::slab::{
+    CLASSES, DOORBELL_OFFSET, Doorbell, MAGAZINES_OFFSET, Magazine, NR_CLASSES, RING, SERVICE_WAIT_US, class_for,
+    drain_at, slot, target,
+};
 use protocol::status;
 
 use crate::sched::NoPreempt;
@@ -40,6 +44,21 @@ crate::percpu! {
 /// Exits the service thread saved on every vCPU so far.
 pub fn all_service_waits(cpus: u32) -> u64 {
     SERVICE_WAITS.sum(cpus)
+}
+
+crate::percpu! {
+    /// TSC cycles this vCPU spent waiting for the service thread.
+    static WAIT_CYCLES: u64 = 0;
+}
+
+crate::percpu! {
+    /// TSC cycles this vCPU spent in SLAB_EXCHANGE exits (the round trip and the VMM's work).
+    static EXCHANGE_CYCLES: u64 = 0;
+}
+
+/// TSC cycles spent waiting for the service and in SLAB_EXCHANGE exits, every vCPU so far.
+pub fn all_cycles(cpus: u32) -> (u64, u64) {
+    (WAIT_CYCLES.sum(cpus), EXCHANGE_CYCLES.sum(cpus))
 }
 
 crate::percpu! {
@@ -83,40 +102,86 @@ pub fn alloc_small(class: usize) -> *mut u8 {
     // before it, and publishes the entries first.
     unsafe {
         let tail = read_volatile(addr_of!((*m).alloc_tail));
-        if read_volatile(addr_of!((*m).alloc_head)) == tail
-            && !wait_for_service(m, || read_volatile(addr_of!((*m).alloc_head)) != tail)
-        {
+        let mut head = read_volatile(addr_of!((*m).alloc_head));
+        if head == tail && !wait_for_service(m, class, || read_volatile(addr_of!((*m).alloc_head)) != tail) {
             exchange(class);
             if read_volatile(addr_of!((*m).alloc_head)) == tail {
                 return null_mut();
             }
         }
+        if head == tail {
+            head = read_volatile(addr_of!((*m).alloc_head));
+        }
         compiler_fence(Ordering::Acquire);
         let obj = read_volatile(addr_of!((*m).alloc[slot(tail)]));
         compiler_fence(Ordering::Release);
         write_volatile(addr_of_mut!((*m).alloc_tail), tail.wrapping_add(1));
+        // Down to half the target: ask the service for a refill (once, as the level passes).
+        if head.wrapping_sub(tail).wrapping_sub(1) == LOW_MARK[class] {
+            ring_doorbell(class);
+        }
         obj as *mut u8
     }
 }
 
+/// Per class, the alloc ring level at which the guest rings the doorbell: half the target,
+/// where the service refills.
+const LOW_MARK: [u32; NR_CLASSES] = {
+    let mut m = [0; NR_CLASSES];
+    let mut c = 0;
+    while c < NR_CLASSES {
+        // At most RING / 2.
+        #[allow(clippy::cast_possible_truncation)]
+        {
+            m[c] = (target(CLASSES[c]) / 2) as u32;
+        }
+        c += 1;
+    }
+    m
+};
+
+/// Per class, the free ring's entries at which the guest rings the doorbell.
+const DRAIN_MARK: [u32; NR_CLASSES] = {
+    let mut m = [0; NR_CLASSES];
+    let mut c = 0;
+    while c < NR_CLASSES {
+        m[c] = drain_at(CLASSES[c]);
+        c += 1;
+    }
+    m
+};
+
+/// Tells the VMM's service that this vCPU's rings of `class` want it (`protocol::slab`'s
+/// doorbell). The caller has published its ring index.
+fn ring_doorbell(class: usize) {
+    let bell = (cpu_area(arch::cpu_id()) + DOORBELL_OFFSET) as *mut Doorbell;
+    // SAFETY: the doorbell lies in this vCPU's mapped CPU area, 4-aligned; the VMM accesses
+    // it only atomically.
+    let due = unsafe { AtomicU32::from_ptr(addr_of_mut!((*bell).due)) };
+    due.fetch_or(1 << class, Ordering::Release);
+}
+
 /// Waits as long as the VMM's service thread asks (`Magazine::service`, at most
-/// [`SERVICE_WAIT_US`]) for `ready()`; returns whether it became true (false at once when there
-/// is no service to wait for).
-fn wait_for_service(m: *const Magazine, ready: impl Fn() -> bool) -> bool {
+/// [`SERVICE_WAIT_US`]) for `ready()`, after ringing the doorbell of `class`; returns whether
+/// it became true (false at once when there is no service to wait for).
+fn wait_for_service(m: *const Magazine, class: usize, ready: impl Fn() -> bool) -> bool {
     // SAFETY: m points into this vCPU's mapped magazines.
     let us = unsafe { read_volatile(addr_of!((*m).service)) }.min(SERVICE_WAIT_US);
     if us == 0 {
         return false;
     }
+    ring_doorbell(class);
     let khz = crate::bootinfo::get().map_or(0, |bi| bi.tsc_khz);
     let t0 = arch::rdtsc();
     while arch::rdtsc() - t0 < u64::from(us) * khz / 1000 {
         if ready() {
             *SERVICE_WAITS.get_mut() += 1;
+            *WAIT_CYCLES.get_mut() += arch::rdtsc() - t0;
             return true;
         }
         arch::pause();
     }
+    *WAIT_CYCLES.get_mut() += arch::rdtsc() - t0;
     false
 }
 
@@ -135,7 +200,10 @@ pub fn magazine(class: usize) -> *mut Magazine {
 fn exchange(class: usize) -> u64 {
     *EXITS.get_mut() += 1;
     let want = target(CLASSES[class]) as u64;
-    mem::alloc_call(mem::mk(op::SLAB_EXCHANGE, 0, [class as u64, want, 0, 0])).status
+    let t0 = arch::rdtsc();
+    let st = mem::alloc_call(mem::mk(op::SLAB_EXCHANGE, 0, [class as u64, want, 0, 0])).status;
+    *EXCHANGE_CYCLES.get_mut() += arch::rdtsc() - t0;
+    st
 }
 
 /// Entries of this vCPU's free ring of `class` the VMM has not taken yet.
@@ -167,8 +235,10 @@ pub fn top_up(class: usize) {
 /// Puts `ptr` in the free ring of `class` without any check here: the VMM checks it.
 pub fn push_free(class: usize, ptr: u64) {
     let m = magazine(class);
-    if pending_frees(m) as usize >= RING && !wait_for_service(m, || (pending_frees(m) as usize) < RING) {
+    let mut pending = pending_frees(m);
+    if pending as usize >= RING && !wait_for_service(m, class, || (pending_frees(m) as usize) < RING) {
         exchange(class);
+        pending = pending_frees(m);
     }
     // SAFETY: m points into this vCPU's mapped magazines; the guest side of the free ring is
     // used only by this vCPU. The slot at `head` is free: the VMM has taken everything up to
@@ -178,6 +248,10 @@ pub fn push_free(class: usize, ptr: u64) {
         write_volatile(addr_of_mut!((*m).free[slot(head)]), ptr);
         compiler_fence(Ordering::Release);
         write_volatile(addr_of_mut!((*m).free_head), head.wrapping_add(1));
+    }
+    // Up to the drain mark: ask the service to take them (once, as the count passes).
+    if pending.wrapping_add(1) == DRAIN_MARK[class] {
+        ring_doorbell(class);
     }
 }
 

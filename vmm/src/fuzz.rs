@@ -12,7 +12,8 @@ use vm_memory::{Bytes, GuestAddress};
 use protocol::layout::{CPU_AREA_PAGES, cpu_area};
 use protocol::memcall::{AREA_OFFSET, MAX_BATCH, op};
 use protocol::slab::{
-    MAG_ALLOC, MAG_ALLOC_HEAD, MAG_ALLOC_TAIL, MAG_FREE, MAG_FREE_HEAD, MAGAZINES_OFFSET, Magazine, NR_CLASSES, slot,
+    DOORBELL_OFFSET, MAG_ALLOC, MAG_ALLOC_HEAD, MAG_ALLOC_TAIL, MAG_FREE, MAG_FREE_HEAD, MAGAZINES_OFFSET, Magazine,
+    NR_CLASSES, slot,
 };
 
 use crate::boot::CpuBoot;
@@ -131,7 +132,12 @@ pub fn memcalls(data: &[u8]) {
                     mem.write_obj(v, at(MAG_FREE + s * 8)).expect("magazine");
                 }
                 if kind & 0x80 != 0 {
-                    rings.pass(&mm, kind & 0x40 != 0).expect("guest input never causes a host failure");
+                    // Any doorbell bits, then a pass that reads only doorbells, or scans too.
+                    let bell = area.gpa().0 + DOORBELL_OFFSET;
+                    mem.write_obj(input.u32(), GuestAddress(bell)).expect("doorbell");
+                    rings
+                        .pass(&mm, kind & 0x20 != 0, kind & 0x40 != 0)
+                        .expect("guest input never causes a host failure");
                 } else {
                     let class_arg = if kind & 0x40 != 0 { u64::from(input.u8()) } else { class as u64 };
                     let want = u64::from(input.u32() % 1024);

@@ -225,7 +225,7 @@ fn finish(status: i32, aborted: bool) -> ! {
     }
     crate::println!(
         "@result scenario=cbench name={} status={status} wall_ns={wall} threads={} exits={} allocs={} bad_frees={bad} \
-         switches={} preemptions={} service_waits={}",
+         switches={} preemptions={} service_waits={} service_wait_ns={} exchange_ns={} busy_ns={}",
         NAME.get(),
         sched::CREATED.load(Ordering::Relaxed).saturating_sub(1),
         heap::all_exits(cpus()),
@@ -233,6 +233,9 @@ fn finish(status: i32, aborted: bool) -> ! {
         sched::SWITCHES.load(Ordering::Relaxed),
         sched::PREEMPTIONS.load(Ordering::Relaxed),
         heap::all_service_waits(cpus()),
+        tsc_to_ns(heap::all_cycles(cpus()).0),
+        tsc_to_ns(heap::all_cycles(cpus()).1),
+        tsc_to_ns(crate::sched::process_tsc(cpus())),
     );
     let code = if aborted {
         protocol::exit::ABORTED
