@@ -18,8 +18,8 @@ use core::sync::atomic::{AtomicU32, Ordering, compiler_fence};
 use protocol::layout::cpu_area;
 use protocol::memcall::{op, policy};
 use protocol::slab::{
-    CLASSES, DOORBELL_OFFSET, Doorbell, MAGAZINES_OFFSET, Magazine, NR_CLASSES, RING, SERVICE_WAIT_US, class_for,
-    drain_at, slot, target,
+    CLASSES, DOORBELL_OFFSET, Doorbell, MAGAZINES_OFFSET, Magazine, NR_CLASSES, SERVICE_WAIT_US, class_for, drain_at,
+    free_cap, slot, target,
 };
 use protocol::status;
 
@@ -140,6 +140,22 @@ const LOW_MARK: [u32; NR_CLASSES] = {
     m
 };
 
+/// Per class, the free ring's entries at which the guest exits unless the service drains it
+/// (`protocol::slab::free_cap`, at most RING).
+const FREE_CAP: [u32; NR_CLASSES] = {
+    let mut m = [0; NR_CLASSES];
+    let mut c = 0;
+    while c < NR_CLASSES {
+        // At most RING.
+        #[allow(clippy::cast_possible_truncation)]
+        {
+            m[c] = free_cap(CLASSES[c]) as u32;
+        }
+        c += 1;
+    }
+    m
+};
+
 /// Per class, the free ring's entries at which the guest rings the doorbell.
 const DRAIN_MARK: [u32; NR_CLASSES] = {
     let mut m = [0; NR_CLASSES];
@@ -236,13 +252,14 @@ pub fn top_up(class: usize) {
 pub fn push_free(class: usize, ptr: u64) {
     let m = magazine(class);
     let mut pending = pending_frees(m);
-    if pending as usize >= RING && !wait_for_service(m, class, || (pending_frees(m) as usize) < RING) {
+    let cap = FREE_CAP[class];
+    if pending >= cap && !wait_for_service(m, class, || pending_frees(m) < cap) {
         exchange(class);
         pending = pending_frees(m);
     }
     // SAFETY: m points into this vCPU's mapped magazines; the guest side of the free ring is
     // used only by this vCPU. The slot at `head` is free: the VMM has taken everything up to
-    // `free_tail`, and the ring holds fewer than RING entries.
+    // `free_tail`, and the ring holds fewer than its cap (at most RING) entries.
     unsafe {
         let head = read_volatile(addr_of!((*m).free_head));
         write_volatile(addr_of_mut!((*m).free[slot(head)]), ptr);

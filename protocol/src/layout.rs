@@ -43,10 +43,10 @@ pub const STACK_SIZE: u64 = 256 * 1024;
 /// Per-vCPU areas: vCPU `i`'s starts at `CPU_AREA_VA + i * CPU_AREA_STRIDE`.
 pub const CPU_AREA_VA: u64 = 0x8000_0000;
 /// Distance between two vCPUs' areas.
-pub const CPU_AREA_STRIDE: u64 = 0x4_0000;
-/// Pages mapped in each vCPU area: the CpuPage, the memory-call request area (2 pages) and
-/// the slab magazines (rings).
-pub const CPU_AREA_PAGES: u64 = 58;
+pub const CPU_AREA_STRIDE: u64 = 0x10_0000;
+/// Pages mapped in each vCPU area: the CpuPage, the memory-call request area (2 pages), the
+/// slab magazines (rings) and the doorbell.
+pub const CPU_AREA_PAGES: u64 = (crate::slab::DOORBELL_OFFSET + 64).div_ceil(PAGE_SIZE);
 /// Heap for 4 KiB-page mappings.
 pub const HEAP_VA_START: u64 = 0x10_0000_0000;
 /// End of the 4 KiB-page heap.
