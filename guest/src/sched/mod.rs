@@ -430,18 +430,19 @@ pub fn detach(t: *mut Thread) -> Result<(), i32> {
     r
 }
 
-/// Lets other ready threads run.
-pub fn yield_now() {
+/// Lets other ready threads run; returns whether one did (the caller ran again after it).
+pub fn yield_now() -> bool {
     let cur = current();
     if cur.is_null() {
-        return;
+        return false;
     }
     preempt_disable();
     clear_tick_pending();
     let mut wakes = Wakes::default();
     let s = lock();
     s.expire(arch::rdtsc(), &mut wakes);
-    if !s.runq.is_empty() {
+    let others = !s.runq.is_empty();
+    if others {
         // SAFETY: cur is this thread.
         unsafe { (*cur).state = State::Ready };
         s.runq.push_back(cur);
@@ -450,14 +451,16 @@ pub fn yield_now() {
     unlock();
     preempt_enable_no_resched();
     wakes.send();
+    others
 }
 
 /// A tick that came while preemption was off.
 #[cold]
 fn deferred_tick() {
     if RUNNING.load(Ordering::Relaxed) && !is_idle(current()) {
-        PREEMPTIONS.fetch_add(1, Ordering::Relaxed);
-        yield_now();
+        if yield_now() {
+            PREEMPTIONS.fetch_add(1, Ordering::Relaxed);
+        }
     } else {
         clear_tick_pending();
     }
