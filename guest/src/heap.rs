@@ -170,11 +170,17 @@ const DRAIN_MARK: [u32; NR_CLASSES] = {
 /// Tells the VMM's service that this vCPU's rings of `class` want it (`protocol::slab`'s
 /// doorbell). The caller has published its ring index.
 fn ring_doorbell(class: usize) {
+    ring_doorbell_bits(1 << class);
+}
+
+/// Sets `bits` in this vCPU's doorbell (any bits: the hostile-call scenario rings bits of
+/// classes that do not exist).
+pub fn ring_doorbell_bits(bits: u32) {
     let bell = (cpu_area(arch::cpu_id()) + DOORBELL_OFFSET) as *mut Doorbell;
     // SAFETY: the doorbell lies in this vCPU's mapped CPU area, 4-aligned; the VMM accesses
     // it only atomically.
     let due = unsafe { AtomicU32::from_ptr(addr_of_mut!((*bell).due)) };
-    due.fetch_or(1 << class, Ordering::Release);
+    due.fetch_or(bits, Ordering::Release);
 }
 
 /// Waits as long as the VMM's service thread asks (`Magazine::service`, at most
