@@ -104,6 +104,8 @@ struct Sample {
     value: f64,
     exits: f64,
     allocs: f64,
+    /// Share of the vCPUs' busy time spent in SLAB_EXCHANGE exits, percent.
+    exit_pct: f64,
     /// Peak RSS, MiB (0 without GNU time).
     rss_mib: f64,
 }
@@ -172,6 +174,7 @@ fn run_guest(name: &str, args: &str, cpus: u32, rings: bool) -> Option<Sample> {
         value: figure(name, &out, num("wall_ns") / 1e9),
         exits: num("exits"),
         allocs: num("allocs"),
+        exit_pct: if num("busy_ns") > 0.0 { num("exchange_ns") * 100.0 / num("busy_ns") } else { 0.0 },
         rss_mib: rss_mib(&String::from_utf8_lossy(&o.stderr)),
     })
 }
@@ -188,6 +191,8 @@ struct Row {
     glibc: Option<f64>,
     mimalloc: Option<f64>,
     exits_per_k: Option<f64>,
+    /// Percent of the vCPUs' busy time in SLAB_EXCHANGE exits (round trip and the VMM's work).
+    exit_pct: Option<f64>,
     /// Peak RSS, MiB: the guest's VMM (guest RAM included) and native glibc.
     guest_rss: Option<f64>,
     glibc_rss: Option<f64>,
@@ -259,6 +264,7 @@ fn main() {
         for threads in [1u32, 2] {
             let args = base.replace("{N}", &threads.to_string());
             let (mut g, mut n, mut m, mut e) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            let mut x = Vec::new();
             let (mut g_rss, mut n_rss) = (Vec::new(), Vec::new());
             let mut off = Vec::new();
             for _ in 0..runs {
@@ -273,6 +279,7 @@ fn main() {
                     if s.allocs > 0.0 {
                         e.push(s.exits * 1000.0 / s.allocs);
                     }
+                    x.push(s.exit_pct);
                 }
                 if let Some(s) = run_native(&exe, &b.name, &args, None) {
                     n.push(s.value);
@@ -295,6 +302,7 @@ fn main() {
                 glibc: common::median(n),
                 mimalloc: common::median(m),
                 exits_per_k: common::median(e),
+                exit_pct: common::median(x),
                 guest_rss: common::median(g_rss),
                 glibc_rss: common::median(n_rss),
                 frames_per_touch: None,
@@ -345,6 +353,7 @@ fn our_workloads(path: &Path) -> Vec<Row> {
                 glibc: num(f[5]),
                 mimalloc: num(f[6]),
                 exits_per_k: num(f[9]),
+                exit_pct: None,
                 guest_rss: None,
                 glibc_rss: None,
                 frames_per_touch: f.get(12).and_then(|v| num(v)),
@@ -356,7 +365,7 @@ fn our_workloads(path: &Path) -> Vec<Row> {
 fn print_table(rows: &[Row]) {
     println!();
     println!(
-        "{:<19} {:>3} {:>10} {:>10} {:>10} {:<10} {:>9} {:>11} {:>13} {:>18} {:>17}",
+        "{:<19} {:>3} {:>10} {:>10} {:>10} {:<10} {:>9} {:>11} {:>13} {:>11} {:>18} {:>17}",
         "benchmark",
         "thr",
         "guest",
@@ -366,12 +375,13 @@ fn print_table(rows: &[Row]) {
         "vs glibc",
         "vs mimalloc",
         "exits/1k alloc",
+        "exit time %",
         "rings off vs glibc",
         "RSS MiB vmm/glibc"
     );
     for r in rows {
         println!(
-            "{:<19} {:>3} {:>10} {:>10} {:>10} {:<10} {:>8}x {:>10}x {:>13} {:>17}x {:>8} /{:>7}",
+            "{:<19} {:>3} {:>10} {:>10} {:>10} {:<10} {:>8}x {:>10}x {:>13} {:>11} {:>17}x {:>8} /{:>7}",
             r.name,
             r.threads,
             fmt(r.guest),
@@ -381,6 +391,7 @@ fn print_table(rows: &[Row]) {
             fmt(r.ratio(r.glibc)),
             fmt(r.ratio(r.mimalloc)),
             fmt(r.exits_per_k),
+            fmt(r.exit_pct),
             fmt(r.ratio_of(r.before, r.glibc)),
             fmt(r.guest_rss),
             fmt(r.glibc_rss)
@@ -388,6 +399,9 @@ fn print_table(rows: &[Row]) {
     }
     println!("(ratios: the guest's figure against native, above 1 = the guest is better; wall times inverted)");
     println!("(RSS: peak, from GNU time; the VMM's includes guest RAM, page tables and its own metadata)");
+    println!(
+        "(exit time: the vCPUs' time in SLAB_EXCHANGE exits, round trip and the VMM's work, over their busy time)"
+    );
     for r in rows.iter().filter(|r| r.frames_per_touch.is_some()) {
         println!(
             "({}: first touch of 256 MiB; its glibc column is the same guest under kernel demand paging; {} frames made resident per page touched)",
@@ -400,11 +414,11 @@ fn print_table(rows: &[Row]) {
 fn write_csv(path: &Path, rows: &[Row]) {
     let opt = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v}"));
     let mut s = String::from(
-        "benchmark,threads,unit,higher_is_better,guest,glibc,mimalloc,guest_vs_glibc,guest_vs_mimalloc,exits_per_1k_allocs,vmm_rss_mib,glibc_rss_mib,frames_per_touch\n",
+        "benchmark,threads,unit,higher_is_better,guest,glibc,mimalloc,guest_vs_glibc,guest_vs_mimalloc,exits_per_1k_allocs,vmm_rss_mib,glibc_rss_mib,frames_per_touch,exit_time_pct\n",
     );
     for r in rows {
         s += &format!(
-            "{},{},{},{},{},{},{},{},{},{},{},{},{}\n",
+            "{},{},{},{},{},{},{},{},{},{},{},{},{},{}\n",
             r.name,
             r.threads,
             r.unit,
@@ -417,7 +431,8 @@ fn write_csv(path: &Path, rows: &[Row]) {
             opt(r.exits_per_k),
             opt(r.guest_rss),
             opt(r.glibc_rss),
-            opt(r.frames_per_touch)
+            opt(r.frames_per_touch),
+            opt(r.exit_pct)
         );
     }
     std::fs::write(path, s).expect("target/bench-plots is writable");
