@@ -103,65 +103,49 @@ pub fn alloc_small(class: usize) -> *mut u8 {
     unsafe {
         let tail = read_volatile(addr_of!((*m).alloc_tail));
         let mut head = read_volatile(addr_of!((*m).alloc_head));
-        if head == tail && !wait_for_service(m, class, || read_volatile(addr_of!((*m).alloc_head)) != tail) {
-            exchange(class);
-            if read_volatile(addr_of!((*m).alloc_head)) == tail {
+        if head == tail {
+            if !wait_for_service(m, class, || read_volatile(addr_of!((*m).alloc_head)) != tail) {
+                exchange(class);
+            }
+            head = read_volatile(addr_of!((*m).alloc_head));
+            if head == tail {
                 return null_mut();
             }
-        }
-        if head == tail {
-            head = read_volatile(addr_of!((*m).alloc_head));
         }
         compiler_fence(Ordering::Acquire);
         let obj = read_volatile(addr_of!((*m).alloc[slot(tail)]));
         compiler_fence(Ordering::Release);
         write_volatile(addr_of_mut!((*m).alloc_tail), tail.wrapping_add(1));
         // Down to half the target: ask the service for a refill (once, as the level passes).
-        if head.wrapping_sub(tail).wrapping_sub(1) == LOW_MARK[class] {
+        if head.wrapping_sub(tail).wrapping_sub(1) == MARKS[class].low {
             ring_doorbell(class);
         }
         obj as *mut u8
     }
 }
 
-/// Per class, the alloc ring level at which the guest rings the doorbell: half the target,
-/// where the service refills.
-const LOW_MARK: [u32; NR_CLASSES] = {
-    let mut m = [0; NR_CLASSES];
+/// Where the guest acts on one class's rings: the alloc ring level at which it rings the
+/// doorbell (half the target, where the service refills), the free ring's entries at which it
+/// rings it (`protocol::slab::drain_at`), and the entries at which it exits unless the service
+/// drains them (`protocol::slab::free_cap`, at most RING).
+#[derive(Clone, Copy)]
+struct Marks {
+    low: u32,
+    drain: u32,
+    free_cap: u32,
+}
+
+/// [`Marks`] per class.
+const MARKS: [Marks; NR_CLASSES] = {
+    let mut m = [Marks { low: 0, drain: 0, free_cap: 0 }; NR_CLASSES];
     let mut c = 0;
     while c < NR_CLASSES {
-        // At most RING / 2.
+        let size = CLASSES[c];
+        // Both at most RING.
         #[allow(clippy::cast_possible_truncation)]
         {
-            m[c] = (target(CLASSES[c]) / 2) as u32;
+            m[c] = Marks { low: (target(size) / 2) as u32, drain: drain_at(size), free_cap: free_cap(size) as u32 };
         }
-        c += 1;
-    }
-    m
-};
-
-/// Per class, the free ring's entries at which the guest exits unless the service drains it
-/// (`protocol::slab::free_cap`, at most RING).
-const FREE_CAP: [u32; NR_CLASSES] = {
-    let mut m = [0; NR_CLASSES];
-    let mut c = 0;
-    while c < NR_CLASSES {
-        // At most RING.
-        #[allow(clippy::cast_possible_truncation)]
-        {
-            m[c] = free_cap(CLASSES[c]) as u32;
-        }
-        c += 1;
-    }
-    m
-};
-
-/// Per class, the free ring's entries at which the guest rings the doorbell.
-const DRAIN_MARK: [u32; NR_CLASSES] = {
-    let mut m = [0; NR_CLASSES];
-    let mut c = 0;
-    while c < NR_CLASSES {
-        m[c] = drain_at(CLASSES[c]);
         c += 1;
     }
     m
@@ -195,16 +179,16 @@ fn wait_for_service(m: *const Magazine, class: usize, ready: impl Fn() -> bool) 
     ring_doorbell(class);
     let khz = crate::bootinfo::get().map_or(0, |bi| bi.tsc_khz);
     let t0 = arch::rdtsc();
-    while arch::rdtsc() - t0 < u64::from(us) * khz / 1000 {
-        if ready() {
-            *SERVICE_WAITS.get_mut() += 1;
-            *WAIT_CYCLES.get_mut() += arch::rdtsc() - t0;
-            return true;
+    let mut came = false;
+    while !came && arch::rdtsc() - t0 < u64::from(us) * khz / 1000 {
+        came = ready();
+        if !came {
+            arch::pause();
         }
-        arch::pause();
     }
     *WAIT_CYCLES.get_mut() += arch::rdtsc() - t0;
-    false
+    *SERVICE_WAITS.get_mut() += u64::from(came);
+    came
 }
 
 /// Puts `ptr` in this vCPU's free ring of `class` (the VMM checks it).
@@ -258,7 +242,7 @@ pub fn top_up(class: usize) {
 pub fn push_free(class: usize, ptr: u64) {
     let m = magazine(class);
     let mut pending = pending_frees(m);
-    let cap = FREE_CAP[class];
+    let cap = MARKS[class].free_cap;
     if pending >= cap && !wait_for_service(m, class, || pending_frees(m) < cap) {
         exchange(class);
         pending = pending_frees(m);
@@ -273,7 +257,7 @@ pub fn push_free(class: usize, ptr: u64) {
         write_volatile(addr_of_mut!((*m).free_head), head.wrapping_add(1));
     }
     // Up to the drain mark: ask the service to take them (once, as the count passes).
-    if pending.wrapping_add(1) == DRAIN_MARK[class] {
+    if pending.wrapping_add(1) == MARKS[class].drain {
         ring_doorbell(class);
     }
 }

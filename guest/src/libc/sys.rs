@@ -216,6 +216,7 @@ fn finish(status: i32, aborted: bool) -> ! {
     let _g = NoPreempt::new();
     let wall = now_ns().saturating_sub(START_NS.load(Ordering::Relaxed));
     let bad = bad_frees();
+    let (waited, exchanging) = heap::all_cycles(cpus());
     let mut status = status;
     let mut aborted = aborted;
     if bad > 0 && !aborted {
@@ -233,8 +234,8 @@ fn finish(status: i32, aborted: bool) -> ! {
         sched::SWITCHES.load(Ordering::Relaxed),
         sched::PREEMPTIONS.load(Ordering::Relaxed),
         heap::all_service_waits(cpus()),
-        tsc_to_ns(heap::all_cycles(cpus()).0),
-        tsc_to_ns(heap::all_cycles(cpus()).1),
+        tsc_to_ns(waited),
+        tsc_to_ns(exchanging),
         tsc_to_ns(crate::sched::process_tsc(cpus())),
     );
     let code = if aborted {
