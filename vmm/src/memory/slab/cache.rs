@@ -170,9 +170,20 @@ pub const QUARANTINE_LEN: [usize; NR_CLASSES] = {
 /// ring refill. A guest that frees and allocates at the same rate gets its own objects back
 /// (checked, and after the quarantine) without their slabs' bitmaps being searched; one that
 /// stops allocating gives the rest back to the slabs.
-pub fn ready_max(size: u32) -> usize {
-    protocol::slab::target(size) as usize
+pub const fn ready_max(size: u32) -> usize {
+    protocol::slab::target(size)
 }
+
+/// [`ready_max`] of each class (the free path looks it up per object: no division there).
+pub const READY_MAX: [usize; NR_CLASSES] = {
+    let mut r = [0; NR_CLASSES];
+    let mut c = 0;
+    while c < NR_CLASSES {
+        r[c] = ready_max(CLASSES[c]);
+        c += 1;
+    }
+    r
+};
 
 /// Objects per slab of `size`.
 pub fn objects_per_slab(size: u32) -> u32 {

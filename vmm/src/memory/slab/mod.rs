@@ -19,8 +19,9 @@
 //!   FIFO of about 64 KiB of objects) first. Meanwhile a second free of it, or any use of its
 //!   handle, is caught as a double free, and a dangling pointer does not alias a new object yet.
 //!   Past the quarantine, up to a ring refill of them stay ready and are the first handed out
-//!   again (no bitmap search; a guest freeing and allocating at the same rate gets its own warm
-//!   objects back); older ones go back to their slabs. Memory pressure drains the quarantine
+//!   again, the most recently freed first (no bitmap search; a guest freeing and allocating at
+//!   the same rate gets its own objects back while they are warmest in its caches and TLB);
+//!   older ones go back to their slabs. Memory pressure drains the quarantine
 //!   before an allocation fails.
 //!
 //! - Each slab sits in its own 64 KiB slot of the slab address zone, so the slab of any pointer
@@ -142,6 +143,13 @@ const RECIPROCALS: [u64; NR_CLASSES] = {
     }
     r
 };
+
+/// `off / size` for an offset `off` into a slab of `class`, by a multiply: exact for offsets
+/// inside a slot (below 2^16; see [`RECIPROCALS`]). Page-run slabs span several slots: a
+/// division (they are few).
+fn object_index(class: usize, off: u64) -> u64 {
+    if class < FIRST_LARGE { off.wrapping_mul(RECIPROCALS[class]) >> 32 } else { off / u64::from(CLASSES[class]) }
+}
 const _: () = assert!(SLAB_SLOT <= 1 << 16 && protocol::slab::SMALL_MAX <= 1 << 15);
 
 /// All slabs and classes.
@@ -194,10 +202,7 @@ impl SlabAllocator {
         let id = self.slots[slot].checked_sub(1).ok_or(SlabError::NotFound)?;
         let s = self.slab(id);
         let off = ptr - s.va;
-        // off / size by a multiply: exact for offsets inside a slot (below 2^16; see
-        // RECIPROCALS). Page-run slabs span several slots: a division (they are few).
-        let i =
-            if s.class < FIRST_LARGE { (off * RECIPROCALS[s.class]) >> 32 } else { off / u64::from(CLASSES[s.class]) };
+        let i = object_index(s.class, off);
         if i * u64::from(CLASSES[s.class]) != off || i >= u64::from(s.objects) {
             return Err(SlabError::NotFound);
         }
@@ -305,12 +310,11 @@ impl SlabAllocator {
         }
         let mut bad = Vec::new();
         for &p in frees {
-            match self.free(space, phys, p) {
-                Ok(()) => {}
-                Err(e) => match e.guest_status() {
+            if let Err(e) = self.free(space, phys, p) {
+                match e.guest_status() {
                     Some(st) => bad.push((p, st)),
                     None => return Err(e),
-                },
+                }
             }
         }
         self.counters.exchanges += 1;
@@ -322,7 +326,7 @@ impl SlabAllocator {
         };
         // Keep ready only about what this refill took (what the guest used since the last
         // one): a guest that frees more than it allocates gives the rest back to the slabs.
-        self.trim(space, phys, class, cache::QUARANTINE_LEN[class] + want.min(ready_max(CLASSES[class])))?;
+        self.trim(space, phys, class, cache::QUARANTINE_LEN[class] + want.min(cache::READY_MAX[class]))?;
         Ok((out, bad))
     }
 
@@ -345,7 +349,7 @@ impl SlabAllocator {
         cache.active -= 1;
         cache.quarantine[node].push_back((id, i));
         self.counters.objects_in += 1;
-        if cache.quarantine[node].len() > cache::QUARANTINE_LEN[class] + ready_max(CLASSES[class]) {
+        if cache.quarantine[node].len() > cache::QUARANTINE_LEN[class] + cache::READY_MAX[class] {
             let (oldest, j) = cache.quarantine[node].pop_front().expect("non-empty");
             self.release_object(space, phys, oldest, j)?;
         }

@@ -29,14 +29,16 @@ impl SlabAllocator {
     }
 
     /// Hands out, into `out` (up to `want` in all), freed objects of `class` on `node` that have
-    /// served their quarantine, oldest first: they stay handed out in their slabs and only
-    /// leave the quarantine.
+    /// served their quarantine, the most recently freed first (their memory is the warmest in
+    /// the caches and the TLB): they stay handed out in their slabs and only leave the
+    /// quarantine. Older ready ones wait for a later refill or go back to their slabs (`trim`).
     pub(super) fn recycle(&mut self, class: usize, node: usize, want: usize, out: &mut Vec<u64>) {
         let size = u64::from(CLASSES[class]);
         let keep = cache::QUARANTINE_LEN[class];
         let q = &mut self.caches[class].quarantine[node];
-        while out.len() < want && q.len() > keep {
-            let (id, i) = q.pop_front().expect("non-empty");
+        let ready = q.len().saturating_sub(keep);
+        let n = want.saturating_sub(out.len()).min(ready);
+        for (id, i) in q.drain(ready - n..ready).rev() {
             let s = self.arena[id as usize].as_mut().expect("live slab id");
             s.set_held(i, false);
             out.push(s.va + u64::from(i) * size);
