@@ -103,6 +103,14 @@ fn stats_file_is_json_with_the_documented_sections() {
     assert_eq!(s["exit"]["guest_status"], 0);
     assert_eq!(s["config"]["seed"], 7);
     assert!(s["timing_us"]["first_exit"].as_u64().unwrap() <= s["timing_us"]["total"].as_u64().unwrap());
+    // KVM's own counters (this host's kernel has its binary statistics): every exit that
+    // reached the VMM went through KVM, and the guest's first use of each page it touched was
+    // a shadow-paging fault (or an EPT violation) KVM took.
+    let kvm = &s["kvm"]["vcpus"];
+    let vmm_exits = s["exits"]["total"].as_u64().unwrap();
+    assert!(kvm["exits"].as_u64().unwrap() >= vmm_exits, "{kvm} against {vmm_exits} VMM exits");
+    assert!(kvm["pf_taken"].as_u64().unwrap() > 0, "{kvm}");
+    assert!(s["kvm"]["vm"].as_object().is_some_and(|m| !m.is_empty()), "{}", s["kvm"]);
     let _ = std::fs::remove_file(path);
 }
 

@@ -29,6 +29,7 @@ pub fn stats(shared: &VmShared, exit: Option<ExitInfo>) -> Stats {
         swapper: shared.swapper.as_ref().map(|s| s.report()),
         ticks: shared.ticks.report(),
         rings: shared.rings.report(),
+        kvm: shared.kvm.report(),
         results: shared.results(),
     })
 }

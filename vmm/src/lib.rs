@@ -12,6 +12,7 @@ pub mod control;
 pub mod ctl;
 pub mod fuzz;
 pub mod host;
+pub mod kvmstats;
 pub mod layout;
 pub mod memcall;
 pub mod memory;

@@ -110,6 +110,8 @@ thread_local! {
 /// writes to its socket).
 const COMMON: &[libc::c_long] = &[
     libc::SYS_read,
+    // KVM's statistics files are read by position (they ignore lseek).
+    libc::SYS_pread64,
     libc::SYS_write,
     libc::SYS_close,
     libc::SYS_openat,
@@ -164,7 +166,7 @@ fn allowed(kind: ThreadKind) -> (Vec<libc::c_long>, Vec<u64>) {
         // Swap-ins read the swap file (buffered files drop their cached pages after); scattered
         // first touches hand missing pages over to the kernel (registered again).
         ThreadKind::Fault => {
-            calls.extend([libc::SYS_pread64, libc::SYS_preadv, libc::SYS_fadvise64]);
+            calls.extend([libc::SYS_preadv, libc::SYS_fadvise64]);
             let mut v = uffd_ioctls();
             v.extend([uffd::UFFDIO_UNREGISTER(), uffd::UFFDIO_REGISTER()]);
             v
@@ -172,7 +174,6 @@ fn allowed(kind: ThreadKind) -> (Vec<libc::c_long>, Vec<u64>) {
         // Evictions move pages out of guest RAM and write them; PUT /swap/in reads them back.
         ThreadKind::Swapper => {
             calls.extend([
-                libc::SYS_pread64,
                 libc::SYS_preadv,
                 libc::SYS_pwrite64,
                 libc::SYS_pwritev,

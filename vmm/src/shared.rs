@@ -10,6 +10,7 @@ use vm_memory::GuestAddress;
 use crate::boot::image::LoadedImage;
 use crate::config::VmConfig;
 use crate::console::ResultLog;
+use crate::kvmstats::KvmStats;
 use crate::layout::RamRange;
 use crate::memcall::MemCallCounters;
 use crate::memory::MemoryManager;
@@ -79,6 +80,8 @@ pub struct VmShared {
     /// The vCPUs' slab rings and their service thread's wake-up.
     pub rings: Rings,
     pub nr_vcpus: u32,
+    /// KVM's own counters (shadow-paging faults, TLB flushes).
+    pub kvm: KvmStats,
     /// Set when the VM is being stopped: vCPUs leave their run loop at their next exit.
     stop: AtomicBool,
     /// `@result` lines from the guest (bounded).
@@ -100,6 +103,7 @@ impl VmShared {
         swapper: Option<Arc<Swapper>>,
         rings: Rings,
         nr_vcpus: u32,
+        kvm: KvmStats,
     ) -> Self {
         VmShared {
             cfg,
@@ -117,6 +121,7 @@ impl VmShared {
             ticks: Ticks::new(nr_vcpus),
             rings,
             nr_vcpus,
+            kvm,
             stop: AtomicBool::new(false),
             results: Mutex::new(ResultLog::default()),
         }

@@ -50,6 +50,8 @@ pub struct Stats {
     pub swap: Option<SwapStats>,
     /// Timer ticks and sleeping vCPUs (guests that schedule threads).
     pub ticks: crate::ticks::TickReport,
+    /// KVM's own counters for the VM and its vCPUs (`null` where the kernel has none).
+    pub kvm: Option<crate::kvmstats::KvmReport>,
     pub guest: GuestInfo,
 }
 
@@ -169,6 +171,7 @@ pub struct Sources<'a> {
     pub notify: NotifyReport,
     pub swapper: Option<SwapperReport>,
     pub ticks: crate::ticks::TickReport,
+    pub kvm: Option<crate::kvmstats::KvmReport>,
     /// The kept result lines, and how many were dropped per scenario.
     pub results: (Vec<String>, BTreeMap<String, u64>),
 }
@@ -245,6 +248,7 @@ pub fn assemble(src: Sources<'_>) -> Stats {
         notify: src.notify,
         swap: m.swap.zip(src.swapper).map(|(swap, swapper)| SwapStats { swap, swapper }),
         ticks: src.ticks,
+        kvm: src.kvm,
         guest: GuestInfo {
             results: src.results.0.iter().map(|l| parse_result(l)).collect(),
             results_dropped: src.results.1,

@@ -262,6 +262,7 @@ impl Vm {
             fds.push(vm_fd.create_vcpu(u64::from(cpu)).map_err(|source| VcpuError::Create { cpu, source })?);
         }
         let tsc_khz = fds[0].get_tsc_khz().unwrap_or(0);
+        let kvm_stats = crate::kvmstats::KvmStats::open(&vm_fd, &fds);
         // The manager maps guest RAM and owns the VM fd from here: it registers memslots as
         // frames come into use.
         let bindings: Vec<_> = cfg.numa.nodes.iter().map(|n| n.host).collect();
@@ -312,6 +313,7 @@ impl Vm {
             swapper,
             rings,
             cfg.cpus,
+            kvm_stats,
         ));
         let mut vcpus = Vec::with_capacity(fds.len());
         for (fd, cb) in fds.into_iter().zip(&boot.cpus) {
