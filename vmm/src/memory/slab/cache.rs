@@ -155,17 +155,6 @@ pub const fn quarantine_len(size: u32) -> usize {
     }
 }
 
-/// [`quarantine_len`] of each class (no division on the free path).
-pub const QUARANTINE_LEN: [usize; NR_CLASSES] = {
-    let mut q = [0; NR_CLASSES];
-    let mut c = 0;
-    while c < NR_CLASSES {
-        q[c] = quarantine_len(CLASSES[c]);
-        c += 1;
-    }
-    q
-};
-
 /// Validated frees of `size` a class keeps ready past its quarantine, per node: about one
 /// ring refill. A guest that frees and allocates at the same rate gets its own objects back
 /// (checked, and after the quarantine) without their slabs' bitmaps being searched; one that
@@ -174,15 +163,23 @@ pub const fn ready_max(size: u32) -> usize {
     protocol::slab::target(size)
 }
 
-/// [`ready_max`] of each class (the free path looks it up per object: no division there).
-pub const READY_MAX: [usize; NR_CLASSES] = {
-    let mut r = [0; NR_CLASSES];
+/// How many freed objects of a class its quarantine holds, and how many it keeps ready past
+/// it ([`quarantine_len`], [`ready_max`]).
+#[derive(Clone, Copy)]
+pub struct Kept {
+    pub quarantine: usize,
+    pub ready: usize,
+}
+
+/// [`Kept`] of each class (the free path looks it up per object: no division there).
+pub const KEPT: [Kept; NR_CLASSES] = {
+    let mut k = [Kept { quarantine: 0, ready: 0 }; NR_CLASSES];
     let mut c = 0;
     while c < NR_CLASSES {
-        r[c] = ready_max(CLASSES[c]);
+        k[c] = Kept { quarantine: quarantine_len(CLASSES[c]), ready: ready_max(CLASSES[c]) };
         c += 1;
     }
-    r
+    k
 };
 
 /// Objects per slab of `size`.
@@ -201,7 +198,7 @@ pub(super) struct Cache {
     /// Per node: empty slabs kept for reuse, with their memory (at most [`EMPTY_KEPT`]).
     pub(super) empty: Vec<Vec<SlabId>>,
     /// Per node (of the object's slab): freed objects, oldest first (slab, object index). The
-    /// newest [`QUARANTINE_LEN`] wait before they may be reused; older ones are ready to be
+    /// newest [`quarantine_len`] wait before they may be reused; older ones are ready to be
     /// handed out again as they are (up to [`ready_max`] of them, beyond which the oldest go
     /// back to their slabs).
     pub(super) quarantine: Vec<VecDeque<(SlabId, u32)>>,

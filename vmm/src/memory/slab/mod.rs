@@ -326,7 +326,7 @@ impl SlabAllocator {
         };
         // Keep ready only about what this refill took (what the guest used since the last
         // one): a guest that frees more than it allocates gives the rest back to the slabs.
-        self.trim(space, phys, class, cache::QUARANTINE_LEN[class] + want.min(cache::READY_MAX[class]))?;
+        self.trim(space, phys, class, cache::KEPT[class].quarantine + want.min(cache::KEPT[class].ready))?;
         Ok((out, bad))
     }
 
@@ -349,7 +349,7 @@ impl SlabAllocator {
         cache.active -= 1;
         cache.quarantine[node].push_back((id, i));
         self.counters.objects_in += 1;
-        if cache.quarantine[node].len() > cache::QUARANTINE_LEN[class] + cache::READY_MAX[class] {
+        if cache.quarantine[node].len() > cache::KEPT[class].quarantine + cache::KEPT[class].ready {
             let (oldest, j) = cache.quarantine[node].pop_front().expect("non-empty");
             self.release_object(space, phys, oldest, j)?;
         }

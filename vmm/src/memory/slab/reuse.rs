@@ -34,7 +34,7 @@ impl SlabAllocator {
     /// quarantine. Older ready ones wait for a later refill or go back to their slabs (`trim`).
     pub(super) fn recycle(&mut self, class: usize, node: usize, want: usize, out: &mut Vec<u64>) {
         let size = u64::from(CLASSES[class]);
-        let keep = cache::QUARANTINE_LEN[class];
+        let keep = cache::KEPT[class].quarantine;
         let q = &mut self.caches[class].quarantine[node];
         let ready = q.len().saturating_sub(keep);
         let n = want.saturating_sub(out.len()).min(ready);
@@ -50,7 +50,7 @@ impl SlabAllocator {
     /// allocating. Returns the slabs released.
     pub fn trim_empty(&mut self, space: &mut AddressSpace, phys: &mut Phys<'_>) -> Result<u64, SlabError> {
         for class in 0..NR_CLASSES {
-            self.trim(space, phys, class, cache::QUARANTINE_LEN[class])?;
+            self.trim(space, phys, class, cache::KEPT[class].quarantine)?;
             self.caches[class].peak = 0;
         }
         self.purge(space, phys, Duration::ZERO)
