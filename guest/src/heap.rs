@@ -5,8 +5,9 @@
 //! object in the free ring, and a VMM thread refills and drains the rings while the guest runs,
 //! without an exit. Only an empty alloc ring or a full free ring costs an exit (one
 //! SLAB_EXCHANGE does both synchronously). The service learns which rings want it from the
-//! vCPU's doorbell, rung as a ring passes its mark. Freed objects are never reused here: each goes back
-//! through the VMM, which checks it. Larger allocations are whole pages (ALLOC / FREE).
+//! vCPU's doorbell, rung as a ring passes its mark. Freed objects are never reused here: each
+//! goes back through the VMM, which checks it. Larger allocations are whole pages (ALLOC /
+//! FREE).
 //!
 //! Rings are per vCPU: every use runs with preemption off (`sched::NoPreempt`), so a thread
 //! cannot move to another vCPU half-way, and the guest side of each ring has one user.

@@ -21,8 +21,8 @@
 //!   Past the quarantine, up to a ring refill of them stay ready and are the first handed out
 //!   again, the most recently freed first (no bitmap search; a guest freeing and allocating at
 //!   the same rate gets its own objects back while they are warmest in its caches and TLB);
-//!   older ones go back to their slabs. Memory pressure drains the quarantine
-//!   before an allocation fails.
+//!   older ones go back to their slabs. Memory pressure drains the quarantine before an
+//!   allocation fails.
 //!
 //! - Each slab sits in its own 64 KiB slot of the slab address zone, so the slab of any pointer
 //!   is one array lookup (no search), and releasing a slab leaves its slot unmapped for a while
@@ -143,13 +143,6 @@ const RECIPROCALS: [u64; NR_CLASSES] = {
     }
     r
 };
-
-/// `off / size` for an offset `off` into a slab of `class`, by a multiply: exact for offsets
-/// inside a slot (below 2^16; see [`RECIPROCALS`]). Page-run slabs span several slots: a
-/// division (they are few).
-fn object_index(class: usize, off: u64) -> u64 {
-    if class < FIRST_LARGE { off.wrapping_mul(RECIPROCALS[class]) >> 32 } else { off / u64::from(CLASSES[class]) }
-}
 const _: () = assert!(SLAB_SLOT <= 1 << 16 && protocol::slab::SMALL_MAX <= 1 << 15);
 
 /// All slabs and classes.
@@ -202,7 +195,10 @@ impl SlabAllocator {
         let id = self.slots[slot].checked_sub(1).ok_or(SlabError::NotFound)?;
         let s = self.slab(id);
         let off = ptr - s.va;
-        let i = object_index(s.class, off);
+        // off / size by a multiply: exact for offsets inside a slot (below 2^16; see
+        // RECIPROCALS). Page-run slabs span several slots: a division (they are few).
+        let i =
+            if s.class < FIRST_LARGE { (off * RECIPROCALS[s.class]) >> 32 } else { off / u64::from(CLASSES[s.class]) };
         if i * u64::from(CLASSES[s.class]) != off || i >= u64::from(s.objects) {
             return Err(SlabError::NotFound);
         }
