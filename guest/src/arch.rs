@@ -27,6 +27,13 @@ pub fn rdtsc() -> u64 {
     (u64::from(hi) << 32) | u64::from(lo)
 }
 
+/// Asks for the cache line at `va` in a state to be written (a hint: it never faults, and an
+/// unmapped address is ignored).
+pub fn prefetch_write(va: u64) {
+    // SAFETY: a prefetch never faults and changes no architectural state.
+    unsafe { asm!("prefetchw [{}]", in(reg) va, options(nostack, preserves_flags, readonly)) };
+}
+
 /// A spin-wait hint.
 pub fn pause() {
     core::hint::spin_loop();
