@@ -37,6 +37,10 @@ pub const EMPTY_KEPT: usize = 1024;
 /// and node).
 pub const EMPTY_MIN: usize = 8;
 
+/// [`Slab::bits`]: the word of objects handed out, and the word of objects in quarantine.
+pub(super) const HANDED: usize = 0;
+pub(super) const HELD: usize = 1;
+
 /// Slab id: index into the arena.
 pub(super) type SlabId = u32;
 
@@ -49,10 +53,11 @@ pub struct Slab {
     pub objects: u32,
     /// Objects handed out (in a magazine or in use by the guest).
     pub in_use: u32,
-    /// Bit `i`: object `i` is not available (handed out, or in quarantine).
-    pub(super) handed: Box<[u64]>,
-    /// Bit `i`: object `i` is in its class's quarantine (freed, not yet reusable).
-    pub(super) held: Box<[u64]>,
+    /// Per 64 objects, two words side by side (a free checks both, so one cache line serves
+    /// it): `[HANDED]` bit `i` says object `i` is not available (handed out, or in
+    /// quarantine); `[HELD]` bit `i` says it is in its class's quarantine (freed, not yet
+    /// reusable).
+    pub(super) bits: Box<[[u64; 2]]>,
     /// Where the slab sits in its node's partial list, if it is there.
     pub(super) partial_at: Option<u32>,
     /// The vCPU whose current slab this is.
@@ -76,8 +81,7 @@ impl Slab {
             node,
             objects,
             in_use: 0,
-            handed: vec![0; words].into_boxed_slice(),
-            held: vec![0; words].into_boxed_slice(),
+            bits: vec![[0; 2]; words].into_boxed_slice(),
             partial_at: None,
             owner: None,
             last_owner: None,
@@ -86,20 +90,33 @@ impl Slab {
         }
     }
 
+    fn bit(&self, which: usize, i: u32) -> bool {
+        self.bits[i as usize / 64][which] & (1 << (i % 64)) != 0
+    }
+
+    fn set_bit(&mut self, which: usize, i: u32, on: bool) {
+        let w = &mut self.bits[i as usize / 64][which];
+        if on {
+            *w |= 1 << (i % 64);
+        } else {
+            *w &= !(1 << (i % 64));
+        }
+    }
+
     pub(super) fn is_handed(&self, i: u32) -> bool {
-        self.handed[i as usize / 64] & (1 << (i % 64)) != 0
+        self.bit(HANDED, i)
     }
 
     pub(super) fn set_handed(&mut self, i: u32, on: bool) {
-        set_bit(&mut self.handed, i, on);
+        self.set_bit(HANDED, i, on);
     }
 
     pub(super) fn is_held(&self, i: u32) -> bool {
-        self.held[i as usize / 64] & (1 << (i % 64)) != 0
+        self.bit(HELD, i)
     }
 
     pub(super) fn set_held(&mut self, i: u32, on: bool) {
-        set_bit(&mut self.held, i, on);
+        self.set_bit(HELD, i, on);
     }
 
     /// The next free object at or after the cursor (wrapping), if any.
@@ -107,13 +124,13 @@ impl Slab {
         if self.in_use == self.objects {
             return None;
         }
-        let words = self.handed.len();
+        let words = self.bits.len();
         let start = self.cursor as usize / 64;
         let mut w = start;
         for k in 0..=words {
             // On the first word, ignore the bits below the cursor; they come last.
             let mask = if k == 0 { !0u64 << (self.cursor % 64) } else { !0u64 };
-            let free = !self.handed[w] & mask;
+            let free = !self.bits[w][HANDED] & mask;
             if free != 0 {
                 let i = u32::try_from(w * 64).ok()? + free.trailing_zeros();
                 if i < self.objects {
@@ -127,15 +144,6 @@ impl Slab {
             }
         }
         None
-    }
-}
-
-fn set_bit(words: &mut [u64], i: u32, on: bool) {
-    let w = &mut words[i as usize / 64];
-    if on {
-        *w |= 1 << (i % 64);
-    } else {
-        *w &= !(1 << (i % 64));
     }
 }
 

@@ -545,12 +545,12 @@ impl SlabAllocator {
             if self.locate(va).ok().map(|l| l.0) != Some(id) {
                 return Err(format!("slab {va:#x}: its slot does not lead to it"));
             }
-            let handed: u32 = s.handed.iter().map(|w| w.count_ones()).sum();
+            let handed: u32 = s.bits.iter().map(|w| w[cache::HANDED].count_ones()).sum();
             if handed != s.in_use {
                 return Err(format!("slab {va:#x}: {} handed bits, in_use {}", handed, s.in_use));
             }
-            let q: u32 = s.held.iter().map(|w| w.count_ones()).sum();
-            if s.held.iter().zip(&s.handed).any(|(h, x)| h & !x != 0) {
+            let q: u32 = s.bits.iter().map(|w| w[cache::HELD].count_ones()).sum();
+            if s.bits.iter().any(|w| w[cache::HELD] & !w[cache::HANDED] != 0) {
                 return Err(format!("slab {va:#x}: a quarantined object is marked free"));
             }
             quarantined[s.class] += u64::from(q);
