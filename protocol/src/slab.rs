@@ -52,7 +52,7 @@ const _: () = assert!(CLASSES[FIRST_LARGE - 1] == SMALL_MAX && NR_CLASSES <= 32)
 pub const RING: usize = 2048;
 /// Classes up to this size keep deep alloc rings ([`target`]).
 pub const FULL_RING_MAX: u32 = 1024;
-/// The least a deep ring holds ([`target`], [`free_cap`]).
+/// The least a free ring holds before the guest exits ([`free_cap`]).
 pub const MIN_FULL: usize = 512;
 /// A free ring holding this many entries is drained by the service thread.
 pub const DRAIN_AT: u32 = 64;
@@ -212,31 +212,22 @@ const _: () = {
     }
 };
 
-/// How many objects the VMM keeps in an alloc ring of a class of `size` bytes: for classes up
-/// to [`FULL_RING_MAX`] about 128 KiB worth, but at least [`MIN_FULL`] and at most [`RING`];
-/// above, about 128 KiB worth, at least 16 (page-run classes: 128 KiB, 2 or 3 objects). The
-/// service thread refills a ring that falls to half of it. While no host CPU is free for the
-/// service, each ring that runs empty (or free ring that fills) costs an exit, and the small
-/// classes are the frequent ones: against 128 KiB rings of at most 512, larson on 2 vCPUs (2
-/// CPUs) took 2-3x fewer exits and ran 1.5x faster with 512 for every class up to 1 KiB, and
-/// xmalloc-test (64-byte objects, freed on another vCPU) 1.8-2x faster with 2048.
+/// How many objects the VMM keeps in an alloc ring of a class of `size` bytes: [`RING`] for
+/// classes up to [`FULL_RING_MAX`]; above, about 128 KiB worth, at least 16 up to
+/// [`SMALL_MAX`] (page-run classes: 128 KiB, 2 or 3 objects). The service thread refills a ring that falls to half of it. While
+/// no host CPU is free for the service, each ring that runs empty (or free ring that fills)
+/// costs an exit, and the small classes are the frequent ones. Deeper rings mean fewer exits
+/// but colder objects; since the guest prefetches its next object, the fewer exits win up to
+/// [`RING`]: larson on 2 vCPUs ran 1.2-1.35x faster with 2048 for every class up to 1 KiB than
+/// with 128 KiB worth and at least 512, and 1.1-1.35x slower with 4096.
 pub const fn target(size: u32) -> usize {
-    if size > SMALL_MAX {
-        return 131_072 / size as usize;
-    }
     let n = 131_072 / size as usize;
     if size <= FULL_RING_MAX {
-        if n < MIN_FULL {
-            MIN_FULL
-        } else if n > RING {
-            RING
-        } else {
-            n
-        }
-    } else if n < 16 {
-        16
-    } else {
+        RING
+    } else if size > SMALL_MAX || n >= 16 {
         n
+    } else {
+        16
     }
 }
 
