@@ -174,3 +174,40 @@ fn the_binary_carries_the_default_guest_wherever_it_is_copied() {
     assert!(s["guest"]["results"].as_array().unwrap().iter().any(|r| r["scenario"] == "boot"), "{s}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn the_profile_names_the_guest_functions_that_ran() {
+    let path = scratch("profile.txt");
+    let r = run(&[
+        "--profile",
+        &format!("path={},hz=2000", path.display()),
+        "--guest-args",
+        "scenario=churn ops=400000 seed=3",
+    ]);
+    r.assert_ok();
+    let text = std::fs::read_to_string(&path).expect("the profile was written");
+    let samples: u64 = text
+        .split_once(" samples at 2000 Hz")
+        .and_then(|(head, _)| head.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no sample count: {text}"));
+    assert!(samples >= 20, "{text}");
+    // The functions table: every line a share, a count and a name; they add up to the total,
+    // nearly all of it falls in the image's own functions, and the hottest is the guest's
+    // (the churn loop, the heap), not boot code.
+    let rows: Vec<(u64, &str)> = text
+        .lines()
+        .skip(3)
+        .take_while(|l| !l.starts_with('#'))
+        .map(|l| {
+            let mut f = l.split_whitespace();
+            let n = f.nth(1).and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("bad row `{l}`"));
+            (n, l.rsplit("  ").next().unwrap())
+        })
+        .collect();
+    assert!(rows.iter().map(|r| r.0).sum::<u64>() <= samples, "{text}");
+    let known: u64 = rows.iter().filter(|r| !r.1.starts_with('(')).map(|r| r.0).sum();
+    assert!(known * 10 >= samples * 9, "under 90% of samples in the image's functions: {text}");
+    assert!(rows[0].1.starts_with("guest::"), "{text}");
+    let _ = std::fs::remove_file(path);
+}

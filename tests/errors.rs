@@ -114,3 +114,13 @@ fn guest_args_too_long_and_bad_cli() {
     usage(&["--bogus-flag"], "unexpected argument '--bogus-flag'");
     usage(&["--cpus", "two"], "invalid value 'two'");
 }
+
+#[test]
+fn bad_profile_arguments() {
+    usage(&["--profile", "hz=100"], "`path=FILE` is missing");
+    usage(&["--profile", "path=/tmp/p.txt,hz=0"], "hz 0 is not between 1 and 10000");
+    usage(&["--profile", "path=/tmp/p.txt,every=2"], "unknown key `every`");
+    // A path that cannot be written: the VM runs, then the profile cannot be written.
+    let r = run(&["--profile", "path=/nonexistent/dir/p.txt", "--guest-args", "scenario=boot"]);
+    r.assert_error(vmm::exit_code::IO as i32, "cannot write the profile /nonexistent/dir/p.txt");
+}

@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{
-    ConfigError, Kernel, VmConfig, VmConfigBuilder, parse_balloon_arg, parse_memory_arg, parse_swap_arg,
+    ConfigError, Kernel, VmConfig, VmConfigBuilder, parse_balloon_arg, parse_memory_arg, parse_profile_arg,
+    parse_swap_arg,
 };
 
 #[derive(Debug, Parser)]
@@ -120,6 +121,10 @@ pub struct RunArgs {
     /// [default: off; dir=$TMPDIR or /var/tmp, file-max=guest RAM, compress=lz4, pool=limit/5]
     #[arg(long, value_name = "limit=SIZE,...")]
     pub swap: Option<String>,
+    /// Sample the guest's instruction pointer and write a table of its hottest functions to
+    /// FILE at exit: path=FILE[,hz=N] [default rate: 1000 samples a second per running vCPU]
+    #[arg(long, value_name = "path=FILE,...")]
+    pub profile: Option<String>,
 }
 
 impl RunArgs {
@@ -138,6 +143,7 @@ impl RunArgs {
             balloon: self.balloon.as_deref().map(parse_balloon_arg).transpose()?,
             swap: self.swap.as_deref().map(parse_swap_arg).transpose()?,
             api_socket: self.api_socket,
+            profile: self.profile.as_deref().map(parse_profile_arg).transpose()?,
         };
         builder.validate(default_kernel)
     }

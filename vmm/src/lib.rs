@@ -18,6 +18,7 @@ pub mod memcall;
 pub mod memory;
 pub mod metrics;
 pub mod notify;
+pub mod profile;
 pub mod rings;
 pub mod seccomp;
 pub mod shared;

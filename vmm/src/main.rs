@@ -60,8 +60,15 @@ fn main() -> ExitCode {
 fn run(cfg: vmm::config::VmConfig, start: Instant) -> Result<u8, (u8, anyhow::Error)> {
     let stats_file = cfg.stats_file.clone();
     let verbose = cfg.verbose;
+    let profile_file = cfg.profile.as_ref().map(|p| p.path.clone());
     let vm = Vm::create(cfg, start).map_err(|e| (e.exit_code(), e.into()))?;
+    let profiler = vm.profiler();
     let (ending, stats) = vm.run().map_err(|e| (e.exit_code(), e.into()))?;
+    if let (Some(path), Some(p)) = (profile_file, profiler) {
+        std::fs::write(&path, p.report())
+            .with_context(|| format!("cannot write the profile {}", path.display()))
+            .map_err(|e| (exit_code::IO, e))?;
+    }
     let Some(stats) = stats else {
         eprintln!("vmm: the memory manager stayed busy after the VM ended: no final figures");
         if let Ending::Fatal { message, code } = &ending {

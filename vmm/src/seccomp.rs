@@ -197,7 +197,7 @@ fn allowed(kind: ThreadKind) -> (Vec<libc::c_long>, Vec<u64>) {
             v.extend(uffd_ioctls());
             v
         }
-        // Kicks of vCPUs whose ticks are due.
+        // Kicks of vCPUs whose ticks are due (and, under --profile, the sampler's kicks).
         ThreadKind::Ticker => {
             calls.push(libc::SYS_tgkill);
             Vec::new()

@@ -82,6 +82,8 @@ pub struct VmShared {
     pub nr_vcpus: u32,
     /// KVM's own counters (shadow-paging faults, TLB flushes).
     pub kvm: KvmStats,
+    /// Sampling of the guest's instruction pointer (`--profile`).
+    pub profiler: Option<Arc<crate::profile::Profiler>>,
     /// Set when the VM is being stopped: vCPUs leave their run loop at their next exit.
     stop: AtomicBool,
     /// `@result` lines from the guest (bounded).
@@ -122,6 +124,7 @@ impl VmShared {
             rings,
             nr_vcpus,
             kvm,
+            profiler: None,
             stop: AtomicBool::new(false),
             results: Mutex::new(ResultLog::default()),
         }

@@ -212,6 +212,11 @@ impl Ticks {
         }
     }
 
+    /// Whether vCPU `cpu` sleeps (in the VMM, waiting for a wake-up or its timeout).
+    pub fn is_idle(&self, cpu: usize) -> bool {
+        self.cpus.get(cpu).is_some_and(|c| c.idle.load(Ordering::Acquire))
+    }
+
     /// Whether any vCPU has ticks on (the ticker is needed).
     pub fn any(&self) -> bool {
         self.cpus.iter().any(|c| c.handler.load(Ordering::Acquire) != 0)

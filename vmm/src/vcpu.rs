@@ -229,7 +229,14 @@ impl Vcpu {
                 Exit::Mmio(a) => {
                     self.shared.counters.bad_port.inc_logged(|| log::warn!("vCPU {cpu}: MMIO access at {a:#x}"))
                 }
-                Exit::Intr => {}
+                Exit::Intr => {
+                    if let Some(p) = &self.shared.profiler
+                        && p.wanted(cpu)
+                        && let Ok(regs) = self.fd.get_regs()
+                    {
+                        p.record(cpu, regs.rip);
+                    }
+                }
                 Exit::Shutdown => {
                     return VcpuEnd::Crashed { reason: "triple fault".into(), regs: self.dump_regs() };
                 }

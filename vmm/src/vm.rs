@@ -14,7 +14,7 @@ use crate::api::{ApiError, ApiServer};
 use crate::boot::image::ImageError;
 use crate::boot::{self, BootError};
 use crate::config::VmConfig;
-use crate::config::{Backing, HugeLeaves};
+use crate::config::{Backing, HugeLeaves, Kernel};
 use crate::control::{self, VmControl};
 use crate::exit_code;
 use crate::layout;
@@ -28,6 +28,7 @@ use crate::memory::backing::uffd::UffdError;
 use crate::memory::{MemoryError, MemoryManager};
 use crate::metrics::Timing;
 use crate::notify::Notifier;
+use crate::profile::{Profiler, Symbols};
 use crate::rings::Rings;
 use crate::seccomp::{self, SeccompError, ThreadKind};
 use crate::shared::VmShared;
@@ -301,7 +302,14 @@ impl Vm {
         notifier.update(mm.ram(), |_| {});
         let rings = Rings::new(mm.ram().mem(), boot.cpus.iter().map(|c| (c.id, c.node, c.cpu_page_gpa.0)), cfg.rings)
             .map_err(|e| VmError::Thread(std::io::Error::other(e.to_string())))?;
-        let shared = Arc::new(VmShared::new(
+        let profiler = cfg.profile.as_ref().map(|p| {
+            let symbols = match &cfg.kernel {
+                Kernel::Embedded(bytes) => Symbols::from_elf(bytes),
+                Kernel::Path(path) => std::fs::read(path).map(|b| Symbols::from_elf(&b)).unwrap_or_default(),
+            };
+            Arc::new(Profiler::new(cfg.cpus, p.hz, symbols))
+        });
+        let mut shared = VmShared::new(
             cfg.clone(),
             ranges,
             boot.image,
@@ -314,7 +322,9 @@ impl Vm {
             rings,
             cfg.cpus,
             kvm_stats,
-        ));
+        );
+        shared.profiler = profiler;
+        let shared = Arc::new(shared);
         let mut vcpus = Vec::with_capacity(fds.len());
         for (fd, cb) in fds.into_iter().zip(&boot.cpus) {
             vcpu::configure(&fd, &cpuid, &boot, cb)?;
@@ -322,6 +332,12 @@ impl Vm {
         }
         let sender = Events(Arc::new(Mutex::new(tx)));
         Ok(Vm { cfg, _kvm: kvm, shared, vcpus, events: rx, sender, faults, threads: Vec::new() })
+    }
+
+    /// The guest profiler, when `--profile` asked for one (its report is complete once
+    /// [`Vm::run`] returns).
+    pub fn profiler(&self) -> Option<Arc<Profiler>> {
+        self.shared.profiler.clone()
     }
 
     /// Runs the guest to its end. Returns how it ended and the final stats.
@@ -398,7 +414,7 @@ impl Vm {
                 })
                 .map_err(VmError::Thread)?;
         }
-        let pthreads: Vec<libc::pthread_t> = self.threads.iter().map(|t| t.as_pthread_t() as libc::pthread_t).collect();
+        let pthreads = pthreads_of(&self.threads);
         self.shared.notifier.set_threads(pthreads.clone());
         self.shared.ticks.set_threads(pthreads);
         {
@@ -411,6 +427,20 @@ impl Vm {
                 .spawn(move || match init() {
                     Ok(()) => shared.ticks.run_ticker(|| shared.stopping()),
                     Err(e) => events.send(VmEvent::ThreadFailed("ticker", e.to_string())),
+                })
+                .map_err(VmError::Thread)?;
+        }
+        if let Some(p) = self.shared.profiler.clone() {
+            // The sampler: kicks the vCPUs that run guest code, `hz` times a second.
+            let shared = Arc::clone(&self.shared);
+            let threads = pthreads_of(&self.threads);
+            let init = filter(ThreadKind::Ticker);
+            let events = self.sender.clone();
+            std::thread::Builder::new()
+                .name("profiler".into())
+                .spawn(move || match init() {
+                    Ok(()) => p.run(&threads, |i| !shared.ticks.is_idle(i), || shared.stopping()),
+                    Err(e) => events.send(VmEvent::ThreadFailed("profiler", e.to_string())),
                 })
                 .map_err(VmError::Thread)?;
         }
@@ -524,4 +554,9 @@ impl Vm {
 /// Guest-physical address width from CPUID leaf 0x8000_0008 (36 if absent).
 fn guest_phys_bits(cpuid: &kvm_bindings::CpuId) -> u32 {
     cpuid.as_slice().iter().find(|e| e.function == 0x8000_0008).map(|e| e.eax & 0xff).filter(|&b| b > 0).unwrap_or(36)
+}
+
+/// The pthread handles of `threads` (the vCPUs', for kicks).
+fn pthreads_of(threads: &[std::thread::JoinHandle<()>]) -> Vec<libc::pthread_t> {
+    threads.iter().map(|t| t.as_pthread_t() as libc::pthread_t).collect()
 }

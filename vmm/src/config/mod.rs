@@ -7,6 +7,7 @@
 mod balloon;
 mod memory;
 mod numa;
+mod profile;
 mod size;
 mod swap;
 
@@ -17,6 +18,7 @@ use protocol::{MAX_GUEST_ARGS, MAX_NODES, MAX_VCPUS, PAGE_SIZE};
 pub use balloon::{BalloonConfig, MAX_STATS_INTERVAL_S, parse_balloon_arg};
 pub use memory::{Backing, HugeLeaves, MemoryArg, parse_memory_arg};
 pub use numa::{DistanceSpec, HostBinding, HostPolicy, NumaConfig, NumaNode, NumaNodeSpec, parse_cpu_list};
+pub use profile::{ProfileConfig, parse_profile_arg};
 pub use size::ByteSize;
 pub use swap::{
     MIN_SWAP_LIMIT, SwapConfig, SwapPolicy, check_limit as check_swap_limit, default_swap_dir, parse_swap_arg,
@@ -102,6 +104,8 @@ pub enum ConfigError {
     InvalidBalloon { spec: String, reason: String },
     #[error("--balloon size {size} is larger than the guest's {memory} bytes of RAM")]
     BalloonTooLarge { size: u64, memory: u64 },
+    #[error("invalid --profile `{spec}`: {reason}")]
+    InvalidProfile { spec: String, reason: String },
     #[error("invalid --swap `{spec}`: {reason}")]
     InvalidSwap { spec: String, reason: String },
     #[error("--swap needs userfaultfd: it cannot be used with --memory backing=demand")]
@@ -164,6 +168,8 @@ pub struct VmConfig {
     pub swap: Option<SwapConfig>,
     /// Where the control API listens.
     pub api_socket: Option<PathBuf>,
+    /// Sampling of the guest's instruction pointer (`None`: off).
+    pub profile: Option<ProfileConfig>,
 }
 
 /// What the user gave, before validation.
@@ -182,6 +188,7 @@ pub struct VmConfigBuilder {
     pub balloon: Option<BalloonConfig>,
     pub swap: Option<SwapConfig>,
     pub api_socket: Option<PathBuf>,
+    pub profile: Option<ProfileConfig>,
 }
 
 impl VmConfigBuilder {
@@ -271,6 +278,7 @@ impl VmConfigBuilder {
             balloon,
             swap: self.swap,
             api_socket: self.api_socket,
+            profile: self.profile,
         })
     }
 }
