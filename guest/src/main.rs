@@ -29,14 +29,31 @@ use core::sync::atomic::{AtomicU32, Ordering};
 
 use protocol::exit;
 
-/// Set by vCPU 0 once the handlers are installed.
+/// Set by vCPU 0 once BSS is zero and the handlers are installed. In `.data`, not `.bss`, so
+/// that zeroing BSS cannot clear it under a waiting vCPU.
+#[unsafe(link_section = ".data")]
 static READY: AtomicU32 = AtomicU32::new(0);
+
+unsafe extern "C" {
+    static mut __bss_start: u8;
+    static mut __bss_end: u8;
+}
+
+fn zero_bss() {
+    let start = &raw mut __bss_start;
+    let end = &raw mut __bss_end;
+    let len = end as usize - start as usize;
+    for i in 0..len {
+        // SAFETY: [__bss_start, __bss_end) is this image's BSS, mapped writable; no Rust code has
+        // used it yet (only vCPU 0 runs, before anything reads a BSS static).
+        unsafe { core::ptr::write_volatile(start.add(i), 0) };
+    }
+}
 
 #[unsafe(no_mangle)]
 pub extern "C" fn _start(cpu: u64, _boot_info: u64) -> ! {
-    // BSS is zero at entry: the VMM's loader clears the tail of the last file page of each
-    // segment, and the pages after it are fresh.
     if cpu == 0 {
+        zero_bss();
         trap::install();
         notify::install();
         READY.store(1, Ordering::Release);

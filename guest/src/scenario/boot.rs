@@ -5,25 +5,8 @@ use protocol::exit;
 use super::{Ctx, fail};
 use crate::{arch, bootinfo, print, println};
 
-/// The first 4 KiB of BSS (the linker script puts it first), which nothing writes: it covers
-/// the bytes after the image's file data in their page, which the VMM's loader clears.
-#[used]
-#[unsafe(link_section = ".bss.zero_probe")]
-static mut ZERO_PROBE: [u64; 512] = [0; 512];
-
-/// Whether the probe reads zero (volatile reads: the compiler may not assume it).
-fn probe_is_zero() -> bool {
-    let p = (&raw const ZERO_PROBE).cast::<u64>();
-    // SAFETY: the probe is 512 words of this image's BSS, mapped, and never written.
-    (0..512).all(|i| unsafe { core::ptr::read_volatile(p.add(i)) } == 0)
-}
-
 pub fn run(ctx: &Ctx) {
     let bi = ctx.bi;
-    if ctx.cpu == 0 && !probe_is_zero() {
-        println!("guest: BSS is not zero at entry");
-        fail(exit::VERIFY_FAILED);
-    }
     if ctx.cpu == 0 {
         println!(
             "guest: {} vCPUs, {} MiB in {} NUMA nodes, seed {}, args \"{}\"",

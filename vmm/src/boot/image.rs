@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use linux_loader::elf::{EM_X86_64, Elf64_Ehdr, Elf64_Phdr, PF_W, PF_X, PT_LOAD};
 use linux_loader::loader::{Elf, KernelLoader};
 use vm_memory::mmap::MmapRegion;
-use vm_memory::{ByteValued, Bytes, GuestAddress, GuestRegionMmap};
+use vm_memory::{ByteValued, GuestAddress, GuestRegionMmap};
 
 use protocol::layout::{IMAGE_VA_END, IMAGE_VA_START};
 
@@ -247,19 +247,6 @@ impl Image {
         let staging = self.staging_view(mm, base, pages)?;
         Elf::load(&staging, None, &mut self.file, None)
             .map_err(|source| ImageError::Load { path: self.path.clone(), source })?;
-        // BSS is zero at entry (the guest does not clear it): past each segment's file bytes,
-        // the rest of its last file page is cleared here; the pages after it are fresh frames,
-        // zero when first touched.
-        for s in &self.segments {
-            let tail = s.va + s.file_len;
-            if s.file_len > 0 && s.mem_len > s.file_len && !tail.is_multiple_of(PAGE_SIZE) {
-                let end = (s.va + s.mem_len).min(tail.next_multiple_of(PAGE_SIZE));
-                let zeros = vec![0u8; crate::memory::addr::to_usize(end - tail)];
-                staging.write_slice(&zeros, GuestAddress(self.paddr_base + (tail - self.va_start))).map_err(|_| {
-                    ImageError::BadSegments { path: self.path.clone(), reason: "cannot clear BSS".into() }
-                })?;
-            }
-        }
 
         // Page permissions: the union of the segments sharing each page.
         let mut perms = vec![None::<(bool, bool)>; crate::memory::addr::to_usize(pages)];
