@@ -43,11 +43,10 @@ fn zero_bss() {
     let start = &raw mut __bss_start;
     let end = &raw mut __bss_end;
     let len = end as usize - start as usize;
-    for i in 0..len {
-        // SAFETY: [__bss_start, __bss_end) is this image's BSS, mapped writable; no Rust code has
-        // used it yet (only vCPU 0 runs, before anything reads a BSS static).
-        unsafe { core::ptr::write_volatile(start.add(i), 0) };
-    }
+    // One memset (`rep stos`), not a store per byte.
+    // SAFETY: [__bss_start, __bss_end) is this image's BSS, mapped writable; no Rust code has
+    // used it yet (only vCPU 0 runs, before anything reads a BSS static).
+    unsafe { core::ptr::write_bytes(start, 0, len) };
 }
 
 #[unsafe(no_mangle)]
