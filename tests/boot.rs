@@ -182,7 +182,7 @@ fn the_profile_names_the_guest_functions_that_ran() {
         "--profile",
         &format!("path={},hz=2000", path.display()),
         "--guest-args",
-        "scenario=churn ops=400000 seed=3",
+        "scenario=churn ops=1500000 seed=3",
     ]);
     r.assert_ok();
     let text = std::fs::read_to_string(&path).expect("the profile was written");
