@@ -129,9 +129,7 @@ impl Notifier {
             if delivered >= seq || self.done.load(Ordering::Acquire) < delivered {
                 return;
             }
-            // SAFETY: pthread_kill on a vCPU thread of this process, which runs until exit;
-            // its signal handler does nothing (the interrupted KVM_RUN returns EINTR).
-            unsafe { libc::pthread_kill(thread, crate::signals::vcpu_kick()) };
+            crate::signals::kick_vcpu(thread);
             std::thread::sleep(Duration::from_millis(1));
         }
     }

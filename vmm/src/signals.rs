@@ -68,6 +68,13 @@ pub fn vcpu_kick() -> c_int {
 
 extern "C" fn ignore(_: c_int, _: *mut libc::siginfo_t, _: *mut c_void) {}
 
+/// Kicks vCPU thread `thread` out of `KVM_RUN` (or makes its next one return at once).
+pub fn kick_vcpu(thread: libc::pthread_t) {
+    // SAFETY: callers pass the pthread handles of this VM's vCPU threads, which run until the
+    // VM ends; the signal's handler does nothing (the interrupted KVM_RUN returns EINTR).
+    unsafe { libc::pthread_kill(thread, vcpu_kick()) };
+}
+
 /// Installs the (empty) handler of [`vcpu_kick`], so that the signal interrupts without killing.
 pub fn install_vcpu_kick() -> std::io::Result<()> {
     register_signal_handler(vcpu_kick(), ignore).map_err(|e| std::io::Error::from_raw_os_error(e.errno()))

@@ -193,12 +193,10 @@ impl Ticks {
                 }
                 let due = c.next_ns.load(Ordering::Relaxed);
                 if due <= now {
-                    if !c.idle.load(Ordering::Acquire)
+                    if !self.is_idle(i)
                         && let Some(&t) = threads.and_then(|t| t.get(i))
                     {
-                        // SAFETY: pthread_kill on a vCPU thread of this process, which runs
-                        // until exit; its signal handler does nothing (KVM_RUN returns EINTR).
-                        unsafe { libc::pthread_kill(t, crate::signals::vcpu_kick()) };
+                        crate::signals::kick_vcpu(t);
                     }
                     next = next.min(now + c.period_ns.load(Ordering::Relaxed));
                 } else {
