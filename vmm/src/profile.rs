@@ -128,9 +128,7 @@ impl Profiler {
             for (i, &t) in threads.iter().enumerate().take(self.wanted.len()) {
                 if running(i) {
                     self.wanted[i].store(true, Ordering::Release);
-                    // SAFETY: pthread_kill on a vCPU thread of this process, which runs until
-                    // the VM ends; the kick's handler does nothing (KVM_RUN returns EINTR).
-                    unsafe { libc::pthread_kill(t, crate::signals::vcpu_kick()) };
+                    crate::signals::kick_vcpu(t);
                 }
             }
         }
@@ -164,9 +162,10 @@ impl Profiler {
     /// The report: totals, the functions by samples, the hottest addresses.
     pub fn report(&self) -> String {
         let mut by_rip: HashMap<u64, u64> = HashMap::new();
-        let (mut dropped, per_cpu) = (0, self.samples());
+        let (mut dropped, mut per_cpu) = (0, Vec::with_capacity(self.counts.len()));
         for c in &self.counts {
             let c = lock(c);
+            per_cpu.push(c.samples);
             dropped += c.dropped;
             for (&rip, &n) in &c.by_rip {
                 *by_rip.entry(rip).or_default() += n;

@@ -414,9 +414,9 @@ impl Vm {
                 })
                 .map_err(VmError::Thread)?;
         }
-        let pthreads = pthreads_of(&self.threads);
+        let pthreads: Vec<libc::pthread_t> = self.threads.iter().map(|t| t.as_pthread_t() as libc::pthread_t).collect();
         self.shared.notifier.set_threads(pthreads.clone());
-        self.shared.ticks.set_threads(pthreads);
+        self.shared.ticks.set_threads(pthreads.clone());
         {
             // The ticker: kicks vCPUs whose guest asked for timer ticks (idle otherwise).
             let shared = Arc::clone(&self.shared);
@@ -433,7 +433,7 @@ impl Vm {
         if let Some(p) = self.shared.profiler.clone() {
             // The sampler: kicks the vCPUs that run guest code, `hz` times a second.
             let shared = Arc::clone(&self.shared);
-            let threads = pthreads_of(&self.threads);
+            let threads = pthreads;
             let init = filter(ThreadKind::Ticker);
             let events = self.sender.clone();
             std::thread::Builder::new()
@@ -554,9 +554,4 @@ impl Vm {
 /// Guest-physical address width from CPUID leaf 0x8000_0008 (36 if absent).
 fn guest_phys_bits(cpuid: &kvm_bindings::CpuId) -> u32 {
     cpuid.as_slice().iter().find(|e| e.function == 0x8000_0008).map(|e| e.eax & 0xff).filter(|&b| b > 0).unwrap_or(36)
-}
-
-/// The pthread handles of `threads` (the vCPUs', for kicks).
-fn pthreads_of(threads: &[std::thread::JoinHandle<()>]) -> Vec<libc::pthread_t> {
-    threads.iter().map(|t| t.as_pthread_t() as libc::pthread_t).collect()
 }
