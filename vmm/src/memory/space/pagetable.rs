@@ -64,8 +64,9 @@ const SOFT_FRAME: u64 = 1 << 10;
 /// Where a software entry keeps `protocol::memcall::prot` bits (bits 52..54).
 const SOFT_PROT_SHIFT: u32 = 52;
 const SOFT_PROT_MASK: u64 = 0x7 << SOFT_PROT_SHIFT;
-/// Flags of every non-leaf entry.
-const TABLE_FLAGS: PteFlags = PteFlags::PRESENT.union(PteFlags::WRITABLE).union(PteFlags::USER);
+/// Flags of every non-leaf entry (accessed already, as the walk would set it).
+const TABLE_FLAGS: PteFlags =
+    PteFlags::PRESENT.union(PteFlags::WRITABLE).union(PteFlags::USER).union(PteFlags::ACCESSED);
 /// Bits the CPU sets on its own; preserved or reported, never chosen by the VMM.
 const HW_BITS: PteFlags = PteFlags::ACCESSED.union(PteFlags::DIRTY);
 
@@ -238,9 +239,7 @@ impl PageTables {
     ) -> Result<(), PtError> {
         check_va(va, size)?;
         let slot = self.leaf_slot(mem, Some(alloc), va, size)?.ok_or(PtError::NoTableMemory)?;
-        let mut leaf = flags | PteFlags::PRESENT;
-        leaf.set(PteFlags::HUGE, size == PageSize::Size2M);
-        let new = Pte::new(gfn, leaf).0;
+        let new = leaf_pte(gfn, size, flags).0;
         with_entry(mem, slot, |e| {
             e.compare_exchange(0, new, Ordering::AcqRel, Ordering::Acquire)
                 .map(|_| ())
@@ -372,9 +371,20 @@ impl PageTables {
     }
 }
 
-/// The leaf entry for `(gfn, flags)` of `size` (present; HUGE for 2 MiB).
+/// The leaf entry for `(gfn, flags)` of `size` (present; HUGE for 2 MiB), already accessed, and
+/// dirty when writable. Shadow paging (and EPT's A/D emulation) prefetches translations only
+/// for the neighbours of a faulting page whose guest entries are accessed (KVM's
+/// `pte_prefetch`: eight at a time, when the host pages are there), and it maps a clean
+/// writable page read-only until a write faults to set its dirty bit. With both bits set, a
+/// sequential first touch takes one shadow fault per eight pages, not one or two per page
+/// (`scenario=touch`, 64 MiB in order: 16.3k -> 1.9k shadow faults, 5.6 -> 2.5 us per page). The
+/// reclaim scan clears the accessed bit it reads; swap clears the dirty bit when it writes a
+/// page out.
 pub fn leaf_pte(gfn: Gfn, size: PageSize, flags: PteFlags) -> Pte {
-    let mut f = (flags - HW_BITS) | PteFlags::PRESENT;
+    let mut f = (flags - HW_BITS) | PteFlags::PRESENT | PteFlags::ACCESSED;
+    if flags.contains(PteFlags::WRITABLE) {
+        f |= PteFlags::DIRTY;
+    }
     f.set(PteFlags::HUGE, size == PageSize::Size2M);
     Pte::new(gfn, f)
 }
@@ -490,10 +500,12 @@ mod tests {
         assert_eq!(pt.table_pages(), 4);
         let (e, size) = pt.translate(&mem, va).unwrap();
         assert_eq!((e.gfn(), size), (Gfn(0x1234), PageSize::Size4K));
-        assert_eq!(e.flags(), rw | PteFlags::PRESENT);
+        // New leaves come accessed, and dirty when writable (see `leaf_pte`).
+        let hw = PteFlags::ACCESSED | PteFlags::DIRTY;
+        assert_eq!(e.flags(), rw | PteFlags::PRESENT | hw);
         assert_eq!(pt.map(&mem, &mut alloc, va, Gfn(1), PageSize::Size4K, rw), Err(PtError::AlreadyMapped { va }));
         let old = pt.protect(&mem, va, PageSize::Size4K, PteFlags::USER).unwrap();
-        assert_eq!(old.flags(), rw | PteFlags::PRESENT);
+        assert_eq!(old.flags(), rw | PteFlags::PRESENT | hw);
         assert!(!pt.translate(&mem, va).unwrap().0.flags().contains(PteFlags::WRITABLE));
         assert_eq!(pt.unmap(&mem, va, PageSize::Size4K).unwrap().gfn(), Gfn(0x1234));
         assert!(pt.translate(&mem, va).is_none());
