@@ -20,6 +20,65 @@ fn boots_with_one_and_two_vcpus() {
     }
 }
 
+/// A `Cpus_allowed_list` (`0-2,5`) as CPU ids.
+fn cpu_list(s: &str) -> Vec<u32> {
+    s.trim()
+        .split(',')
+        .flat_map(|item| {
+            let (a, b) = item.split_once('-').unwrap_or((item, item));
+            a.parse::<u32>().unwrap()..=b.parse::<u32>().unwrap()
+        })
+        .collect()
+}
+
+/// The CPUs `/proc/<pid>/task/<tid>/status` (or `/proc/self/status`) lets the thread run on.
+fn allowed(status: &str) -> Option<Vec<u32>> {
+    let text = std::fs::read_to_string(status).ok()?;
+    text.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")).map(cpu_list)
+}
+
+#[test]
+fn vcpus_and_the_ring_service_run_where_the_affinity_puts_them() {
+    let host = allowed("/proc/self/status").expect("own affinity");
+    let last = *host.last().unwrap();
+    // vCPU 0 on the last CPU this test may use; the rings' service on the others (if any).
+    let spec = format!("boot=1,affinity=[0@[{last}]]");
+    let mut child = common::spawn(&["--cpus", &spec, "--guest-args", "scenario=churn ops=4000000 seed=5"]);
+    let pid = child.id();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let rest: Vec<u32> = host.iter().copied().filter(|&c| c != last).collect();
+    // One CPU: the service is not pinned.
+    let want_rings = if rest.is_empty() { host.clone() } else { rest };
+    // Each thread pins itself as it starts: look until both are as wanted (or the VM ends).
+    let (mut vcpu, mut rings) = (None, None);
+    while (vcpu.as_ref() != Some(&vec![last]) || rings.as_ref() != Some(&want_rings))
+        && std::time::Instant::now() < deadline
+        && child.try_wait().expect("vmm status").is_none()
+    {
+        if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+            for t in tasks.flatten() {
+                let dir = t.path();
+                let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+                let cpus = allowed(&dir.join("status").to_string_lossy());
+                match comm.trim() {
+                    "vcpu0" if cpus.is_some() => vcpu = cpus,
+                    "rings" if cpus.is_some() => rings = cpus,
+                    _ => {}
+                }
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let status = child.wait().expect("vmm ends");
+    assert!(status.success(), "vmm failed: {status:?}");
+    assert_eq!(vcpu, Some(vec![last]), "vCPU 0's thread");
+    assert_eq!(rings, Some(want_rings), "the service runs on the CPUs no vCPU has");
+    // Without affinity nothing is pinned (the default).
+    let r = run(&["--cpus", "boot=1", "--guest-args", "scenario=boot"]);
+    r.assert_ok();
+    assert_eq!(r.stats.as_ref().unwrap()["config"]["affinity"], "off");
+}
+
 #[test]
 fn boots_with_256m_2g_and_64g() {
     for size in ["256M", "2G", "64G"] {

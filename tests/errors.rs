@@ -112,7 +112,17 @@ fn guest_args_too_long_and_bad_cli() {
     let long = format!("scenario=boot pad={}", "x".repeat(2000));
     usage(&["--guest-args", &long], "at most 1024 are allowed");
     usage(&["--bogus-flag"], "unexpected argument '--bogus-flag'");
-    usage(&["--cpus", "two"], "invalid value 'two'");
+    usage(&["--cpus", "two"], "invalid --cpus `two`");
+}
+
+#[test]
+fn bad_cpu_affinities() {
+    usage(&["--cpus", "boot=1,affinity=sometimes"], "is not off, auto or [VCPU@[CPUS],...]");
+    usage(&["--cpus", "boot=1,affinity=[0@[1],0@[0]]"], "vCPU 0 is listed twice");
+    usage(&["--cpus", "boot=1,affinity=[1@[0]]"], "names vCPU 1, but the VM has 1 vCPUs");
+    usage(&["--cpus", "boot=2,affinity=[0@[1-0]]"], "invalid CPU list `1-0`");
+    usage(&["--cpus", "boot=1,affinity=[0@[4000]]"], "host CPU 4000 is not one this process may run on");
+    usage(&["--cpus", "boot=1,smt=on"], "unknown key `smt`");
 }
 
 #[test]

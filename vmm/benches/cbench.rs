@@ -7,6 +7,11 @@
 //! included, against native glibc's; from GNU time when it is installed). Writes the table as
 //! target/bench-plots/cbench.csv and a chart, target/bench-plots/cbench.svg.
 //!
+//! The guest runs with `--cpus boot=N,affinity=auto`: with a host CPU to spare (1 vCPU here),
+//! the vCPU and the slab rings' service are pinned apart, as on a host dedicated to the VM;
+//! unpinned, the scheduler sometimes stacks them on one CPU for milliseconds (rptest: 4-8x the
+//! exits). Native runs are not pinned.
+//!
 //! `make bench-c` runs `cargo bench --bench native` (our own workloads, natively and in the
 //! guest) first; its rows (`ours/...`) join this table.
 //!
@@ -158,7 +163,12 @@ fn run_guest(name: &str, args: &str, cpus: u32, rings: bool) -> Option<Sample> {
         .arg(env!("CARGO_BIN_EXE_vmm"))
         .args(["run", "--kernel"])
         .arg(common::guest_image())
-        .args(["--cpus", &cpus.to_string(), "--memory", if rings { "size=2G" } else { "size=2G,rings=off" }])
+        .args([
+            "--cpus",
+            &format!("boot={cpus},affinity=auto"),
+            "--memory",
+            if rings { "size=2G" } else { "size=2G,rings=off" },
+        ])
         .arg("--guest-args")
         .arg(format!("scenario=cbench name={name} args=\"{args}\""))
         .output()

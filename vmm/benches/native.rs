@@ -137,13 +137,14 @@ fn native(args: &str, scenario: &str, seed: u64, threads: u32, preload: Option<&
     outcome(&String::from_utf8_lossy(&o.stdout), scenario, o.status.success())
 }
 
-/// One guest run of `args` on `cpus` vCPUs.
+/// One guest run of `args` on `cpus` vCPUs (pinned when a host CPU is spare, as in cbench).
 fn guest(args: &str, scenario: &str, seed: u64, cpus: u32, rings: bool) -> Option<Outcome> {
     let memory = if rings { "size=1G" } else { "size=1G,rings=off" };
     let o = Command::new(env!("CARGO_BIN_EXE_vmm"))
         .args(["run", "--kernel"])
         .arg(common::guest_image())
-        .args(["--cpus", &cpus.to_string(), "--memory", memory, "--guest-args", &format!("{args} seed={seed}")])
+        .args(["--cpus", &format!("boot={cpus},affinity=auto"), "--memory", memory])
+        .args(["--guest-args", &format!("{args} seed={seed}")])
         .output()
         .ok()?;
     outcome(&String::from_utf8_lossy(&o.stdout), scenario, o.status.success())

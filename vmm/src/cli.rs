@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{
-    ConfigError, Kernel, VmConfig, VmConfigBuilder, parse_balloon_arg, parse_memory_arg, parse_profile_arg,
-    parse_swap_arg,
+    ConfigError, Kernel, VmConfig, VmConfigBuilder, parse_balloon_arg, parse_cpus_arg, parse_memory_arg,
+    parse_profile_arg, parse_swap_arg,
 };
 
 #[derive(Debug, Parser)]
@@ -18,6 +18,8 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+// Parsed once per process: the size of the larger variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Command {
     /// Boot a guest and run it to completion; exits with the guest's status.
     Run(RunArgs),
@@ -89,9 +91,11 @@ pub struct RunArgs {
     /// [default: size=512M,fault-around=64K,fault-around-max=2M,backing=auto,huge-leaves=auto]
     #[arg(long, value_name = "size=SIZE,...")]
     pub memory: Option<String>,
-    /// Number of vCPUs [default: 1, or the CPUs listed in --numa]
-    #[arg(long, value_name = "N")]
-    pub cpus: Option<u32>,
+    /// vCPUs: N, or boot=N[,affinity=off|auto|[VCPU@[CPUS],...]] (auto: with CPUs to spare,
+    /// vCPU i on host CPU i and the rings' service on the rest) [default: 1, or the CPUs listed
+    /// in --numa; affinity=off]
+    #[arg(long, value_name = "N|boot=N,...")]
+    pub cpus: Option<String>,
     /// A NUMA node: node=ID,size=SIZE,cpus=LIST[,host-node=N][,host-policy=preferred|bind]
     #[arg(long, value_name = "SPEC")]
     pub numa: Vec<String>,
@@ -130,10 +134,12 @@ pub struct RunArgs {
 impl RunArgs {
     /// Parses and validates the arguments into a configuration.
     pub fn into_config(self, default_kernel: Kernel) -> Result<VmConfig, ConfigError> {
+        let cpus = self.cpus.as_deref().map(parse_cpus_arg).transpose()?.unwrap_or_default();
         let builder = VmConfigBuilder {
             kernel: self.kernel,
             memory: self.memory.as_deref().map(parse_memory_arg).transpose()?.unwrap_or_default(),
-            cpus: self.cpus,
+            cpus: cpus.boot,
+            affinity: cpus.affinity,
             numa: self.numa.iter().map(|s| s.parse()).collect::<Result<_, _>>()?,
             distances: self.numa_distance.iter().map(|s| s.parse()).collect::<Result<_, _>>()?,
             guest_args: self.guest_args,

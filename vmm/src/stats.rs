@@ -89,6 +89,8 @@ pub struct ConfigInfo {
     pub kernel: String,
     pub memory: u64,
     pub cpus: u32,
+    /// `--cpus affinity=` as given (`off`, `auto`, or `{"explicit": [[vcpu, [cpus]], ...]}`).
+    pub affinity: crate::config::Affinity,
     pub seed: u64,
     pub guest_args: String,
     pub nodes: Vec<NodeLayout>,
@@ -182,6 +184,7 @@ pub fn config_info(cfg: &VmConfig, ranges: &[RamRange]) -> ConfigInfo {
         kernel: cfg.kernel.to_string(),
         memory: cfg.memory,
         cpus: cfg.cpus,
+        affinity: cfg.affinity.clone(),
         seed: cfg.seed,
         guest_args: cfg.guest_args.clone(),
         nodes: cfg

@@ -14,7 +14,7 @@ use crate::api::{ApiError, ApiServer};
 use crate::boot::image::ImageError;
 use crate::boot::{self, BootError};
 use crate::config::VmConfig;
-use crate::config::{Backing, HugeLeaves, Kernel};
+use crate::config::{Affinity, Backing, HugeLeaves, Kernel, Placement};
 use crate::control::{self, VmControl};
 use crate::exit_code;
 use crate::layout;
@@ -55,6 +55,8 @@ pub enum VmError {
     #[error("host NUMA node {host} (for guest node {node}) does not exist on this host")]
     NoHostNode { node: u32, host: u32 },
     #[error(transparent)]
+    Placement(#[from] crate::config::ConfigError),
+    #[error(transparent)]
     Image(#[from] ImageError),
     #[error(transparent)]
     Boot(#[from] BootError),
@@ -87,6 +89,7 @@ impl VmError {
             | VmError::VmmVcpuLimit(_)
             | VmError::MemoryTooLarge { .. }
             | VmError::NoHostNode { .. }
+            | VmError::Placement(_)
             | VmError::Api(ApiError::InUse(_) | ApiError::NotASocket(_) | ApiError::Bind { .. })
             | VmError::Memory(MemoryError::Backing(BackingError::Ram(
                 RamError::Map { .. } | RamError::NoHostNode { .. },
@@ -219,6 +222,8 @@ pub struct Vm {
     faults: Option<Arc<FaultHandler>>,
     /// The vCPU threads, once started.
     threads: Vec<JoinHandle<()>>,
+    /// The host CPUs of the vCPU threads and the rings' service (`--cpus affinity=`).
+    placement: Placement,
 }
 
 impl std::fmt::Debug for Vm {
@@ -255,6 +260,8 @@ impl Vm {
         if ranges.is_empty() || end > 1u64 << bits {
             return Err(VmError::MemoryTooLarge { memory: cfg.memory, end, bits });
         }
+
+        let placement = placement(&cfg)?;
 
         let vm_fd = kvm.create_vm().map_err(VmError::CreateVm)?;
         // vCPU fds first: vCPU 0 tells the guest TSC rate that goes into BootInfo.
@@ -331,7 +338,7 @@ impl Vm {
             vcpus.push(Vcpu::new(*cb, fd, Arc::clone(&shared)));
         }
         let sender = Events(Arc::new(Mutex::new(tx)));
-        Ok(Vm { cfg, _kvm: kvm, shared, vcpus, events: rx, sender, faults, threads: Vec::new() })
+        Ok(Vm { cfg, _kvm: kvm, shared, vcpus, events: rx, sender, faults, threads: Vec::new(), placement })
     }
 
     /// The guest profiler, when `--profile` asked for one (its report is complete once
@@ -377,9 +384,11 @@ impl Vm {
         for v in self.vcpus.drain(..) {
             let cpu = v.boot.id;
             let events = self.sender.clone();
+            let pin = self.placement.vcpus.get(cpu as usize).cloned().flatten();
             let t = std::thread::Builder::new()
                 .name(format!("vcpu{cpu}"))
                 .spawn(move || {
+                    pin_to(pin.as_deref(), "vCPU");
                     let end = match seccomp::apply(ThreadKind::Vcpu) {
                         // A panic is a VMM bug: report it as this vCPU's failure, do not hang.
                         Ok(()) => std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| v.run()))
@@ -394,8 +403,10 @@ impl Vm {
         if self.shared.rings.has_service() {
             // The slab rings' service: refills and drains them while the vCPUs run.
             let shared = Arc::clone(&self.shared);
-            let init: ThreadInit = Arc::new(|| {
+            let pin = self.placement.service.clone();
+            let init: ThreadInit = Arc::new(move || {
                 crate::sync::set_timer_slack(1000);
+                pin_to(pin.as_deref(), "rings service");
                 Ok(seccomp::apply(ThreadKind::Rings)?)
             });
             let events = self.sender.clone();
@@ -554,4 +565,28 @@ impl Vm {
 /// Guest-physical address width from CPUID leaf 0x8000_0008 (36 if absent).
 fn guest_phys_bits(cpuid: &kvm_bindings::CpuId) -> u32 {
     cpuid.as_slice().iter().find(|e| e.function == 0x8000_0008).map(|e| e.eax & 0xff).filter(|&b| b > 0).unwrap_or(36)
+}
+
+/// Where `--cpus affinity=` puts the vCPU threads and the rings' service on this host.
+fn placement(cfg: &VmConfig) -> Result<Placement, VmError> {
+    let allowed = match cfg.affinity {
+        Affinity::Off => Vec::new(),
+        _ => crate::host::allowed_cpus().unwrap_or_else(|e| {
+            log::warn!("cannot read this process's CPU affinity ({e}); assuming every online CPU");
+            (0..std::thread::available_parallelism().map_or(1, |n| n.get()))
+                .filter_map(|c| u32::try_from(c).ok())
+                .collect()
+        }),
+    };
+    Ok(crate::config::place(&cfg.affinity, cfg.cpus, &allowed)?)
+}
+
+/// Pins the calling thread to `cpus`, if given (a failure is logged: the thread then runs
+/// anywhere, which costs speed, not correctness).
+fn pin_to(cpus: Option<&[u32]>, what: &str) {
+    if let Some(c) = cpus
+        && let Err(e) = crate::host::pin_current_thread(c)
+    {
+        log::warn!("cannot pin the {what} thread to host CPUs {c:?}: {e}");
+    }
 }

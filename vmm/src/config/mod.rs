@@ -5,6 +5,7 @@
 //! the host's NUMA nodes, mappable address space) are checked when the VM is built.
 
 mod balloon;
+mod cpus;
 mod memory;
 mod numa;
 mod profile;
@@ -16,6 +17,7 @@ use std::path::PathBuf;
 use protocol::{MAX_GUEST_ARGS, MAX_NODES, MAX_VCPUS, PAGE_SIZE};
 
 pub use balloon::{BalloonConfig, MAX_STATS_INTERVAL_S, parse_balloon_arg};
+pub use cpus::{Affinity, CpusArg, Placement, parse_cpus_arg, place};
 pub use memory::{Backing, HugeLeaves, MemoryArg, parse_memory_arg};
 pub use numa::{DistanceSpec, HostBinding, HostPolicy, NumaConfig, NumaNode, NumaNodeSpec, parse_cpu_list};
 pub use profile::{ProfileConfig, parse_profile_arg};
@@ -64,6 +66,15 @@ pub enum ConfigError {
     UnalignedMemory(u64),
     #[error("--cpus must be at least 1")]
     ZeroCpus,
+    #[error("invalid --cpus `{spec}`: {reason}")]
+    InvalidCpus { spec: String, reason: String },
+    #[error(
+        "--cpus affinity: host CPU {cpu} is not one this process may run on (allowed: {})",
+        cpus::format_cpu_list(allowed)
+    )]
+    UnavailableHostCpu { cpu: u32, allowed: Vec<u32> },
+    #[error("--cpus affinity names vCPU {vcpu}, but the VM has {cpus} vCPUs")]
+    AffinityCpuOutOfRange { vcpu: u32, cpus: u32 },
     #[error("--cpus {0}: no x86 KVM host allows more than {MAX_CPUS_ANY_HOST} vCPUs")]
     TooManyCpus(u32),
     #[error("{0} NUMA nodes given; at most {MAX_NODES} are supported")]
@@ -151,6 +162,8 @@ pub struct VmConfig {
     pub rings: bool,
     /// vCPU count.
     pub cpus: u32,
+    /// Where the vCPU threads (and the rings' service) run.
+    pub affinity: Affinity,
     pub numa: NumaConfig,
     /// Passed to the guest verbatim.
     pub guest_args: String,
@@ -178,6 +191,7 @@ pub struct VmConfigBuilder {
     pub kernel: Option<PathBuf>,
     pub memory: MemoryArg,
     pub cpus: Option<u32>,
+    pub affinity: Affinity,
     pub numa: Vec<NumaNodeSpec>,
     pub distances: Vec<DistanceSpec>,
     pub guest_args: Option<String>,
@@ -235,6 +249,7 @@ impl VmConfigBuilder {
             numa::validate_numa(self.numa, &self.distances, self.memory.size, self.cpus)?
         };
 
+        cpus::check_affinity(&self.affinity, cpus)?;
         let balloon = self.balloon.unwrap_or_default();
         if balloon.size > memory {
             return Err(ConfigError::BalloonTooLarge { size: balloon.size, memory });
@@ -265,6 +280,7 @@ impl VmConfigBuilder {
             huge_leaves: self.memory.huge_leaves.unwrap_or(HugeLeaves::Auto),
             rings: self.memory.rings.unwrap_or(true),
             cpus,
+            affinity: self.affinity,
             numa,
             guest_args,
             seed,
