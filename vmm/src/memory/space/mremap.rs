@@ -36,8 +36,8 @@ impl AddressSpace {
             let mut it = moved.iter();
             self.edit(phys, new, true, |_, _| {
                 let e = *it.next().expect("one entry per page");
-                // A present leaf keeps its frame and access; the CPU's accessed/dirty bits
-                // start afresh at the new address.
+                // A present leaf keeps its frame and access; at the new address it starts
+                // accessed, and dirty when writable, as every new leaf does (`leaf_pte`).
                 if e.is_present() { region.entry_for(Some(e.gfn()), super::region::prot_of(e.flags())) } else { e }
             })?;
             first = end;

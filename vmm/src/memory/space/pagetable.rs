@@ -263,22 +263,7 @@ impl PageTables {
     pub fn protect(&mut self, mem: &GuestMemoryMmap, va: Gva, size: PageSize, flags: PteFlags) -> Result<Pte, PtError> {
         check_va(va, size)?;
         let slot = self.leaf_slot(mem, None, va, size)?.ok_or(PtError::NotMapped { va })?;
-        with_entry(mem, slot, |e| {
-            let mut cur = e.load(Ordering::Acquire);
-            loop {
-                let old = Pte(cur);
-                if !old.is_present() {
-                    return Err(PtError::NotMapped { va });
-                }
-                let mut f = (flags - HW_BITS) | PteFlags::PRESENT | (old.flags() & HW_BITS);
-                f.set(PteFlags::HUGE, size == PageSize::Size2M);
-                let new = Pte::new(old.gfn(), f).0;
-                match e.compare_exchange(cur, new, Ordering::AcqRel, Ordering::Acquire) {
-                    Ok(_) => return Ok(old),
-                    Err(now) => cur = now,
-                }
-            }
-        })?
+        reprotect_entry(mem, slot, size, flags)?.ok_or(PtError::NotMapped { va })
     }
 
     /// The table holding `va`'s leaf entry of `size`, if the tables above it exist. Only reads
@@ -435,7 +420,10 @@ pub fn reprotect_entry(
             if !old.is_present() {
                 return None;
             }
-            let new = leaf_pte(old.gfn(), size, flags).0 | (old.flags() & HW_BITS).bits();
+            // Not `leaf_pte`: the CPU's bits stay as they are, neither cleared nor preset.
+            let mut f = (flags - HW_BITS) | PteFlags::PRESENT | (old.flags() & HW_BITS);
+            f.set(PteFlags::HUGE, size == PageSize::Size2M);
+            let new = Pte::new(old.gfn(), f).0;
             match e.compare_exchange(cur, new, Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => return Some(old),
                 Err(now) => cur = now,
