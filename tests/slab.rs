@@ -54,6 +54,25 @@ fn the_service_serves_the_rings_the_guest_rings_for() {
     // Nearly every exchange the service made was asked for by a doorbell.
     assert!(n(rings, "rung") >= 5 * n(rings, "scanned"), "{rings}");
     assert!(n(&xs[0], "ops_per_exit") >= 200, "{}", xs[0]);
+    // With a host CPU of its own the service keeps the alloc rings shallow (objects come back
+    // warm); with none, as deep as the class allows (fewer exits).
+    let host_cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    let depth = if host_cpus > 1 { protocol::slab::SHALLOW_RING } else { protocol::slab::RING };
+    assert_eq!(n(&xs[0], "ring_depth"), depth as u64, "{}", xs[0]);
+}
+
+#[test]
+fn without_a_host_cpu_for_the_service_the_rings_stay_deep() {
+    // The VMM confined to one host CPU: the vCPU has it, the service parks, and every ring
+    // that runs empty costs an exit, so the rings are kept as deep as the class allows.
+    let guest = "scenario=churn seed=17 ops=100000 slots=2048";
+    let r = common::run_with(&["taskset", "-c", "0"], &["--guest-args", guest], common::TIMEOUT);
+    r.assert_ok();
+    let x = r.result("scenario", "churn").expect("result");
+    assert_eq!(n(&x, "errors"), 0, "{x}");
+    assert_eq!(n(&x, "ring_depth"), protocol::slab::RING as u64, "{x}");
+    let rings = &r.stats.as_ref().unwrap()["rings"];
+    assert!(n(rings, "parks") >= 1, "{rings}");
 }
 
 #[test]

@@ -123,35 +123,35 @@ pub fn alloc_small(class: usize) -> *mut u8 {
         if head.wrapping_sub(tail) > 1 {
             arch::prefetch_write(read_volatile(addr_of!((*m).alloc[slot(tail.wrapping_add(1))])));
         }
-        // Down to half the target: ask the service for a refill (once, as the level passes).
-        if head.wrapping_sub(tail).wrapping_sub(1) == MARKS[class].low {
+        // Down to half the ring's depth (which the VMM sets, on the line it writes `alloc_head`
+        // on): ask the service for a refill (once, as the level passes).
+        if head.wrapping_sub(tail).wrapping_sub(1) == read_volatile(addr_of!((*m).depth)) / 2 {
             ring_doorbell(class);
         }
         obj as *mut u8
     }
 }
 
-/// Where the guest acts on one class's rings: the alloc ring level at which it rings the
-/// doorbell (half the target, where the service refills), the free ring's entries at which it
-/// rings it (`protocol::slab::drain_at`), and the entries at which it exits unless the service
-/// drains them (`protocol::slab::free_cap`, at most RING).
+/// Where the guest acts on one class's free ring: the entries at which it rings the doorbell
+/// (`protocol::slab::drain_at`), and those at which it exits unless the service drains them
+/// (`protocol::slab::free_cap`, at most RING). (Its alloc ring's mark is half the depth the VMM
+/// sets in the magazine.)
 #[derive(Clone, Copy)]
 struct Marks {
-    low: u32,
     drain: u32,
     free_cap: u32,
 }
 
 /// [`Marks`] per class.
 const MARKS: [Marks; NR_CLASSES] = {
-    let mut m = [Marks { low: 0, drain: 0, free_cap: 0 }; NR_CLASSES];
+    let mut m = [Marks { drain: 0, free_cap: 0 }; NR_CLASSES];
     let mut c = 0;
     while c < NR_CLASSES {
         let size = CLASSES[c];
         // Both at most RING.
         #[allow(clippy::cast_possible_truncation)]
         {
-            m[c] = Marks { low: (target(size) / 2) as u32, drain: drain_at(size), free_cap: free_cap(size) as u32 };
+            m[c] = Marks { drain: drain_at(size), free_cap: free_cap(size) as u32 };
         }
         c += 1;
     }
@@ -287,6 +287,14 @@ pub fn cached_objects(cpu: u32) -> u64 {
 pub fn bad_frees_of(cpu: u32) -> u64 {
     // SAFETY: as above.
     sum_magazines(cpu, |m| unsafe { read_volatile(addr_of!((*m).free_errors)) })
+}
+
+/// How deep the VMM keeps this vCPU's alloc ring of `class` now (`Magazine::depth`).
+pub fn ring_depth(class: usize) -> u32 {
+    let _g = NoPreempt::new();
+    let m = magazine(class);
+    // SAFETY: m points into this vCPU's mapped magazines.
+    unsafe { read_volatile(addr_of!((*m).depth)) }
 }
 
 /// The magazine's bad-free report: (count, last status, last pointer).

@@ -101,7 +101,12 @@ pub struct Magazine {
     /// SLAB_EXCHANGE (0: no service, or no spare host CPU for it: exit at once, so that the
     /// vCPU's own thread does the work and a waiting vCPU does not keep the service off a CPU).
     pub service: u32,
-    _vmm: [u32; 9],
+    /// VMM: how many objects the VMM keeps in the alloc ring now (at most the class's
+    /// [`target`]): [`shallow`] while the service thread has a host CPU of its own, [`target`]
+    /// while it has none (0 until a service thread first runs). The guest rings the doorbell as
+    /// the ring's level falls to half of it.
+    pub depth: u32,
+    _vmm: [u32; 8],
     pub alloc: [u64; RING],
     pub free: [u64; RING],
 }
@@ -115,6 +120,7 @@ pub const MAG_FREE_ERRORS: u64 = core::mem::offset_of!(Magazine, free_errors) as
 pub const MAG_LAST_STATUS: u64 = core::mem::offset_of!(Magazine, last_status) as u64;
 pub const MAG_LAST_BAD: u64 = core::mem::offset_of!(Magazine, last_bad) as u64;
 pub const MAG_SERVICE: u64 = core::mem::offset_of!(Magazine, service) as u64;
+pub const MAG_DEPTH: u64 = core::mem::offset_of!(Magazine, depth) as u64;
 pub const MAG_ALLOC: u64 = core::mem::offset_of!(Magazine, alloc) as u64;
 pub const MAG_FREE: u64 = core::mem::offset_of!(Magazine, free) as u64;
 const _: () = assert!(MAG_ALLOC_HEAD == 64 && MAG_ALLOC == 128);
@@ -224,15 +230,14 @@ const _: () = {
     }
 };
 
-/// How many objects the VMM keeps in an alloc ring of a class of `size` bytes: [`RING`] for
+/// The most objects the VMM keeps in an alloc ring of a class of `size` bytes: [`RING`] for
 /// classes up to [`FULL_RING_MAX`]; above, about 128 KiB worth, at least 16 up to
-/// [`SMALL_MAX`] (page-run classes: 128 KiB, 2 or 3 objects). The service thread refills a
-/// ring that falls to half of it. While no host CPU is free for the service, each ring that
-/// runs empty (or free ring that fills) costs an exit, and the small classes are the frequent
-/// ones. Deeper rings mean fewer exits but colder objects; since the guest prefetches its next
-/// object, the fewer exits win up to [`RING`]: larson on 2 vCPUs ran 1.2-1.35x faster with 2048
-/// for every class up to 1 KiB than with 128 KiB worth and at least 512, and 1.1-1.35x slower
-/// with 4096.
+/// [`SMALL_MAX`] (page-run classes: 128 KiB, 2 or 3 objects). This is the ring's depth while no
+/// host CPU is free for the service thread: then each ring that runs empty (or free ring that
+/// fills) costs an exit, and the small classes are the frequent ones. Deeper rings mean fewer
+/// exits but colder objects; since the guest prefetches its next object, the fewer exits win up
+/// to [`RING`]: larson on 2 vCPUs ran 1.2-1.35x faster with 2048 for every class up to 1 KiB
+/// than with 128 KiB worth and at least 512, and 1.1-1.35x slower with 4096.
 pub const fn target(size: u32) -> usize {
     let n = 131_072 / size as usize;
     if size <= FULL_RING_MAX {
@@ -243,6 +248,19 @@ pub const fn target(size: u32) -> usize {
         16
     }
 }
+
+/// The depth of an alloc ring of a class of `size` bytes while the service thread has a host
+/// CPU of its own and refills rings as they fall to half of it: [`target`], at most
+/// [`SHALLOW_RING`]. An object then comes back to the guest after a few hundred allocations of
+/// its class rather than a few thousand, still warm in the caches: larson on 1 vCPU ran
+/// 1.2-1.8x faster with 256 than with 2048, about as fast as with 128, and slower with 512.
+pub const fn shallow(size: u32) -> usize {
+    let t = target(size);
+    if t < SHALLOW_RING { t } else { SHALLOW_RING }
+}
+
+/// The deepest alloc ring while the service thread has a host CPU ([`shallow`]).
+pub const SHALLOW_RING: usize = 256;
 
 /// How many freed objects of a class of `size` bytes the guest puts in its free ring before it
 /// must exit (when the service has not drained it): the class's [`target`], at least

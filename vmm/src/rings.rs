@@ -32,9 +32,9 @@ use std::time::{Duration, Instant};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryError, GuestMemoryMmap};
 
 use protocol::slab::{
-    CLASSES, DOORBELL_OFFSET, Doorbell, MAG_ALLOC, MAG_ALLOC_HEAD, MAG_ALLOC_TAIL, MAG_FREE, MAG_FREE_ERRORS,
-    MAG_FREE_HEAD, MAG_FREE_TAIL, MAG_LAST_BAD, MAG_LAST_STATUS, MAG_SERVICE, MAGAZINES_OFFSET, Magazine, NR_CLASSES,
-    RING, SERVICE_WAIT_US, slot, target,
+    CLASSES, DOORBELL_OFFSET, Doorbell, MAG_ALLOC, MAG_ALLOC_HEAD, MAG_ALLOC_TAIL, MAG_DEPTH, MAG_FREE,
+    MAG_FREE_ERRORS, MAG_FREE_HEAD, MAG_FREE_TAIL, MAG_LAST_BAD, MAG_LAST_STATUS, MAG_SERVICE, MAGAZINES_OFFSET,
+    Magazine, NR_CLASSES, RING, SERVICE_WAIT_US, shallow, slot, target,
 };
 use protocol::status;
 
@@ -178,6 +178,9 @@ pub struct Rings {
     /// Host CPUs: the service has one of its own while fewer vCPUs than this are running.
     host_cpus: usize,
     asleep: AtomicBool,
+    /// Whether alloc rings are kept at their full [`target`] (no host CPU for the service)
+    /// rather than [`shallow`]; the guest learns it from `Magazine::depth`.
+    deep: AtomicBool,
     /// Asleep because no host CPU is free for the service (only [`unpark`](Self::unpark) wakes
     /// it early).
     parked: AtomicBool,
@@ -218,16 +221,25 @@ impl Rings {
             })
             .collect::<Result<_, RingError>>()?;
         let host_cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+        // Nothing goes to the magazines yet: guest RAM has no fault handler. Until the service
+        // announces itself, `Magazine::depth` reads 0.
         Ok(Rings {
             cpus,
             service,
             host_cpus,
             asleep: AtomicBool::new(false),
+            deep: AtomicBool::new(true),
             parked: AtomicBool::new(false),
             poked: Mutex::new(false),
             wake: Condvar::new(),
             counters: RingCounters::default(),
         })
+    }
+
+    /// How many objects the alloc rings of `class` are kept at now (see `Magazine::depth`).
+    fn depth(&self, class: usize) -> usize {
+        let size = CLASSES[class];
+        if self.deep.load(Ordering::Relaxed) { target(size) } else { shallow(size) }
     }
 
     fn cpu(&self, id: u32) -> Option<&CpuRings> {
@@ -246,12 +258,12 @@ impl Rings {
         let Some(c) = self.cpu(cpu) else { return Ok(Exchanged { refused: true, ..Exchanged::default() }) };
         c.active.fetch_or(1 << class, Ordering::Relaxed);
         self.counters.synchronous.inc();
-        let r = exchange(mm, c, class, want, true, &self.counters)?;
+        let r = exchange(mm, c, class, want.min(self.depth(class)), true, &self.counters)?;
         // The exit is paid for: serve this vCPU's other rings that are due as well, so that a
         // guest using many classes takes one exit where it would have taken one per class
         // (when no host CPU is left for the service, exits are how rings get served).
-        for k in classes_in(due_classes(c, false) & !(1 << class)) {
-            exchange(mm, c, k, RING, false, &self.counters)?;
+        for k in classes_in(self.due_classes(c, false) & !(1 << class)) {
+            exchange(mm, c, k, self.depth(k), false, &self.counters)?;
             self.counters.piggybacked.inc();
         }
         self.poke();
@@ -287,7 +299,7 @@ impl Rings {
 
     /// The `(cpu, class)` rings that need the service now: those whose doorbell the guest
     /// rang, and with `scan` every ring whose indices say so: an alloc ring at or below half its
-    /// target, a free ring holding [`protocol::slab::drain_at`] entries (any, with `all`).
+    /// depth, a free ring holding [`protocol::slab::drain_at`] entries (any, with `all`).
     /// Without the manager's lock.
     fn due(&self, scan: bool, all: bool) -> Vec<(usize, usize)> {
         let mut due = Vec::new();
@@ -296,7 +308,7 @@ impl Rings {
             c.active.fetch_or(mask, Ordering::Relaxed);
             self.counters.rung.add(u64::from(mask.count_ones()));
             if scan {
-                let found = due_classes(c, all);
+                let found = self.due_classes(c, all);
                 self.counters.scanned.add(u64::from((found & !mask).count_ones()));
                 mask |= found;
             }
@@ -317,7 +329,7 @@ impl Rings {
         let mut moved = 0;
         for (i, class) in due {
             let mut mm = lock(mm);
-            let r = exchange(&mut mm, &self.cpus[i], class, RING, false, &self.counters)?;
+            let r = exchange(&mut mm, &self.cpus[i], class, self.depth(class), false, &self.counters)?;
             mm.flush()?;
             self.counters.serviced.inc();
             moved += r.out + r.freed + r.bad;
@@ -336,11 +348,16 @@ impl Rings {
         if self.cpus.len().saturating_sub(sleeping) < self.host_cpus { SERVICE_WAIT_US } else { 0 }
     }
 
-    /// Tells the guest in every magazine how long to wait for the service (0: it does not run).
-    fn announce(&self, wait: u32) {
+    /// Tells the guest in every magazine how long to wait for the service (0: it does not run),
+    /// and how deep its alloc rings are kept: the full [`target`] while no host CPU is free for
+    /// the service (`deep`), else [`shallow`] (also while the service sleeps for want of work:
+    /// the exit that wakes it refills no deeper than it would).
+    fn announce(&self, wait: u32, deep: bool) {
+        self.deep.store(deep, Ordering::Relaxed);
         for c in &self.cpus {
             for class in 0..NR_CLASSES {
                 store(c, class, MAG_SERVICE, wait);
+                store(c, class, MAG_DEPTH, u32::try_from(self.depth(class)).expect("at most RING"));
             }
         }
     }
@@ -357,7 +374,7 @@ impl Rings {
         let mut poll = MIN_POLL;
         let mut last_work = Instant::now();
         let mut wait = self.wait_us(sleeping());
-        self.announce(wait);
+        self.announce(wait, wait == 0);
         let mut last_purge = Instant::now();
         let mut last_scan = Instant::now();
         while !stopping() {
@@ -368,7 +385,7 @@ impl Rings {
             let now = self.wait_us(sleeping());
             if now != wait {
                 wait = now;
-                self.announce(wait);
+                self.announce(wait, wait == 0);
             }
             if wait == 0 {
                 // Every host CPU runs a vCPU: a pass would only take one from a vCPU (larson,
@@ -412,7 +429,7 @@ impl Rings {
             }
             // Idle: make every free visible, give back the slabs' caches (memory that stayed
             // free this long is not about to be reused), then sleep until an exit needs us.
-            self.announce(0);
+            self.announce(0, false);
             self.pass(mm, true, true)?;
             lock(mm).slab_trim()?;
             self.counters.sleeps.inc();
@@ -420,7 +437,7 @@ impl Rings {
             while !self.sleep(&stopping) && !stopping() {}
             self.asleep.store(false, Ordering::Release);
             wait = self.wait_us(sleeping());
-            self.announce(wait);
+            self.announce(wait, wait == 0);
             self.counters.wakeups.inc();
             poll = MIN_POLL;
             last_work = Instant::now();
@@ -453,6 +470,26 @@ impl Rings {
     pub fn has_service(&self) -> bool {
         self.service
     }
+
+    /// The classes (a bit each) whose rings on `c` need the service: an alloc ring at or below half
+    /// its depth, a free ring holding [`protocol::slab::drain_at`] entries (any, with `all`).
+    /// Reads only indices.
+    fn due_classes(&self, c: &CpuRings, all: bool) -> u32 {
+        let mut due = 0;
+        for class in classes_in(c.active.load(Ordering::Relaxed)) {
+            let ring = &c.classes[class];
+            let (tail, head) = (load(c, class, MAG_ALLOC_TAIL), load(c, class, MAG_FREE_HEAD));
+            let level = ring.alloc_head.load(Ordering::Relaxed).wrapping_sub(tail) as usize;
+            let pending = head.wrapping_sub(ring.free_tail.load(Ordering::Relaxed));
+            let low = level <= RING && level * 2 <= self.depth(class);
+            let full = pending as usize <= RING
+                && (pending >= protocol::slab::drain_at(CLASSES[class]) || (all && pending > 0));
+            if low || full {
+                due |= 1 << class;
+            }
+        }
+        due
+    }
 }
 
 /// The classes whose bits are set in `mask`, lowest first.
@@ -462,26 +499,6 @@ fn classes_in(mut mask: u32) -> impl Iterator<Item = usize> {
         mask &= mask - 1;
         Some(class)
     })
-}
-
-/// The classes (a bit each) whose rings on `c` need the service: an alloc ring at or below half
-/// its target, a free ring holding [`protocol::slab::drain_at`] entries (any, with `all`).
-/// Reads only indices.
-fn due_classes(c: &CpuRings, all: bool) -> u32 {
-    let mut due = 0;
-    for class in classes_in(c.active.load(Ordering::Relaxed)) {
-        let ring = &c.classes[class];
-        let (tail, head) = (load(c, class, MAG_ALLOC_TAIL), load(c, class, MAG_FREE_HEAD));
-        let level = ring.alloc_head.load(Ordering::Relaxed).wrapping_sub(tail) as usize;
-        let pending = head.wrapping_sub(ring.free_tail.load(Ordering::Relaxed));
-        let low = level <= RING && level * 2 <= target(CLASSES[class]);
-        let full =
-            pending as usize <= RING && (pending >= protocol::slab::drain_at(CLASSES[class]) || (all && pending > 0));
-        if low || full {
-            due |= 1 << class;
-        }
-    }
-    due
 }
 
 /// Takes the classes whose doorbell the guest rang on `c` (only real classes).
@@ -544,7 +561,7 @@ fn write_entries(c: &CpuRings, class: usize, first: u32, objs: &[u64]) {
 }
 
 /// Drains the free ring of `class` on `c` and refills its alloc ring up to `want` (at most the
-/// class's target). The caller holds the manager (`mm`), so nothing else changes our indices.
+/// class's target; callers pass at most its depth). The caller holds the manager (`mm`), so nothing else changes our indices.
 fn exchange(
     mm: &mut MemoryManager,
     c: &CpuRings,

@@ -256,7 +256,8 @@ pub fn run(ctx: &Ctx) {
     failures += bad_scheduler_calls();
     let after = mem::stats(ALL_NODES).unwrap_or_default();
     if super::util::data_frames(&after) != super::util::data_frames(&before) {
-        println!("guest: badcalls: frames leaked");
+        let (b, a) = (super::util::data_frames(&before), super::util::data_frames(&after));
+        println!("guest: badcalls: frames leaked (data frames {b} before, {a} after)");
         failures += 1;
     }
     println!("@result scenario=badcalls cases={} failures={failures}", cases.len());

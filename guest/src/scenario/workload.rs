@@ -105,7 +105,7 @@ impl Run {
         let elapsed = ns(ctx.bi, arch::rdtsc() - self.start).max(1);
         let exits = heap::exits() - self.exits0;
         println!(
-            "@result scenario={name} cpu={} ops={} ops_per_sec={} p50_ns={} p99_ns={} peak_bytes={} checksum={:#x} allocator_exits={} ops_per_exit={} errors={} {extra}",
+            "@result scenario={name} cpu={} ops={} ops_per_sec={} p50_ns={} p99_ns={} peak_bytes={} checksum={:#x} allocator_exits={} ops_per_exit={} errors={} ring_depth={} {extra}",
             ctx.cpu,
             self.ops,
             self.ops * 1_000_000_000 / elapsed,
@@ -116,6 +116,8 @@ impl Run {
             exits,
             self.ops / exits.max(1),
             self.errors,
+            // The 64-byte class's.
+            protocol::slab::class_for(64, 8).map_or(0, heap::ring_depth),
         );
         if self.errors > 0 {
             fail(protocol::exit::VERIFY_FAILED);
