@@ -24,6 +24,12 @@
 //! rather than exit. After [`IDLE_PERIOD`] without work it drains what the free rings hold and
 //! sleeps until a SLAB_EXCHANGE exit wakes it, so an idle VM costs no CPU. While every host CPU
 //! runs a vCPU it parks instead (until a vCPU goes to sleep in IDLE).
+//!
+//! How deep alloc rings are kept depends on the same: shallow ([`protocol::slab::shallow`])
+//! while the service has a CPU and refills them as they fall to half, so that freed objects come
+//! back warm; as deep as the class allows ([`protocol::slab::target`]) while it is parked and
+//! every ring that runs dry costs an exit. The VMM keeps the choice itself and tells the guest
+//! in `Magazine::depth`.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Condvar, Mutex};
