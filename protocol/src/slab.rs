@@ -102,9 +102,10 @@ pub struct Magazine {
     /// vCPU's own thread does the work and a waiting vCPU does not keep the service off a CPU).
     pub service: u32,
     /// VMM: how many objects the VMM keeps in the alloc ring now (at most the class's
-    /// [`target`]): [`shallow`] while the service thread has a host CPU of its own, [`target`]
-    /// while it has none (0 until a service thread first runs). The guest rings the doorbell as
-    /// the ring's level falls to half of it.
+    /// [`target`]): [`shallow`] while the service thread has a host CPU of its own (deeper, up
+    /// to [`target`], for a ring the guest keeps running dry), [`target`] while it has none (0
+    /// until a service thread first runs). The guest rings the doorbell as the ring's level
+    /// falls to half of it.
     pub depth: u32,
     _vmm: [u32; 8],
     pub alloc: [u64; RING],

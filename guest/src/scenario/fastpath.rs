@@ -1,6 +1,8 @@
-//! `scenario=fastpath ops=N size=N`: what the magazines buy. Times raw exits (`out` to the
-//! no-op port) and allocation/free pairs through the global allocator in the same VM, and
-//! reports both rates and their ratio.
+//! `scenario=fastpath ops=N size=N [bursts=N burst=N]`: what the magazines buy. Times raw exits
+//! (`out` to the no-op port) and allocation/free pairs through the global allocator in the same
+//! VM, and reports both rates and their ratio. With `bursts`, then allocates `burst` objects in
+//! a row and frees them all, that many times (more than a shallow ring holds: the VMM should
+//! deepen it), and reports the ring's depth afterwards (`ring_depth`).
 
 use alloc::alloc::{Layout, alloc, dealloc};
 
@@ -46,10 +48,35 @@ pub fn run(ctx: &Ctx) {
             unsafe { dealloc(p, layout) };
         }
     }
+    let bursts = ctx.args.num("bursts", 0).unwrap_or(0);
+    let burst = (ctx.args.num("burst", 2000).unwrap_or(2000) as usize).min(BURST_MAX);
+    let mut objs = alloc::vec::Vec::with_capacity(burst);
+    let t0 = arch::rdtsc();
+    for _ in 0..bursts {
+        for i in 0..burst {
+            // SAFETY: non-zero-size layout.
+            let p = unsafe { alloc(layout) };
+            if p.is_null() {
+                super::fail(protocol::exit::MEMCALL_FAILED);
+            }
+            // SAFETY: a live allocation of `size` bytes.
+            unsafe { p.write_volatile(i as u8) };
+            objs.push(p);
+        }
+        for p in objs.drain(..) {
+            // SAFETY: allocated above with this layout.
+            unsafe { dealloc(p, layout) };
+        }
+    }
+    let burst_ns = ns(ctx.bi, arch::rdtsc() - t0) / (bursts * burst as u64).max(1);
+    let depth = protocol::slab::class_for(size, 8).map_or(0, heap::ring_depth);
     // Times are in picoseconds for precision; ratio = allocator ops per second over exits per second.
     println!(
-        "@result scenario=fastpath exit_ps={exit_ns} op_ps={op_ns} ops={ops} allocator_exits={used} ops_per_exit={} ratio={}",
+        "@result scenario=fastpath exit_ps={exit_ns} op_ps={op_ns} ops={ops} allocator_exits={used} ops_per_exit={} ratio={} burst_alloc_ns={burst_ns} ring_depth={depth}",
         ops / used.max(1),
         exit_ns / op_ns.max(1)
     );
 }
+
+/// The longest burst (objects allocated before any is freed).
+const BURST_MAX: usize = 100_000;

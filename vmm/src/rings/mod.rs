@@ -38,16 +38,18 @@ use std::time::{Duration, Instant};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryError, GuestMemoryMmap};
 
 use protocol::slab::{
-    CLASSES, DOORBELL_OFFSET, Doorbell, MAG_ALLOC, MAG_ALLOC_HEAD, MAG_ALLOC_TAIL, MAG_DEPTH, MAG_FREE,
-    MAG_FREE_ERRORS, MAG_FREE_HEAD, MAG_FREE_TAIL, MAG_LAST_BAD, MAG_LAST_STATUS, MAG_SERVICE, MAGAZINES_OFFSET,
-    Magazine, NR_CLASSES, RING, SERVICE_WAIT_US, shallow, slot, target,
+    CLASSES, DOORBELL_OFFSET, Doorbell, MAG_ALLOC_TAIL, MAG_DEPTH, MAG_FREE_HEAD, MAG_SERVICE, MAGAZINES_OFFSET,
+    Magazine, NR_CLASSES, RING, SERVICE_WAIT_US, shallow, target,
 };
-use protocol::status;
 
-use crate::memory::addr::{NodeId, to_usize};
 use crate::memory::{MemoryError, MemoryManager};
 use crate::metrics::Counter;
 use crate::sync::lock;
+
+mod magazine;
+
+use magazine::{ClassRing, CpuRings, HostPtr, exchange, load, store, take_doorbell};
+pub use magazine::{Exchanged, status_of};
 
 /// How long the service keeps polling without sleeping after its last work, when it has a CPU
 /// of its own.
@@ -108,6 +110,8 @@ pub struct RingCounters {
     /// Times the service parked because every host CPU ran a vCPU.
     pub parks: Counter,
     pub wakeups: Counter,
+    /// Times a ring's depth grew (it ran dry) or shrank back (it stayed calm).
+    pub depth_changes: Counter,
 }
 
 /// Serializable snapshot of [`RingCounters`].
@@ -128,52 +132,12 @@ pub struct RingReport {
     pub sleeps: u64,
     pub parks: u64,
     pub wakeups: u64,
+    pub depth_changes: u64,
 }
 
-/// What one exchange did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Exchanged {
-    /// Objects in the alloc ring afterwards (0 if it was refused).
-    pub level: u32,
-    pub out: usize,
-    pub freed: usize,
-    pub bad: usize,
-    /// The guest's index of a ring was out of range: that ring was left alone.
-    pub refused: bool,
-}
-
-/// The VMM's indices of one class's rings on one vCPU.
-#[derive(Debug, Default)]
-struct ClassRing {
-    alloc_head: AtomicU32,
-    free_tail: AtomicU32,
-}
-
-/// One vCPU's rings.
-#[derive(Debug)]
-struct CpuRings {
-    id: u32,
-    node: u32,
-    /// Its magazines in the VMM's mapping of guest RAM (contiguous: the CPU area is one run of
-    /// frames in one RAM range), for plain atomic and volatile accesses.
-    host: HostPtr,
-    /// Classes the guest has used (SLAB_EXCHANGE sent once, or a doorbell rung): only those
-    /// are serviced.
-    active: AtomicU32,
-    /// Its doorbell's `due` word, in the same mapping.
-    bell: HostPtr,
-    classes: Vec<ClassRing>,
-}
-
-/// A pointer into guest RAM's mapping, which lives as long as the VM.
-#[derive(Debug, Clone, Copy)]
-struct HostPtr(*mut u8);
-
-// SAFETY: guest RAM's mapping is shared with the vCPUs by design; every access through the
-// pointer is atomic or volatile, and the mapping outlives the rings (both live in the VM).
-unsafe impl Send for HostPtr {}
-// SAFETY: as above.
-unsafe impl Sync for HostPtr {}
+/// Refills in a row that found a ring not run dry, after which its depth halves (to
+/// [`shallow`] at least).
+const CALM_REFILLS: u32 = 1024;
 
 /// Every vCPU's rings, and the service thread's wake-up.
 #[derive(Debug)]
@@ -242,10 +206,59 @@ impl Rings {
         })
     }
 
-    /// How many objects the alloc rings of `class` are kept at now (see `Magazine::depth`).
-    fn depth(&self, class: usize) -> usize {
+    /// How many objects the alloc ring of `class` on `c` is kept at now (see
+    /// `Magazine::depth`).
+    fn depth(&self, c: &CpuRings, class: usize) -> usize {
         let size = CLASSES[class];
-        if self.deep.load(Ordering::Relaxed) { target(size) } else { shallow(size) }
+        if self.deep.load(Ordering::Relaxed) {
+            return target(size);
+        }
+        match c.classes[class].depth.load(Ordering::Relaxed) {
+            0 => shallow(size),
+            d => d as usize,
+        }
+    }
+
+    /// Exchanges the rings of `class` on `c` (refilling up to `want`, at most their depth), then
+    /// adapts the depth to what the refill found (see [`ClassRing::depth`]) and tells the guest
+    /// if it changed.
+    fn serve(
+        &self,
+        mm: &mut MemoryManager,
+        c: &CpuRings,
+        class: usize,
+        want: usize,
+        sync: bool,
+    ) -> Result<Exchanged, RingError> {
+        let r = exchange(mm, c, class, want.min(self.depth(c, class)), sync)?;
+        let counters = &self.counters;
+        if r.refused {
+            counters.ring_errors.inc();
+        }
+        counters.objects_out.add(r.out as u64);
+        counters.objects_in.add(r.freed as u64);
+        counters.bad_frees.add(r.bad as u64);
+        if self.deep.load(Ordering::Relaxed) || r.refused || r.out == 0 {
+            return Ok(r);
+        }
+        let ring = &c.classes[class];
+        let (size, now) = (CLASSES[class], self.depth(c, class));
+        let next = if r.ran_dry {
+            ring.calm.store(0, Ordering::Relaxed);
+            (now * 2).min(target(size))
+        } else if ring.calm.fetch_add(1, Ordering::Relaxed) + 1 >= CALM_REFILLS {
+            ring.calm.store(0, Ordering::Relaxed);
+            (now / 2).max(shallow(size))
+        } else {
+            now
+        };
+        if next != now {
+            let next = u32::try_from(next).expect("at most RING");
+            ring.depth.store(next, Ordering::Relaxed);
+            store(c, class, MAG_DEPTH, next);
+            self.counters.depth_changes.inc();
+        }
+        Ok(r)
     }
 
     fn cpu(&self, id: u32) -> Option<&CpuRings> {
@@ -264,12 +277,12 @@ impl Rings {
         let Some(c) = self.cpu(cpu) else { return Ok(Exchanged { refused: true, ..Exchanged::default() }) };
         c.active.fetch_or(1 << class, Ordering::Relaxed);
         self.counters.synchronous.inc();
-        let r = exchange(mm, c, class, want.min(self.depth(class)), true, &self.counters)?;
+        let r = self.serve(mm, c, class, want, true)?;
         // The exit is paid for: serve this vCPU's other rings that are due as well, so that a
         // guest using many classes takes one exit where it would have taken one per class
         // (when no host CPU is left for the service, exits are how rings get served).
         for k in classes_in(self.due_classes(c, false) & !(1 << class)) {
-            exchange(mm, c, k, self.depth(k), false, &self.counters)?;
+            self.serve(mm, c, k, RING, false)?;
             self.counters.piggybacked.inc();
         }
         self.poke();
@@ -335,7 +348,7 @@ impl Rings {
         let mut moved = 0;
         for (i, class) in due {
             let mut mm = lock(mm);
-            let r = exchange(&mut mm, &self.cpus[i], class, self.depth(class), false, &self.counters)?;
+            let r = self.serve(&mut mm, &self.cpus[i], class, RING, false)?;
             mm.flush()?;
             self.counters.serviced.inc();
             moved += r.out + r.freed + r.bad;
@@ -363,7 +376,7 @@ impl Rings {
         for c in &self.cpus {
             for class in 0..NR_CLASSES {
                 store(c, class, MAG_SERVICE, wait);
-                store(c, class, MAG_DEPTH, u32::try_from(self.depth(class)).expect("at most RING"));
+                store(c, class, MAG_DEPTH, u32::try_from(self.depth(c, class)).expect("at most RING"));
             }
         }
     }
@@ -469,6 +482,7 @@ impl Rings {
             sleeps: c.sleeps.get(),
             parks: c.parks.get(),
             wakeups: c.wakeups.get(),
+            depth_changes: c.depth_changes.get(),
         }
     }
 
@@ -487,7 +501,7 @@ impl Rings {
             let (tail, head) = (load(c, class, MAG_ALLOC_TAIL), load(c, class, MAG_FREE_HEAD));
             let level = ring.alloc_head.load(Ordering::Relaxed).wrapping_sub(tail) as usize;
             let pending = head.wrapping_sub(ring.free_tail.load(Ordering::Relaxed));
-            let low = level <= RING && level * 2 <= self.depth(class);
+            let low = level <= RING && level * 2 <= self.depth(c, class);
             let full = pending as usize <= RING
                 && (pending >= protocol::slab::drain_at(CLASSES[class]) || (all && pending > 0));
             if low || full {
@@ -505,144 +519,4 @@ fn classes_in(mut mask: u32) -> impl Iterator<Item = usize> {
         mask &= mask - 1;
         Some(class)
     })
-}
-
-/// Takes the classes whose doorbell the guest rang on `c` (only real classes).
-fn take_doorbell(c: &CpuRings) -> u32 {
-    // SAFETY: the doorbell of `c` is mapped guest RAM for the VM's life (see `HostPtr`), 64-aligned;
-    // the guest may write it any time, which atomics allow.
-    let due = unsafe { AtomicU32::from_ptr(c.bell.0.cast()) };
-    // Cheap when nothing is due: a read leaves the guest's copy of the line shared.
-    if due.load(Ordering::Relaxed) == 0 {
-        return 0;
-    }
-    due.swap(0, Ordering::Acquire) & ((1 << NR_CLASSES) - 1)
-}
-
-/// The `u32` field at `off` of `c`'s magazine of `class`.
-fn field(c: &CpuRings, class: usize, off: u64) -> &AtomicU32 {
-    debug_assert!(class < NR_CLASSES && off.is_multiple_of(4) && off < MAG_ALLOC);
-    // SAFETY: the magazines of `c` are mapped guest RAM for the VM's life (see `HostPtr`);
-    // `off` is a 4-aligned field offset inside one magazine and magazines are 8-aligned, so the
-    // pointer is valid and aligned for an AtomicU32. The guest may write it at any time, which
-    // atomics allow.
-    unsafe { AtomicU32::from_ptr(c.host.0.add(class * size_of::<Magazine>() + to_usize(off)).cast()) }
-}
-
-fn load(c: &CpuRings, class: usize, off: u64) -> u32 {
-    field(c, class, off).load(Ordering::Acquire)
-}
-
-fn store(c: &CpuRings, class: usize, off: u64, v: u32) {
-    field(c, class, off).store(v, Ordering::Release);
-}
-
-/// The entries of a ring (`which`: MAG_ALLOC or MAG_FREE) of `c`'s magazine of `class`.
-fn ring_entries(c: &CpuRings, class: usize, which: u64) -> *mut u64 {
-    // SAFETY: inside the magazines' mapping (see `field`): `which` is the offset of one of the
-    // magazine's rings. 8-aligned.
-    unsafe { c.host.0.add(class * size_of::<Magazine>() + to_usize(which)).cast() }
-}
-
-/// The free ring's entries `[first, first + n)` (free-running indices, `n <= RING`), each
-/// read once.
-fn read_entries(c: &CpuRings, class: usize, first: u32, n: u32) -> Vec<u64> {
-    let base = ring_entries(c, class, MAG_FREE);
-    (0..n)
-        .map(|i| {
-            // SAFETY: slot() < RING: inside the free ring. The guest may change it any time, so
-            // it is read once, volatile.
-            unsafe { base.add(slot(first.wrapping_add(i))).read_volatile() }
-        })
-        .collect()
-}
-
-/// Writes `objs` (at most RING) as the alloc ring's entries from free-running index `first`.
-fn write_entries(c: &CpuRings, class: usize, first: u32, objs: &[u64]) {
-    let base = ring_entries(c, class, MAG_ALLOC);
-    for (i, &o) in (0u32..).zip(objs) {
-        // SAFETY: slot() < RING: inside the alloc ring.
-        unsafe { base.add(slot(first.wrapping_add(i))).write_volatile(o) };
-    }
-}
-
-/// Drains the free ring of `class` on `c` and refills its alloc ring up to `want` (at most the
-/// class's target; callers pass at most its depth). The caller holds the manager (`mm`), so nothing else changes our indices.
-fn exchange(
-    mm: &mut MemoryManager,
-    c: &CpuRings,
-    class: usize,
-    want: usize,
-    sync: bool,
-    counters: &RingCounters,
-) -> Result<Exchanged, RingError> {
-    let ring = &c.classes[class];
-    let mut r = Exchanged::default();
-
-    // The free ring: copy out what the guest published, once.
-    let free_tail = ring.free_tail.load(Ordering::Relaxed);
-    let pending = load(c, class, MAG_FREE_HEAD).wrapping_sub(free_tail);
-    let mut frees = Vec::new();
-    if pending as usize > RING {
-        r.refused = true;
-    } else {
-        frees = read_entries(c, class, free_tail, pending);
-    }
-
-    // The alloc ring: room up to the target.
-    let alloc_head = ring.alloc_head.load(Ordering::Relaxed);
-    let level = alloc_head.wrapping_sub(load(c, class, MAG_ALLOC_TAIL)) as usize;
-    let need = if level > RING {
-        r.refused = true;
-        0
-    } else {
-        want.min(target(CLASSES[class])).saturating_sub(level)
-    };
-    if r.refused {
-        counters.ring_errors.inc();
-        if !sync && frees.is_empty() && need == 0 {
-            return Ok(r);
-        }
-    }
-
-    let (out, bad) = mm.slab_exchange(c.id, NodeId(c.node), class, &frees, need)?;
-    write_entries(c, class, alloc_head, &out);
-    let new_head = alloc_head.wrapping_add(u32::try_from(out.len()).expect("at most RING"));
-    ring.alloc_head.store(new_head, Ordering::Relaxed);
-    store(c, class, MAG_ALLOC_HEAD, new_head);
-
-    if let Some(&(ptr, st)) = bad.last() {
-        let errors = load(c, class, MAG_FREE_ERRORS).saturating_add(u32::try_from(bad.len()).expect("at most RING"));
-        store(c, class, MAG_FREE_ERRORS, errors);
-        store(c, class, MAG_LAST_STATUS, u32::try_from(st).unwrap_or(u32::MAX));
-        // SAFETY: the 8-aligned `last_bad` field inside the magazine (see `field`).
-        unsafe { ring_entries(c, class, MAG_LAST_BAD).write_volatile(ptr) };
-    }
-    if !frees.is_empty() {
-        // The errors above are visible before the guest sees its frees taken.
-        let new_tail = free_tail.wrapping_add(u32::try_from(frees.len()).expect("at most RING"));
-        ring.free_tail.store(new_tail, Ordering::Relaxed);
-        store(c, class, MAG_FREE_TAIL, new_tail);
-    }
-
-    r.level = if level > RING { 0 } else { u32::try_from(level + out.len()).expect("at most RING") };
-    r.out = out.len();
-    r.freed = frees.len() - bad.len();
-    r.bad = bad.len();
-    counters.objects_out.add(r.out as u64);
-    counters.objects_in.add(r.freed as u64);
-    counters.bad_frees.add(r.bad as u64);
-    Ok(r)
-}
-
-/// SLAB_EXCHANGE's status for an exchange: ENOMEM when an empty ring could not be refilled,
-/// EFAULT when the guest's ring indices were out of range.
-pub fn status_of(r: &Exchanged, want: usize) -> u64 {
-    if r.refused {
-        status::EFAULT
-    } else if want > 0 && r.level == 0 {
-        status::ENOMEM
-    } else {
-        status::OK
-    }
 }
