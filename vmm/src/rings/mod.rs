@@ -28,8 +28,9 @@
 //! How deep alloc rings are kept depends on the same: shallow ([`protocol::slab::shallow`])
 //! while the service has a CPU and refills them as they fall to half, so that freed objects come
 //! back warm; as deep as the class allows ([`protocol::slab::target`]) while it is parked and
-//! every ring that runs dry costs an exit. The VMM keeps the choice itself and tells the guest
-//! in `Magazine::depth`.
+//! every ring that runs dry costs an exit. A ring the guest runs dry while the service has a CPU
+//! (bursts faster than it refills) grows, and shrinks back once it stays calm
+//! (`Rings::serve`). The VMM keeps the depths itself and tells the guest in `Magazine::depth`.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Condvar, Mutex};
