@@ -252,7 +252,7 @@ pub const fn target(size: u32) -> usize {
 
 /// The depth of an alloc ring of a class of `size` bytes while the service thread has a host
 /// CPU of its own and refills rings as they fall to half of it: [`target`], at most
-/// [`SHALLOW_RING`]. An object then comes back to the guest after a few hundred allocations of
+/// [`SHALLOW_RING`] (a ring the guest runs dry grows deeper for a while, see `Magazine::depth`). An object then comes back to the guest after a few hundred allocations of
 /// its class rather than a few thousand, still warm in the caches: larson on 1 vCPU ran
 /// 1.2-1.8x faster with 256 than with 2048, about as fast as with 128, and slower with 512.
 pub const fn shallow(size: u32) -> usize {
@@ -260,7 +260,8 @@ pub const fn shallow(size: u32) -> usize {
     if t < SHALLOW_RING { t } else { SHALLOW_RING }
 }
 
-/// The deepest alloc ring while the service thread has a host CPU ([`shallow`]).
+/// The depth small classes' alloc rings start at, and go back to, while the service thread has
+/// a host CPU ([`shallow`]).
 pub const SHALLOW_RING: usize = 256;
 
 /// How many freed objects of a class of `size` bytes the guest puts in its free ring before it
