@@ -131,6 +131,8 @@ pub fn memcalls(data: &[u8]) {
                     let s = slot(free_head.wrapping_sub(1 + i)) as u64;
                     mem.write_obj(v, at(MAG_FREE + s * 8)).expect("magazine");
                 }
+                // Rings kept deep (no CPU for a service) or shallow and adaptive (one has).
+                rings.announce(0, kind & 0x10 == 0);
                 if kind & 0x80 != 0 {
                     // Any doorbell bits, then a pass that reads only doorbells, or scans too.
                     let bell = area.gpa().0 + DOORBELL_OFFSET;

@@ -372,7 +372,7 @@ impl Rings {
     /// and how deep its alloc rings are kept: the full [`target`] while no host CPU is free for
     /// the service (`deep`), else [`shallow`] (also while the service sleeps for want of work:
     /// the exit that wakes it refills no deeper than it would).
-    fn announce(&self, wait: u32, deep: bool) {
+    pub(crate) fn announce(&self, wait: u32, deep: bool) {
         self.deep.store(deep, Ordering::Relaxed);
         for c in &self.cpus {
             for class in 0..NR_CLASSES {
