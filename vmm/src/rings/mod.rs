@@ -257,7 +257,7 @@ impl Rings {
             let next = u32::try_from(next).expect("at most RING");
             ring.depth.store(next, Ordering::Relaxed);
             store(c, class, MAG_DEPTH, next);
-            self.counters.depth_changes.inc();
+            counters.depth_changes.inc();
         }
         Ok(r)
     }
@@ -267,7 +267,7 @@ impl Rings {
     }
 
     /// SLAB_EXCHANGE from vCPU `cpu`: drains the free ring of `class` and refills its alloc
-    /// ring up to `want` (at most the class's target); wakes the service thread if it sleeps.
+    /// ring up to `want` (at most the ring's depth); wakes the service thread if it sleeps.
     pub fn exchange_sync(
         &self,
         mm: &mut MemoryManager,
