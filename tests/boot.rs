@@ -20,15 +20,9 @@ fn boots_with_one_and_two_vcpus() {
     }
 }
 
-/// A `Cpus_allowed_list` (`0-2,5`) as CPU ids.
+/// A `Cpus_allowed_list` (`0-2,5`) as CPU ids: `--numa cpus=`'s form, with commas.
 fn cpu_list(s: &str) -> Vec<u32> {
-    s.trim()
-        .split(',')
-        .flat_map(|item| {
-            let (a, b) = item.split_once('-').unwrap_or((item, item));
-            a.parse::<u32>().unwrap()..=b.parse::<u32>().unwrap()
-        })
-        .collect()
+    vmm::config::parse_cpu_list(&s.trim().replace(',', ":")).expect("a CPU list")
 }
 
 /// The CPUs `/proc/<pid>/task/<tid>/status` (or `/proc/self/status`) lets the thread run on.

@@ -121,21 +121,6 @@ pub fn check_affinity(affinity: &Affinity, cpus: u32) -> Result<(), ConfigError>
     Ok(())
 }
 
-/// `cpus` (sorted) as `0-3:8`, the form `--numa cpus=` takes.
-pub fn format_cpu_list(cpus: &[u32]) -> String {
-    let mut items: Vec<String> = Vec::new();
-    let mut i = 0;
-    while i < cpus.len() {
-        let mut j = i;
-        while j + 1 < cpus.len() && cpus[j + 1] == cpus[j] + 1 {
-            j += 1;
-        }
-        items.push(if i == j { cpus[i].to_string() } else { format!("{}-{}", cpus[i], cpus[j]) });
-        i = j + 1;
-    }
-    if items.is_empty() { "none".into() } else { items.join(":") }
-}
-
 /// Where each thread goes, for a host whose usable CPUs are known.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Placement {
@@ -224,7 +209,5 @@ mod tests {
         assert!(e.contains("host CPU 7"), "{e}");
         assert!(check_affinity(&Affinity::Explicit(vec![(2, vec![0])]), 2).is_err());
         assert!(check_affinity(&Affinity::Explicit(vec![(1, vec![0])]), 2).is_ok());
-        assert_eq!(format_cpu_list(&[0, 1, 2, 5, 7, 8]), "0-2:5:7-8");
-        assert_eq!(format_cpu_list(&[]), "none");
     }
 }

@@ -70,7 +70,7 @@ pub enum ConfigError {
     InvalidCpus { spec: String, reason: String },
     #[error(
         "--cpus affinity: host CPU {cpu} is not one this process may run on (allowed: {})",
-        cpus::format_cpu_list(allowed)
+        numa::format_cpu_list(allowed)
     )]
     UnavailableHostCpu { cpu: u32, allowed: Vec<u32> },
     #[error("--cpus affinity names vCPU {vcpu}, but the VM has {cpus} vCPUs")]
@@ -353,6 +353,8 @@ mod tests {
         for bad in ["", "a", "3-1", "1-", ":", "0,1"] {
             assert!(parse_cpu_list(bad).is_err(), "{bad}");
         }
+        assert_eq!(numa::format_cpu_list(&[0, 1, 2, 5, 7, 8]), "0-2:5:7-8");
+        assert_eq!(numa::format_cpu_list(&[]), "none");
     }
 
     #[test]

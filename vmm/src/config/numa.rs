@@ -28,6 +28,21 @@ pub fn parse_cpu_list(s: &str) -> Result<Vec<u32>, ConfigError> {
     Ok(cpus)
 }
 
+/// `cpus` (sorted) as `0-3:8`, the form [`parse_cpu_list`] reads (`none` for no CPU).
+pub fn format_cpu_list(cpus: &[u32]) -> String {
+    let mut items: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < cpus.len() {
+        let mut j = i;
+        while j + 1 < cpus.len() && cpus[j + 1] == cpus[j] + 1 {
+            j += 1;
+        }
+        items.push(if i == j { cpus[i].to_string() } else { format!("{}-{}", cpus[i], cpus[j]) });
+        i = j + 1;
+    }
+    if items.is_empty() { "none".into() } else { items.join(":") }
+}
+
 /// How a node's host memory is bound to a host NUMA node.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]

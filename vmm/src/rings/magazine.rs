@@ -29,11 +29,11 @@ pub struct Exchanged {
 }
 
 /// The VMM's indices of one class's rings on one vCPU.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(super) struct ClassRing {
     pub(super) alloc_head: AtomicU32,
     pub(super) free_tail: AtomicU32,
-    /// Its alloc ring's depth while the service has a CPU (0: not set yet,
+    /// Its alloc ring's depth while the service has a CPU (at first
     /// [`protocol::slab::shallow`]): it doubles, up to the class's [`protocol::slab::target`],
     /// each time a refill finds the ring run dry (the guest allocates in bursts the service
     /// cannot follow), and halves back after `CALM_REFILLS` refills in a row that did not.

@@ -187,7 +187,14 @@ impl Rings {
                     host: HostPtr(slice.ptr_guard_mut().as_ptr()),
                     bell: HostPtr(bell.ptr_guard_mut().as_ptr()),
                     active: AtomicU32::new(0),
-                    classes: (0..NR_CLASSES).map(|_| ClassRing::default()).collect(),
+                    classes: (0..NR_CLASSES)
+                        .map(|class| ClassRing {
+                            alloc_head: AtomicU32::new(0),
+                            free_tail: AtomicU32::new(0),
+                            depth: AtomicU32::new(u32::try_from(shallow(CLASSES[class])).expect("at most RING")),
+                            calm: AtomicU32::new(0),
+                        })
+                        .collect(),
                 })
             })
             .collect::<Result<_, RingError>>()?;
@@ -210,13 +217,10 @@ impl Rings {
     /// How many objects the alloc ring of `class` on `c` is kept at now (see
     /// `Magazine::depth`).
     fn depth(&self, c: &CpuRings, class: usize) -> usize {
-        let size = CLASSES[class];
         if self.deep.load(Ordering::Relaxed) {
-            return target(size);
-        }
-        match c.classes[class].depth.load(Ordering::Relaxed) {
-            0 => shallow(size),
-            d => d as usize,
+            target(CLASSES[class])
+        } else {
+            c.classes[class].depth.load(Ordering::Relaxed) as usize
         }
     }
 
@@ -231,7 +235,8 @@ impl Rings {
         want: usize,
         sync: bool,
     ) -> Result<Exchanged, RingError> {
-        let r = exchange(mm, c, class, want.min(self.depth(c, class)), sync)?;
+        let now = self.depth(c, class);
+        let r = exchange(mm, c, class, want.min(now), sync)?;
         let counters = &self.counters;
         if r.refused {
             counters.ring_errors.inc();
@@ -242,8 +247,7 @@ impl Rings {
         if self.deep.load(Ordering::Relaxed) || r.refused || r.out == 0 {
             return Ok(r);
         }
-        let ring = &c.classes[class];
-        let (size, now) = (CLASSES[class], self.depth(c, class));
+        let (ring, size) = (&c.classes[class], CLASSES[class]);
         let next = if r.ran_dry {
             ring.calm.store(0, Ordering::Relaxed);
             (now * 2).min(target(size))
