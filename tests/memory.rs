@@ -85,9 +85,7 @@ fn fault_counts_match_touched_memory_over_fault_around() {
     for (fa, window) in [("4K", 1u64), ("64K", 16), ("2M", 512)] {
         let size = 64u64 << 20;
         // A fixed window: the maximum equals the base, so sequential touches do not grow it.
-        // No ring service: a refill it did meanwhile could map a new slab, and its faults
-        // would count among the touch's (the stats are the VM's).
-        let mem = format!("size=512M,fault-around={fa},fault-around-max={fa},rings=off");
+        let mem = format!("size=512M,fault-around={fa},fault-around-max={fa}");
         let r = run(&["--memory", &mem, "--guest-args", "scenario=touch size=64M"]);
         r.assert_ok();
         let x = r.result("scenario", "touch").expect("result");
@@ -95,7 +93,7 @@ fn fault_counts_match_touched_memory_over_fault_around() {
         let expect = pages / window;
         let faults = n(&x, "faults");
         assert!(faults.abs_diff(expect) * 10 <= expect, "fault-around {fa}: {faults} faults, expected about {expect}");
-        assert_eq!(n(&x, "fault_pages"), pages, "every touched page was installed by a fault");
+        assert_eq!(n(&x, "fault_pages"), pages, "fault-around {fa}: every touched page was installed by a fault: {x}");
         assert_eq!(n(&x, "fault_around"), window * 4096);
     }
 }
