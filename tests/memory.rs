@@ -93,7 +93,12 @@ fn fault_counts_match_touched_memory_over_fault_around() {
         let expect = pages / window;
         let faults = n(&x, "faults");
         assert!(faults.abs_diff(expect) * 10 <= expect, "fault-around {fa}: {faults} faults, expected about {expect}");
-        assert_eq!(n(&x, "fault_pages"), pages, "fault-around {fa}: every touched page was installed by a fault: {x}");
+        assert_eq!(
+            n(&x, "fault_pages"),
+            pages,
+            "fault-around {fa}: every touched page was installed by a fault: {x}; the VMM's fault counters: {}",
+            r.stats.as_ref().map_or(Value::Null, |s| s["faults"].clone())
+        );
         assert_eq!(n(&x, "fault_around"), window * 4096);
     }
 }

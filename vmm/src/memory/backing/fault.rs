@@ -490,12 +490,9 @@ impl FaultHandler {
             (start, stop, scattered && !seq)
         };
         let node = self.states.node(gfn);
-        let mut first = true;
-        // Counted before each copy: the copy wakes the vCPU, which may read the stats at once.
+        // Counted before the first copy: the copy wakes the vCPU, which may read the stats at once.
         let count = |n: u64| {
-            if std::mem::take(&mut first) {
-                self.stats.zero_fill.inc();
-            }
+            self.stats.zero_fill.inc();
             self.stats.pages.add(n);
             if let Some(node) = node {
                 self.stats.faulted_per_node[node].add(n);

@@ -145,39 +145,57 @@ impl Populate {
         self.claim_and_fill_counted(ram, states, gfn, pages, |_| {})
     }
 
-    /// [`claim_and_fill`](Self::claim_and_fill), calling `claimed(n)` before each run of `n`
-    /// frames is filled: the copy wakes the faulting thread, so whatever it may read must be
-    /// counted first.
+    /// [`claim_and_fill`](Self::claim_and_fill), calling `claimed(n)` once with every frame it
+    /// claimed, before the first copy: the copy wakes the faulting thread, so whatever it may
+    /// read must be counted first, and a fault's frames are counted together (a reader of the
+    /// counters never sees part of one fault's window, however long its copies take).
     pub fn claim_and_fill_counted(
         &self,
         ram: &GuestRam,
         states: &PageStates,
         gfn: Gfn,
         pages: u64,
-        mut claimed: impl FnMut(u64),
+        claimed: impl FnOnce(u64),
     ) -> Result<u64, PopulateError> {
-        let mut installed = 0;
+        // The runs of frames this thread manages to claim.
+        let mut runs: Vec<(Gfn, u64)> = Vec::new();
         let mut i = 0;
         while i < pages {
-            // The next run of frames this thread manages to claim.
             let start = i;
             while i < pages && states.transition(gfn.plus(i), FrameState::Allocated, FrameState::Populating) {
                 i += 1;
             }
             if i > start {
-                let run = gfn.plus(start);
-                let n = i - start;
-                claimed(n);
-                let res = self.fill(ram, run, n);
-                let to = if res.is_ok() { FrameState::Resident } else { FrameState::Allocated };
-                for j in 0..n {
-                    states.transition(run.plus(j), FrameState::Populating, to);
-                }
-                installed += res?;
+                runs.push((gfn.plus(start), i - start));
             }
             i += 1;
         }
-        Ok(installed)
+        if runs.is_empty() {
+            return Ok(0);
+        }
+        claimed(runs.iter().map(|&(_, n)| n).sum());
+        let mut result = Ok(0);
+        for (run, n) in runs {
+            // After a failure, the runs not filled yet go back to `Allocated` unfilled.
+            let filled = match &mut result {
+                Ok(installed) => match self.fill(ram, run, n) {
+                    Ok(k) => {
+                        *installed += k;
+                        true
+                    }
+                    Err(e) => {
+                        result = Err(e);
+                        false
+                    }
+                },
+                Err(_) => false,
+            };
+            let to = if filled { FrameState::Resident } else { FrameState::Allocated };
+            for j in 0..n {
+                states.transition(run.plus(j), FrameState::Populating, to);
+            }
+        }
+        result
     }
 
     /// Installs zero-filled backing for `pages` frames from `gfn`, which the caller has moved to
@@ -372,4 +390,32 @@ pub fn present(hva: u64, len: u64) -> std::io::Result<Vec<u8>> {
         return Err(std::io::Error::last_os_error());
     }
     Ok(vec)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layout::ram_ranges;
+
+    /// A window whose `Allocated` frames lie in three runs (a resident frame and two free ones
+    /// between them) is counted once, with all its frames, before any of them is filled.
+    #[test]
+    fn a_window_in_several_runs_is_counted_once_before_the_first_copy() {
+        let ram = GuestRam::new(&ram_ranges(&[1 << 20]).unwrap(), &[None]).unwrap();
+        let states = PageStates::new(Gfn(256), vec![(Gfn(0), Gfn(256), 0)], 1).unwrap();
+        states.set_range(Gfn(16), 16, FrameState::Allocated);
+        states.set_range(Gfn(20), 1, FrameState::Resident);
+        states.set_range(Gfn(25), 2, FrameState::Free);
+        let mut counted = Vec::new();
+        let installed = Populate::Direct
+            .claim_and_fill_counted(&ram, &states, Gfn(16), 16, |n| counted.push((n, states.census(Gfn(16), 16))))
+            .unwrap();
+        assert_eq!(installed, 13);
+        // Free 2, Populating 13 (every run claimed), Resident 1 (the one that was): none filled yet.
+        assert_eq!(counted, vec![(13, [2, 0, 13, 1, 0, 0, 0, 0])]);
+        assert_eq!(states.census(Gfn(16), 16), [2, 0, 0, 14, 0, 0, 0, 0]);
+        // Nothing left to claim: no count at all.
+        let again = Populate::Direct.claim_and_fill_counted(&ram, &states, Gfn(16), 16, |_| panic!("counted")).unwrap();
+        assert_eq!(again, 0);
+    }
 }
