@@ -152,11 +152,13 @@ mod guest_output;
 #[allow(unused_imports)]
 pub use guest_output::{results, rss_kib};
 
-/// One first touch (`scenario=touch`) of `size_mib` MiB allocated with `flags`, `pct` percent
-/// of its pages at random (100: every page in order), under `--memory memory`: (ns per page
-/// touched, second-level faults, frames made resident per page touched).
-pub fn first_touch(memory: &str, size_mib: u64, flags: u32, pct: u64) -> (u64, u64, f64) {
-    let guest = format!("scenario=touch size={size_mib}M flags={flags} pct={pct} seed=9");
+/// First touches (`scenario=touch`) of `size_mib` MiB allocated with `flags`, `pct` percent
+/// of its pages at random (100: every page in order), under `--memory memory`, in `rounds`
+/// passes in one VM (each allocates, touches and frees its memory): (ns per page touched in
+/// the fastest pass, second-level faults and frames made resident per page touched in the
+/// last).
+pub fn first_touch(memory: &str, size_mib: u64, flags: u32, pct: u64, rounds: u64) -> (u64, u64, f64) {
+    let guest = format!("scenario=touch size={size_mib}M flags={flags} pct={pct} seed=9 rounds={rounds}");
     let r = run_scenario(memory, &guest, "touch");
     let touched = r["touched"].as_u64().expect("touched").max(1);
     #[allow(clippy::cast_precision_loss)]
