@@ -174,28 +174,25 @@ impl Populate {
             return Ok(0);
         }
         claimed(runs.iter().map(|&(_, n)| n).sum());
-        let mut result = Ok(0);
+        let (mut installed, mut failed) = (0, None);
         for (run, n) in runs {
             // After a failure, the runs not filled yet go back to `Allocated` unfilled.
-            let filled = match &mut result {
-                Ok(installed) => match self.fill(ram, run, n) {
-                    Ok(k) => {
-                        *installed += k;
-                        true
-                    }
-                    Err(e) => {
-                        result = Err(e);
-                        false
-                    }
-                },
-                Err(_) => false,
+            let to = match failed.is_none().then(|| self.fill(ram, run, n)) {
+                Some(Ok(k)) => {
+                    installed += k;
+                    FrameState::Resident
+                }
+                Some(Err(e)) => {
+                    failed = Some(e);
+                    FrameState::Allocated
+                }
+                None => FrameState::Allocated,
             };
-            let to = if filled { FrameState::Resident } else { FrameState::Allocated };
             for j in 0..n {
                 states.transition(run.plus(j), FrameState::Populating, to);
             }
         }
-        result
+        failed.map_or(Ok(installed), Err)
     }
 
     /// Installs zero-filled backing for `pages` frames from `gfn`, which the caller has moved to
