@@ -8,7 +8,7 @@
 //! guest from the VMM's slabs through the rings, with the service thread (`rings=on`) and
 //! without it (`rings=off`).
 //!
-//! `cargo bench -p vmm --bench native` (`NATIVE_RUNS=N`, default 3, medians). The binary runs
+//! `cargo bench -p vmm --bench native` (`NATIVE_RUNS=N`, default 7, medians). The binary runs
 //! the native side itself when `NATIVE_CHILD` is set.
 
 // The guest's files carry their own allowances; here only the harness arithmetic.
@@ -181,7 +181,7 @@ fn main() {
         child(parts.next().expect("args"), seed, threads);
     }
     common::build_guest();
-    let runs: usize = std::env::var("NATIVE_RUNS").ok().and_then(|s| s.parse().ok()).unwrap_or(3).max(1);
+    let runs: usize = std::env::var("NATIVE_RUNS").ok().and_then(|s| s.parse().ok()).unwrap_or(7).max(1);
     let mimalloc = std::path::Path::new(MIMALLOC).exists().then_some(MIMALLOC);
     println!(
         "our workloads natively (glibc malloc, mimalloc) and in the guest, median of {runs} (same seeds and checks)"
