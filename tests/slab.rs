@@ -55,11 +55,11 @@ fn the_service_serves_the_rings_the_guest_rings_for() {
     assert!(n(rings, "rung") >= 5 * n(rings, "scanned"), "{rings}");
     assert!(n(&xs[0], "ops_per_exit") >= 200, "{}", xs[0]);
     // With a host CPU of its own the service keeps the alloc rings shallow (objects come back
-    // warm) unless one ran dry (then it grew); with none, as deep as the class allows.
+    // warm) unless one ran dry (then it grew); with none, deeper (as deep as churn's exits ask).
     let host_cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
     let depth = n(&xs[0], "ring_depth");
     if host_cpus == 1 {
-        assert_eq!(depth, protocol::slab::RING as u64, "{}", xs[0]);
+        assert!(depth > protocol::slab::SHALLOW_RING as u64, "{}", xs[0]);
     } else if n(rings, "depth_changes") == 0 {
         assert_eq!(depth, protocol::slab::SHALLOW_RING as u64, "{}", xs[0]);
     }
@@ -79,16 +79,18 @@ fn a_ring_the_guest_runs_dry_in_bursts_grows_deeper() {
 }
 
 #[test]
-fn without_a_host_cpu_for_the_service_the_rings_stay_deep() {
+fn without_a_host_cpu_for_the_service_the_rings_stay_deep_while_exits_are_frequent() {
     // The VMM confined to one host CPU: the vCPU has it, the service parks, and every ring
-    // that runs empty costs an exit, so the rings are kept as deep as the class allows.
-    let guest = "scenario=churn seed=17 ops=100000 slots=2048";
+    // that runs empty costs an exit. churn exits often (1600 times a second here at full
+    // depth), so its rings stay deeper than a serviced ring's; how deep follows its exit rate
+    // (the unit test `parked_rings_follow_the_vcpus_exit_rate` drives that policy).
+    let guest = "scenario=churn seed=17 ops=400000 slots=2048";
     let r = common::run_with(&["taskset", "-c", "0"], &["--guest-args", guest], common::TIMEOUT);
     r.assert_ok();
     let x = r.result("scenario", "churn").expect("result");
     assert_eq!(n(&x, "errors"), 0, "{x}");
-    assert_eq!(n(&x, "ring_depth"), protocol::slab::RING as u64, "{x}");
     let rings = &r.stats.as_ref().unwrap()["rings"];
+    assert!(n(&x, "ring_depth") > protocol::slab::SHALLOW_RING as u64, "{x} {rings}");
     assert!(n(rings, "parks") >= 1, "{rings}");
 }
 

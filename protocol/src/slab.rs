@@ -103,9 +103,9 @@ pub struct Magazine {
     pub service: u32,
     /// VMM: how many objects the VMM keeps in the alloc ring now (at most the class's
     /// [`target`]): [`shallow`] while the service thread has a host CPU of its own (deeper, up
-    /// to [`target`], for a ring the guest keeps running dry), [`target`] while it has none (0
-    /// until a service thread first runs). The guest rings the doorbell as the ring's level
-    /// falls to half of it.
+    /// to [`target`], for a ring the guest keeps running dry); while it has none, between
+    /// [`shallow`] and [`target`] as the vCPU's exit rate asks (0 until a service thread first
+    /// runs). The guest rings the doorbell as the ring's level falls to half of it.
     pub depth: u32,
     _vmm: [u32; 8],
     pub alloc: [u64; RING],

@@ -3,7 +3,7 @@
 //! exchange of a class's rings (drain the free ring, refill the alloc ring), with every index and
 //! entry the guest controls read once and checked.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use protocol::slab::{
     MAG_ALLOC, MAG_ALLOC_HEAD, MAG_ALLOC_TAIL, MAG_FREE, MAG_FREE_ERRORS, MAG_FREE_HEAD, MAG_FREE_TAIL, MAG_LAST_BAD,
@@ -56,6 +56,12 @@ pub(super) struct CpuRings {
     /// Its doorbell's `due` word, in the same mapping.
     pub(super) bell: HostPtr,
     pub(super) classes: Vec<ClassRing>,
+    /// While the service is parked: how many times the depth of its alloc rings is halved from
+    /// their class's target, set by how often this vCPU exits (see `Rings::pace`).
+    pub(super) parked_shift: AtomicU32,
+    /// Its SLAB_EXCHANGE exits since `window_start` (nanoseconds since the rings were made).
+    pub(super) window_exits: AtomicU32,
+    pub(super) window_start: AtomicU64,
 }
 
 /// A pointer into guest RAM's mapping, which lives as long as the VM.
