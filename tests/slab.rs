@@ -84,25 +84,24 @@ fn without_a_host_cpu_for_the_service_ring_depth_follows_the_exit_rate() {
     // that runs empty costs an exit. churn exits often (1600 times a second here at full
     // depth), so its rings stay deeper than a serviced ring's; how deep follows its exit rate
     // (the unit test `parked_rings_follow_the_vcpus_exit_rate` drives that policy).
-    let guest = "scenario=churn seed=17 ops=400000 slots=2048";
-    let r = common::run_with(&["taskset", "-c", "0"], &["--guest-args", guest], common::TIMEOUT);
-    r.assert_ok();
-    let x = r.result("scenario", "churn").expect("result");
-    assert_eq!(n(&x, "errors"), 0, "{x}");
-    let rings = &r.stats.as_ref().unwrap()["rings"];
-    assert!(n(&x, "ring_depth") > protocol::slab::SHALLOW_RING as u64, "{x} {rings}");
-    assert!(n(rings, "parks") >= 1, "{rings}");
+    // Runs `scenario` parked; returns its result (checked, no errors) and the rings' stats.
+    let parked = |scenario: &str, args: &str| {
+        let guest = format!("scenario={scenario} {args}");
+        let r = common::run_with(&["taskset", "-c", "0"], &["--guest-args", &guest], common::TIMEOUT);
+        r.assert_ok();
+        let x = r.result("scenario", scenario).expect("result");
+        assert_eq!(n(&x, "errors"), 0, "{x}");
+        let rings = r.stats.as_ref().unwrap()["rings"].clone();
+        assert!(n(&rings, "parks") >= 1, "{rings}");
+        (n(&x, "ring_depth"), rings)
+    };
+    let (depth, rings) = parked("churn", "seed=17 ops=400000 slots=2048");
+    assert!(depth > protocol::slab::SHALLOW_RING as u64, "churn: {depth} {rings}");
     // Parked rings are not simply kept at the class's target: they start at half of it and
     // move with the exit rate (larson exits rarely; a fast host may still take it to 2048,
     // but then by a change the stats count).
-    let guest = "scenario=larson seed=1 rounds=10 replacements=20000";
-    let r = common::run_with(&["taskset", "-c", "0"], &["--guest-args", guest], common::TIMEOUT);
-    r.assert_ok();
-    let x = r.result("scenario", "larson").expect("result");
-    assert_eq!(n(&x, "errors"), 0, "{x}");
-    let rings = &r.stats.as_ref().unwrap()["rings"];
-    assert!(n(rings, "parks") >= 1, "{rings}");
-    assert!(n(&x, "ring_depth") < protocol::slab::RING as u64 || n(rings, "depth_changes") >= 1, "{x} {rings}");
+    let (depth, rings) = parked("larson", "seed=1 rounds=10 replacements=20000");
+    assert!(depth < protocol::slab::RING as u64 || n(&rings, "depth_changes") >= 1, "larson: {depth} {rings}");
 }
 
 #[test]
