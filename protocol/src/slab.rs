@@ -233,12 +233,12 @@ const _: () = {
 
 /// The most objects the VMM keeps in an alloc ring of a class of `size` bytes: [`RING`] for
 /// classes up to [`FULL_RING_MAX`]; above, about 128 KiB worth, at least 16 up to
-/// [`SMALL_MAX`] (page-run classes: 128 KiB, 2 or 3 objects). This is the ring's depth while no
-/// host CPU is free for the service thread: then each ring that runs empty (or free ring that
-/// fills) costs an exit, and the small classes are the frequent ones. Deeper rings mean fewer
-/// exits but colder objects; since the guest prefetches its next object, the fewer exits win up
-/// to [`RING`]: larson on 2 vCPUs ran 1.2-1.35x faster with 2048 for every class up to 1 KiB
-/// than with 128 KiB worth and at least 512, and 1.1-1.35x slower with 4096.
+/// [`SMALL_MAX`] (page-run classes: 128 KiB, 2 or 3 objects). This is the deepest a ring gets
+/// while no host CPU is free for the service thread, for a vCPU that exits often: then each
+/// ring that runs empty (or free ring that fills) costs an exit, and the small classes are the
+/// frequent ones. Deeper rings mean fewer exits but colder objects; for such a vCPU the fewer
+/// exits win up to [`RING`]: C larson on 2 vCPUs ran 1.2-1.35x faster with 2048 for every class
+/// up to 1 KiB than with 128 KiB worth and at least 512, and 1.1-1.35x slower with 4096.
 pub const fn target(size: u32) -> usize {
     let n = 131_072 / size as usize;
     if size <= FULL_RING_MAX {

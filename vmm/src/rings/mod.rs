@@ -164,8 +164,9 @@ pub struct Rings {
     /// Host CPUs: the service has one of its own while fewer vCPUs than this are running.
     host_cpus: usize,
     asleep: AtomicBool,
-    /// Whether alloc rings are kept at their full [`target`] (no host CPU for the service)
-    /// rather than [`shallow`]; the guest learns it from `Magazine::depth`.
+    /// Whether no host CPU is free for the service, so that alloc rings are kept at the depth
+    /// each vCPU's exit rate sets (`Rings::pace`, up to [`target`]) rather than each ring's
+    /// own (from [`shallow`]); the guest learns the depths from `Magazine::depth`.
     deep: AtomicBool,
     /// Asleep because no host CPU is free for the service (only [`unpark`](Self::unpark) wakes
     /// it early).
@@ -353,9 +354,7 @@ impl Rings {
         c.window_exits.store(0, Ordering::Relaxed);
         if next != shift {
             c.parked_shift.store(next, Ordering::Relaxed);
-            for class in 0..NR_CLASSES {
-                store(c, class, MAG_DEPTH, u32::try_from(self.depth(c, class)).expect("at most RING"));
-            }
+            self.tell_depths(c);
             self.counters.depth_changes.inc();
         }
     }
@@ -447,8 +446,15 @@ impl Rings {
         for c in &self.cpus {
             for class in 0..NR_CLASSES {
                 store(c, class, MAG_SERVICE, wait);
-                store(c, class, MAG_DEPTH, u32::try_from(self.depth(c, class)).expect("at most RING"));
             }
+            self.tell_depths(c);
+        }
+    }
+
+    /// Writes the depth every alloc ring of `c` is kept at now into its magazine.
+    fn tell_depths(&self, c: &CpuRings) {
+        for class in 0..NR_CLASSES {
+            store(c, class, MAG_DEPTH, u32::try_from(self.depth(c, class)).expect("at most RING"));
         }
     }
 
